@@ -1,0 +1,33 @@
+"""amp_magics: mixed-precision PyTorch training in notebooks, one line away and fully visible.
+
+`%load_ext amp_magics` registers %%amp_train, %gpu_status and friends. Importing the package
+is cheap: torch, IPython and ipywidgets load only when a feature needs them.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["train", "Run", "runs", "load_ipython_extension", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy so that `python -m amp_magics status` never pays for importing torch.
+    if name == "train":
+        from .engine import train
+        return train
+    if name in ("Run", "runs"):
+        from . import run
+        return getattr(run, name)
+    raise AttributeError(f"module 'amp_magics' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython):
+    from .gpu_magics import GpuMagics
+    from .magics import AmpMagics
+
+    ipython.register_magics(AmpMagics(ipython))
+    ipython.register_magics(GpuMagics(ipython))
+
+
+def unload_ipython_extension(ipython):
+    from .magics import AmpMagics
+
+    AmpMagics.stop_background_runs()

@@ -1,0 +1,106 @@
+"""Which autocast dtype to use on which device, and why.
+
+Pure policy: it looks at the hardware, never at IPython or widgets.
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHOICES = ("auto", "fp16", "bf16", "fp32")
+
+
+class PrecisionError(ValueError):
+    """The requested precision cannot run on this device."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "fp16" | "bf16" | "fp32"
+    device_type: str  # "cuda" | "cpu" | "mps" | ...
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    @property
+    def autocast_enabled(self) -> bool:
+        return self.name != "fp32"
+
+    @property
+    def needs_scaler(self) -> bool:
+        # fp16's narrow exponent range needs loss scaling; bf16 has fp32's range.
+        return self.name == "fp16"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AVX512-BF16, AMX-BF16, Arm BF16).
+
+    Without them bf16 autocast is emulated and far slower than fp32
+    (measured: 665 ms vs 19 ms per MLP step on an AVX2-only CPU).
+    """
+    system = platform.system()
+    try:
+        if system == "Linux":
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    key = line.split(":", 1)[0].strip()
+                    if key in ("flags", "Features"):
+                        flags = set(line.split(":", 1)[1].split())
+                        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        elif system == "Darwin":
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"],
+                capture_output=True, text=True, timeout=2,
+            )
+            return out.stdout.strip() == "1"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return False
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _resolve_cuda(requested: str, device: torch.device) -> Precision:
+    major, minor = cuda_capability(device)
+    cc = f"compute capability {major}.{minor}"
+    if requested == "auto":
+        # is_bf16_supported() also says yes where bf16 is only emulated: trust the capability.
+        if major >= 8:
+            return Precision("bf16", "cuda", f"{cc}: bf16 Tensor Cores, no loss scaling needed")
+        if major == 7:
+            return Precision("fp16", "cuda", f"{cc}: fp16 Tensor Cores, with GradScaler")
+        return Precision("fp32", "cuda", f"{cc}: no Tensor Cores, mixed precision would not speed up")
+    if requested == "bf16" and major < 8:
+        raise PrecisionError(
+            f"bf16 needs compute capability 8.0 or newer; this GPU has {major}.{minor}. "
+            "Use --dtype fp16 (with GradScaler) or --dtype auto."
+        )
+    return Precision(requested, "cuda", f"requested, {cc}")
+
+
+def resolve(requested: str, device: torch.device | str) -> Precision:
+    """Turn --dtype (auto|fp16|bf16|fp32) into a concrete precision for `device`."""
+    if requested not in CHOICES:
+        raise PrecisionError(f"unknown dtype {requested!r}; choose one of {', '.join(CHOICES)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _resolve_cuda(requested, device)
+    if requested != "auto":
+        return Precision(requested, device.type, "requested")
+    if device.type == "mps":
+        return Precision("fp16", "mps", "Apple GPU: fp16 autocast")
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return Precision("bf16", "cpu", "CPU has native bf16 instructions (AVX512-BF16/AMX/Arm BF16)")
+        return Precision("fp32", "cpu", "CPU has no native bf16: emulated bf16 would be slower than fp32")
+    return Precision("fp32", device.type, f"no mixed-precision policy known for {device.type}")
