@@ -1,6 +1,8 @@
 """Which autocast dtype to use on which device, and why.
 
-Pure policy: it looks at the hardware, never at IPython or widgets.
+Pure policy: it looks at the hardware, never at IPython or widgets. The policy functions
+(`auto_for_capability`, `auto_for_cpu`) need no torch, so GPU status can give advice
+without importing it.
 """
 from __future__ import annotations
 
@@ -9,9 +11,6 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
@@ -26,8 +25,10 @@ class Precision:
     reason: str
 
     @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.name]
+    def dtype(self):
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.name]
 
     @property
     def autocast_enabled(self) -> bool:
@@ -66,20 +67,31 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def cuda_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _resolve_cuda(requested: str, device: torch.device) -> Precision:
-    major, minor = cuda_capability(device)
+def auto_for_capability(major: int, minor: int) -> Precision:
+    """`--dtype auto` on a CUDA GPU of this compute capability."""
     cc = f"compute capability {major}.{minor}"
+    # is_bf16_supported() also says yes where bf16 is only emulated: trust the capability.
+    if major >= 8:
+        return Precision("bf16", "cuda", f"{cc}: bf16 Tensor Cores, no loss scaling needed")
+    if major == 7:
+        return Precision("fp16", "cuda", f"{cc}: fp16 Tensor Cores, with GradScaler")
+    return Precision("fp32", "cuda", f"{cc}: no Tensor Cores, mixed precision would not speed up")
+
+
+def auto_for_cpu() -> Precision:
+    """`--dtype auto` on this machine's CPU."""
+    if cpu_has_native_bf16():
+        return Precision("bf16", "cpu", "CPU has native bf16 instructions (AVX512-BF16/AMX/Arm BF16)")
+    return Precision("fp32", "cpu", "CPU has no native bf16: emulated bf16 would be slower than fp32")
+
+
+def _resolve_cuda(requested: str, device) -> Precision:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
     if requested == "auto":
-        # is_bf16_supported() also says yes where bf16 is only emulated: trust the capability.
-        if major >= 8:
-            return Precision("bf16", "cuda", f"{cc}: bf16 Tensor Cores, no loss scaling needed")
-        if major == 7:
-            return Precision("fp16", "cuda", f"{cc}: fp16 Tensor Cores, with GradScaler")
-        return Precision("fp32", "cuda", f"{cc}: no Tensor Cores, mixed precision would not speed up")
+        return auto_for_capability(major, minor)
+    cc = f"compute capability {major}.{minor}"
     if requested == "bf16" and major < 8:
         raise PrecisionError(
             f"bf16 needs compute capability 8.0 or newer; this GPU has {major}.{minor}. "
@@ -88,8 +100,10 @@ def _resolve_cuda(requested: str, device: torch.device) -> Precision:
     return Precision(requested, "cuda", f"requested, {cc}")
 
 
-def resolve(requested: str, device: torch.device | str) -> Precision:
-    """Turn --dtype (auto|fp16|bf16|fp32) into a concrete precision for `device`."""
+def resolve(requested: str, device) -> Precision:
+    """Turn --dtype (auto|fp16|bf16|fp32) into a concrete precision for torch `device`."""
+    import torch
+
     if requested not in CHOICES:
         raise PrecisionError(f"unknown dtype {requested!r}; choose one of {', '.join(CHOICES)}")
     device = torch.device(device)
@@ -100,7 +114,5 @@ def resolve(requested: str, device: torch.device | str) -> Precision:
     if device.type == "mps":
         return Precision("fp16", "mps", "Apple GPU: fp16 autocast")
     if device.type == "cpu":
-        if cpu_has_native_bf16():
-            return Precision("bf16", "cpu", "CPU has native bf16 instructions (AVX512-BF16/AMX/Arm BF16)")
-        return Precision("fp32", "cpu", "CPU has no native bf16: emulated bf16 would be slower than fp32")
+        return auto_for_cpu()
     return Precision("fp32", device.type, f"no mixed-precision policy known for {device.type}")
