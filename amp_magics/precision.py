@@ -11,10 +11,12 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import AmpUsageError
+
 CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(AmpUsageError):
     """The requested precision cannot run on this device."""
 
 

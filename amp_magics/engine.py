@@ -1,0 +1,577 @@
+"""The AMP training loop: autocast + GradScaler + accumulation + clipping, as in PyTorch's recipes.
+
+The user supplies one training step (a function returning the loss). The engine runs it for
+every batch, does the GradScaler sequence exactly as the "CUDA Automatic Mixed Precision
+examples" do (scale, backward, optional unscale_ + clip, step, update), records each step
+without host-device synchronisation, and every `refresh_seconds` drains the records into the
+Run and tells its observers. It knows nothing of IPython or widgets.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+from . import alarms, precision as precision_policy
+from .errors import AmpUsageError
+from .run import Run, next_name, register
+from .telemetry import StepRecorder, memory_snapshot, reset_peak
+
+SCALER_DEFAULTS = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                   "growth_interval": 2000}
+
+# Scalers persist per (first) optimizer, so re-running a cell continues with the learned scale.
+_SCALERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def train(step_fn, **options) -> Run:
+    """Train a model with automatic mixed precision; return the Run.
+
+    step_fn(batch) -> loss, or step_fn(batch, step, epoch) -> loss. It may also return a dict
+    with "loss" and the names given in `log`. It runs under torch.autocast; the engine does
+    backward, GradScaler, clipping, the optimizer and scheduler steps.
+
+    Keyword options (see `prepare`): model, optimizer (one or a list), data, dtype
+    ("auto" | "fp16" | "bf16" | "fp32"), epochs (default 1, unlimited when only `steps` is
+    given), steps (optimizer steps), accum (micro-batches per optimizer step; the loss is
+    divided by it), clip (max grad norm), scheduler, val, scaler or init_scale /
+    growth_interval / growth_factor / backoff_factor, seed, log, move, name, progress,
+    observers, refresh_seconds, handle_sigint, config.
+
+    On Ctrl-C the run ends after the current optimizer step with status "interrupted"; an
+    exception in step_fn or in the data marks the run "failed" and is re-raised.
+    """
+    __tracebackhide__ = True
+    training = prepare(step_fn, **options)
+    training.execute()
+    return training.run
+
+
+def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps=None, accum=1,
+            clip=None, scheduler=None, val=None, scaler=None, init_scale=None,
+            growth_interval=None, growth_factor=None, backoff_factor=None, seed=None, log=(),
+            move=True, name=None, progress=True, observers=(), refresh_seconds=0.5,
+            handle_sigint=True, config=None) -> "Training":
+    """Check everything and register the Run, without training yet: `.execute()` trains.
+
+    Bad input raises AmpUsageError before anything changes.
+    """
+    optimizers = _check_inputs(model, optimizer, data, val, scheduler, scaler)
+    epochs, steps, accum, clip = _check_counts(epochs, steps, accum, clip, refresh_seconds)
+    device = _model_device(model)
+    chosen = precision_policy.resolve(dtype, device)
+    settings = _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor)
+    if scaler is not None and settings:
+        raise AmpUsageError("give either your own scaler or scaler settings (init_scale, "
+                            "growth_interval, growth_factor, backoff_factor), not both")
+    if scaler is None and chosen.needs_scaler:
+        scaler = _persistent_scaler(optimizers[0], device.type, {**SCALER_DEFAULTS, **settings})
+    elif settings and not chosen.needs_scaler:
+        raise AmpUsageError(f"scaler settings only apply with a GradScaler, which is used for "
+                            f"fp16; this run uses {chosen.name}. Drop them or use --dtype fp16.")
+
+    per_epoch = _steps_per_epoch(data, accum)
+    run = Run(
+        name or next_name(),
+        config={"dtype": dtype, "epochs": epochs, "steps": steps, "accum": accum, "clip": clip,
+                "seed": seed, "lr": optimizers[0].param_groups[0].get("lr"),
+                "optimizer": ", ".join(type(o).__name__ for o in optimizers),
+                **(config or {})},
+        device=str(device), precision=chosen.name, precision_reason=chosen.reason,
+        scaler_settings=_describe_scaler(scaler),
+        total_steps=_total_steps(epochs, steps, per_epoch), steps_per_epoch=per_epoch,
+        model_label=type(model).__name__,
+    )
+    if chosen.name == "fp16" and device.type == "cpu":
+        run.notes.append("fp16 autocast on a CPU is emulated and slow; bf16 or fp32 is faster here")
+    register(run)
+    observers = list(observers)
+    if progress and not observers:
+        from .reporter import ConsoleReporter
+
+        observers.append(ConsoleReporter())
+    return Training(run, _as_step(step_fn), model, optimizers, data, chosen, scaler, device,
+                    epochs=epochs, steps=steps, accum=accum, clip=clip, scheduler=scheduler,
+                    val=val, move=move, log_names=tuple(log), observers=observers,
+                    refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint)
+
+
+class Training:
+    """The state of one run; `execute()` drives it and always leaves a consistent Run behind."""
+
+    def __init__(self, run, step, model, optimizers, data, chosen, scaler, device, *, epochs,
+                 steps, accum, clip, scheduler, val, move, log_names, observers,
+                 refresh_seconds, seed, handle_sigint):
+        self.run = run
+        self.step_fn = step
+        self.model = model
+        self.optimizers = optimizers
+        self.data = data
+        self.scaler = scaler
+        self.device = device
+        self.epochs = epochs
+        self.max_steps = steps
+        self.accum = accum
+        self.clip = clip
+        self.scheduler = scheduler
+        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.val = val
+        self.move = move
+        self.log_names = log_names
+        self.observers = observers
+        self.refresh_seconds = refresh_seconds
+        self.seed = seed
+        self.handle_sigint = handle_sigint
+        self.recorder = StepRecorder(log_names)
+        # One autocast object reused for every micro-batch; fp32 runs with no autocast at all,
+        # exactly like the plain fp32 loop.
+        self.autocast = (torch.autocast(device.type, dtype=chosen.dtype)
+                         if chosen.autocast_enabled else contextlib.nullcontext())
+        self.step = 0  # optimizer steps done in this run
+        self.micro = 0  # micro-batches in the current accumulation window
+        self.in_update = False  # between unscale_/step and update: an exception here is costly
+        self.loss_sum = None
+        self.log_sums = {}
+        self.samples = 0
+        self.t0 = 0.0
+        self.next_refresh = 0.0
+        self.raised_alarms: set = set()
+
+    # -- driver --------------------------------------------------------------------
+    def execute(self):
+        """Train until done, stopped or failed; re-raise the user's exception after recording."""
+        __tracebackhide__ = True
+        if self.seed is not None:
+            seed_everything(self.seed)
+        with _stop_on_sigint(self.run, self.handle_sigint):
+            self._execute()
+
+    def _execute(self):
+        __tracebackhide__ = True
+        reset_peak(self.device)
+        self.t0 = time.perf_counter()
+        self.next_refresh = self.t0 + self.refresh_seconds
+        self._notify("on_start")
+        error = None
+        try:
+            self._train()
+            status = "interrupted" if self.run.stop_requested else "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self._abandon_step()
+        except BaseException as e:  # the user's code or data failed: keep what was done
+            status, error = "failed", e
+            self._abandon_step()
+        self._finish(status, error)
+        if error is not None:
+            raise error
+
+    def _train(self):
+        __tracebackhide__ = True
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            if self._should_stop():
+                break
+            self.run.epoch = epoch
+            if self._train_epoch(epoch) == 0:
+                if epoch == 0:
+                    raise AmpUsageError("the data produced no batches: check that the "
+                                        "DataLoader/iterable is not empty")
+                self.run.notes.append(
+                    f"the data was exhausted after {epoch} epoch(s): an iterator cannot be "
+                    "re-read; pass a DataLoader or a list to train for several epochs")
+                break
+            val_loss = self._validate(epoch) if self.val is not None else None
+            self._refresh()
+            if self.plateau:
+                self.scheduler.step(val_loss if val_loss is not None else self._epoch_loss(epoch))
+            epoch += 1
+
+    def _train_epoch(self, epoch) -> int:
+        __tracebackhide__ = True
+        batches = 0
+        it = iter(self.data)
+        while True:
+            if self.micro == 0 and self._should_stop():
+                break
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            batches += 1
+            self._micro_step(batch, epoch)
+            if self.micro == self.accum:
+                self._optimizer_step(epoch)
+        if self.micro:  # a last, shorter accumulation window still gets its optimizer step
+            self._optimizer_step(epoch)
+        return batches
+
+    def _should_stop(self) -> bool:
+        return self.run.stop_requested or (
+            self.max_steps is not None and self.step >= self.max_steps)
+
+    # -- one micro-batch and one optimizer step, as in the PyTorch AMP recipes ---------
+    def _micro_step(self, batch, epoch):
+        __tracebackhide__ = True
+        if self.micro == 0:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+        if self.move:
+            batch = to_device(batch, self.device)
+        self.samples += batch_size(batch)
+        with self.autocast:
+            loss, logs = self._unpack(self.step_fn(batch, self.step, epoch), training=True)
+            scaled = loss / self.accum if self.accum > 1 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        detached = loss.detach().float()
+        first = self.micro == 0
+        self.loss_sum = detached if first else self.loss_sum + detached
+        for name in self.log_names:
+            value = _detached(logs[name])
+            self.log_sums[name] = value if first else self.log_sums[name] + value
+        self.micro += 1
+
+    def _optimizer_step(self, epoch):
+        scaler = self.scaler
+        self.in_update = True
+        grad_norm = None
+        if self.clip is not None:
+            if scaler is not None:
+                for opt in self.optimizers:
+                    scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+        scale = found_inf = None
+        if scaler is not None:
+            for opt in self.optimizers:
+                scaler.step(opt)
+            # Copy before update(): update() mutates the scale and consumes found_inf.
+            scale, found_inf = _scale_and_found_inf(scaler, self.optimizers)
+            scaler.update()
+        else:
+            for opt in self.optimizers:
+                opt.step()
+        if self.scheduler is not None and not self.plateau:
+            self.scheduler.step()
+        self.in_update = False
+        now = time.perf_counter()
+        self.recorder.record(step=self.step, epoch=epoch, loss_sum=self.loss_sum,
+                             micro=self.micro, scale=scale, found_inf=found_inf,
+                             grad_norm=grad_norm, lr=lr, time=now - self.t0,
+                             samples=self.samples, logs=self.log_sums)
+        self.step += 1
+        self.micro = 0
+        self.samples = 0
+        if now >= self.next_refresh:
+            self._refresh()
+
+    def _unpack(self, out, training):
+        __tracebackhide__ = True
+        logs = {}
+        if isinstance(out, dict):
+            if "loss" not in out:
+                raise AmpUsageError("the training step never assigned `loss`: end the cell "
+                                    "body with e.g. `loss = F.cross_entropy(model(x), y)`")
+            loss, logs = out["loss"], out
+        else:
+            loss = out
+        if not isinstance(loss, torch.Tensor):
+            raise AmpUsageError(f"`loss` must be a torch.Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise AmpUsageError(f"`loss` must be a scalar, got shape {tuple(loss.shape)}: "
+                                "reduce it, e.g. loss = loss.mean()")
+        if training and loss.grad_fn is None:
+            raise AmpUsageError("`loss` has no grad_fn, so backward() cannot reach the model: "
+                                "was it computed under torch.no_grad(), detached, or without "
+                                "the model's parameters?")
+        missing = [n for n in self.log_names if n not in logs]
+        if missing:
+            raise AmpUsageError(f"--log names {', '.join(missing)} but the step never "
+                                "assigned it: assign it in the cell body or drop it from --log")
+        return loss, logs
+
+    # -- epoch end -----------------------------------------------------------------
+    def _validate(self, epoch):
+        __tracebackhide__ = True
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        total, batches = None, 0
+        try:
+            with torch.no_grad():
+                for batch in self.val:
+                    if self.move:
+                        batch = to_device(batch, self.device)
+                    with self.autocast:
+                        loss, _ = self._unpack(self.step_fn(batch, self.step, epoch),
+                                               training=False)
+                    value = loss.detach().float()
+                    total = value if total is None else total + value
+                    batches += 1
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if batches == 0:
+            self.run.notes.append("--val produced no batches: no validation loss")
+            return None
+        val_loss = (total / batches).item()  # one sync per epoch
+        self.run.val_history.append({"epoch": epoch, "step": self.step, "val_loss": val_loss})
+        return val_loss
+
+    def _epoch_loss(self, epoch):
+        losses = [r["loss"] for r in self.run.history if r["epoch"] == epoch]
+        return sum(losses) / len(losses) if losses else math.inf
+
+    # -- refresh and end ---------------------------------------------------------------
+    def _refresh(self):
+        now = time.perf_counter()
+        self.next_refresh = now + self.refresh_seconds
+        run = self.run
+        new = self.recorder.drain()
+        run.history.extend(new)
+        run.wall_time = now - self.t0
+        run.memory.append({"time": run.wall_time, "step": self.step,
+                           **memory_snapshot(self.device)})
+        for kind, message in alarms.check(new, run.history).items():
+            if kind not in self.raised_alarms:
+                self.raised_alarms.add(kind)
+                run.alarms.append(message)
+        self._notify("on_refresh")
+
+    def _abandon_step(self):
+        """After an error mid-step: drop its partial gradients and the scaler's step state."""
+        if self.in_update:
+            self.run.notes.append("the error came during the optimizer step: some parameters "
+                                  "may have been updated by it")
+        self.micro = 0
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        if states is not None:
+            states.clear()  # a fresh unscale_/step is allowed on the next run
+
+    def _finish(self, status, error):
+        run = self.run
+        try:
+            self._refresh()
+        except Exception as e:  # e.g. the device itself failed: keep the status honest
+            run.notes.append(f"could not read the last steps back: {e!r}")
+        run.status = status
+        if error is not None:
+            run.error = f"{type(error).__name__}: {error}"
+        if status == "interrupted":
+            run.notes.append(f"interrupted after {self.step} optimizer step(s): model, optimizer "
+                             "and scaler are as after the last completed step")
+        self._notify("on_end")
+
+    def _notify(self, method):
+        for observer in list(self.observers):
+            callback = getattr(observer, method, None)
+            if callback is None:
+                continue
+            try:
+                callback(self.run)
+            except Exception as e:  # a broken view must not cost the training run
+                self.observers.remove(observer)
+                warnings.warn(f"{type(observer).__name__}.{method} failed and was detached: "
+                              f"{e!r}", RuntimeWarning, stacklevel=2)
+
+
+# -- helpers -----------------------------------------------------------------------------
+def to_device(obj, device):
+    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        moved = [to_device(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def batch_size(obj) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.ndim else 1
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            n = batch_size(o)
+            if n:
+                return n
+    if isinstance(obj, dict):
+        return batch_size(list(obj.values()))
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return float(value)
+
+
+def _scale_and_found_inf(scaler, optimizers):
+    scale = getattr(scaler, "_scale", None)
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if scale is None or states is None or not scaler.is_enabled():
+        return None, None
+    found = [t for opt in optimizers if id(opt) in states
+             for t in states[id(opt)]["found_inf_per_device"].values()]
+    return scale.clone(), (sum(found) if found else None)
+
+
+def _persistent_scaler(optimizer, device_type, settings):
+    key = (device_type, tuple(sorted(settings.items())))
+    entry = _SCALERS.get(optimizer)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    scaler = torch.amp.GradScaler(device_type, **settings)
+    _SCALERS[optimizer] = (key, scaler)
+    return scaler
+
+
+def _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor) -> dict:
+    given = {"init_scale": init_scale, "growth_interval": growth_interval,
+             "growth_factor": growth_factor, "backoff_factor": backoff_factor}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("init_scale", 1) <= 0:
+        raise AmpUsageError("--init-scale must be positive, e.g. 2**14")
+    if given.get("growth_interval", 1) < 1:
+        raise AmpUsageError("--growth-interval must be a positive number of steps")
+    if given.get("growth_factor", 2) <= 1:
+        raise AmpUsageError("--growth-factor must be greater than 1, e.g. 2.0")
+    if not 0 < given.get("backoff_factor", 0.5) < 1:
+        raise AmpUsageError("--backoff-factor must be between 0 and 1, e.g. 0.5")
+    return given
+
+
+def _describe_scaler(scaler):
+    if scaler is None:
+        return None
+    return {"init_scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "growth_factor": scaler.get_growth_factor(),
+            "backoff_factor": scaler.get_backoff_factor(),
+            "growth_interval": scaler.get_growth_interval(), "enabled": scaler.is_enabled()}
+
+
+def _as_step(step_fn):
+    """Accept step_fn(batch) or step_fn(batch, step, epoch); call it as the latter."""
+    if not callable(step_fn):
+        raise AmpUsageError("step_fn must be a function: step_fn(batch) -> loss")
+    try:
+        params = list(inspect.signature(step_fn).parameters.values())
+    except (TypeError, ValueError):
+        return step_fn
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 3:
+        return step_fn
+    if len(positional) >= 1:
+        def one_arg_step(batch, step, epoch):
+            __tracebackhide__ = True
+            return step_fn(batch)
+        return one_arg_step
+    raise AmpUsageError("step_fn must take the batch: step_fn(batch) or "
+                        "step_fn(batch, step, epoch)")
+
+
+def _check_inputs(model, optimizer, data, val, scheduler, scaler):
+    if not isinstance(model, torch.nn.Module):
+        raise AmpUsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not optimizers:
+        raise AmpUsageError("give at least one optimizer")
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise AmpUsageError(f"optimizer must be a torch.optim.Optimizer, "
+                                f"got {type(opt).__name__}")
+    for label, value in (("data", data), ("val", val)):
+        if value is None and label == "val":
+            continue
+        if not isinstance(value, Iterable):
+            raise AmpUsageError(f"{label} must be iterable (a DataLoader, a list of batches...), "
+                                f"got {type(value).__name__}")
+        if hasattr(value, "__len__") and len(value) == 0:
+            raise AmpUsageError(f"{label} is empty: it has no batches")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise AmpUsageError(f"scheduler must have a step() method (a torch.optim.lr_scheduler), "
+                            f"got {type(scheduler).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise AmpUsageError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return optimizers
+
+
+def _check_counts(epochs, steps, accum, clip, refresh_seconds):
+    for label, value in (("epochs", epochs), ("steps", steps), ("accum", accum)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise AmpUsageError(f"--{label} must be a positive whole number, got {value!r}")
+    if clip is not None and not clip >= 0:
+        raise AmpUsageError(f"--clip must be a non-negative max gradient norm, got {clip!r}")
+    if not refresh_seconds > 0:
+        raise AmpUsageError(f"refresh interval must be positive, got {refresh_seconds!r}")
+    if epochs is None and steps is None:
+        epochs = 1
+    return epochs, steps, accum, clip
+
+
+def _model_device(model) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _steps_per_epoch(data, accum):
+    try:
+        return math.ceil(len(data) / accum)
+    except TypeError:
+        return None
+
+
+def _total_steps(epochs, steps, per_epoch):
+    by_epochs = epochs * per_epoch if epochs is not None and per_epoch is not None else None
+    candidates = [n for n in (steps, by_epochs) if n is not None]
+    return min(candidates) if candidates else None
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(run, enabled):
+    """First Ctrl-C: stop after the current optimizer step. A second one interrupts at once."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) and previous not in (signal.SIG_IGN, signal.SIG_DFL):
+        previous = signal.default_int_handler
+
+    def stop_softly(signum, frame):
+        run.request_stop()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, stop_softly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,293 @@
+"""%%amp_train and %amp_stop: a thin IPython adapter over the engine.
+
+It parses flags, finds the notebook's objects by name, compiles the cell body once through
+IPython's own pipeline, picks the view (live dashboard or text line) and hands over to
+`engine.prepare(...).execute()`.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import sys
+import threading
+from collections.abc import Iterable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float
+
+from . import precision
+from .errors import AmpUsageError
+
+
+def number(text: str) -> float:
+    """A positive number written as a literal or simple arithmetic: 65536, 2**14, 2.**16, 1e4."""
+    ops = {ast.Pow: operator.pow, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Add: operator.add, ast.Sub: operator.sub}
+
+    def evaluate(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 1024:
+                raise ValueError("exponent too large")
+            return ops[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -evaluate(node.operand)
+        raise ValueError(f"not a number: {text!r}")
+
+    try:
+        return evaluate(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ValueError(str(e)) from None
+
+
+def names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+class CellStep:
+    """The cell body compiled once; called as step(batch, step, epoch) for every batch.
+
+    It runs in a private copy of the notebook's namespace, so names it assigns do not leak
+    into the notebook (the magic copies back only the names given to --log). Line numbers
+    in tracebacks are the cell's own: line 1 is the %%amp_train line.
+    """
+
+    def __init__(self, shell, cell: str, log_names=()):
+        source = "\n" + shell.transform_cell(cell)
+        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        self.code = shell.compile(source, filename, "exec")
+        self.namespace = dict(shell.user_ns)
+        self.log_names = tuple(log_names)
+
+    def __call__(self, batch, step, epoch):
+        __tracebackhide__ = True
+        ns = self.namespace
+        ns["batch"], ns["step"], ns["epoch"] = batch, step, epoch
+        ns.pop("loss", None)
+        exec(self.code, ns)
+        if "loss" not in ns:
+            raise AmpUsageError("the cell body never assigned `loss`: end it with e.g. "
+                                "`loss = F.cross_entropy(model(x), y)`")
+        if not self.log_names:
+            return ns["loss"]
+        return {"loss": ns["loss"], **{n: ns[n] for n in self.log_names if n in ns}}
+
+
+@magics_class
+class AmpMagics(Magics):
+    """Mixed-precision training magics. Settings: `%config AmpMagics.refresh_seconds = 1.0`."""
+
+    refresh_seconds = Float(0.5, help="Seconds between dashboard refreshes.").tag(config=True)
+    plot = Bool(True, help="Show the live dashboard; False gives a one-line text progress."
+                ).tag(config=True)
+
+    _background: dict = {}  # Run -> Thread, for %amp_stop and unloading
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        if shell is not None and self not in shell.configurables:
+            shell.configurables.append(self)
+
+    # -- %%amp_train ------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--model", default="model", help="nn.Module to train (default: model)")
+    @argument("--optimizer", default="optimizer",
+              help="optimizer name, or several comma-separated (default: optimizer)")
+    @argument("--data", default="train_loader",
+              help="iterable of batches, e.g. a DataLoader (default: train_loader)")
+    @argument("--epochs", type=int, help="passes over --data (default 1; unlimited with --steps)")
+    @argument("--steps", type=int, help="stop after this many optimizer steps")
+    @argument("--dtype", default="auto", choices=precision.CHOICES,
+              help="autocast precision; auto picks by hardware (default: auto)")
+    @argument("--accum", type=int, default=1,
+              help="micro-batches per optimizer step (gradient accumulation; loss divided by it)")
+    @argument("--clip", type=float, help="max gradient norm (unscale_ then clip_grad_norm_)")
+    @argument("--scheduler", help="LR scheduler, stepped after each optimizer step")
+    @argument("--val", help="validation iterable, evaluated at each epoch end")
+    @argument("--log", default="", help="other scalars of the body to record, comma-separated")
+    @argument("--seed", type=int, help="seed torch, random and numpy before training")
+    @argument("--no-move", action="store_true",
+              help="do not move batch tensors to the model's device")
+    @argument("--init-scale", type=number, help="GradScaler initial scale, e.g. 2**14")
+    @argument("--growth-interval", type=int, help="GradScaler growth interval (steps)")
+    @argument("--growth-factor", type=float, help="GradScaler growth factor")
+    @argument("--backoff-factor", type=float, help="GradScaler backoff factor")
+    @argument("--scaler", help="your own torch.amp.GradScaler to use instead")
+    @argument("--name", help="name of this run (default run1, run2, ...)")
+    @argument("-o", "--output", help="store the Run in this notebook variable")
+    @argument("--refresh", type=float, help="seconds between view refreshes (default 0.5)")
+    @argument("--no-plot", action="store_true", help="one-line text progress instead of plots")
+    @argument("--background", action="store_true",
+              help="train in a background thread; the cell returns at once (stop: %%amp_stop)")
+    @cell_magic
+    def amp_train(self, line, cell):
+        """Run the cell body as ONE training step, for every batch, with automatic mixed precision.
+
+        The body sees `batch`, `step` and `epoch` and must assign `loss`. Example:
+
+            %%amp_train --model net --optimizer opt --data train_loader --epochs 2 -o run
+            x, y = batch
+            loss = F.cross_entropy(net(x), y)
+        """
+        __tracebackhide__ = True
+        from .engine import prepare
+
+        args = self._parse(self.amp_train, line)
+        log_names = names(args.log)
+        options = self._resolve_objects(args)
+        step = CellStep(self.shell, cell, log_names)
+        refresh = args.refresh if args.refresh is not None else self.refresh_seconds
+        try:
+            training = prepare(
+                step, dtype=args.dtype, epochs=args.epochs, steps=args.steps,
+                accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
+                move=not args.no_move, name=args.name, init_scale=args.init_scale,
+                growth_interval=args.growth_interval, growth_factor=args.growth_factor,
+                backoff_factor=args.backoff_factor, refresh_seconds=refresh,
+                observers=[self._view(args)], config=self._flags(args), **options)
+        except AmpUsageError as e:
+            raise UsageError(str(e)) from None
+        run = training.run
+        if args.output:
+            self.shell.user_ns[args.output] = run
+        if args.background:
+            thread = threading.Thread(target=self._train_quietly, args=(training, step, log_names),
+                                      name=f"amp_train {run.name}", daemon=True)
+            AmpMagics._background[run] = thread
+            thread.start()
+            return run
+        try:
+            training.execute()
+        except AmpUsageError as e:
+            raise UsageError(str(e)) from None
+        finally:
+            self._export_logged(step, log_names)
+
+    def _train_quietly(self, training, step, log_names):
+        # The view shows a failure; the exception has nowhere better to go from a thread.
+        try:
+            training.execute()
+        except BaseException:
+            pass
+        finally:
+            self._export_logged(step, log_names)
+            AmpMagics._background.pop(training.run, None)
+
+    def _export_logged(self, step, log_names):
+        for name in log_names:
+            if name in step.namespace:
+                self.shell.user_ns[name] = step.namespace[name]
+
+    # -- %amp_stop --------------------------------------------------------------------
+    @magic_arguments()
+    @argument("name", nargs="?", help="run to stop (default: every background run)")
+    @argument("--wait", type=float, default=10.0,
+              help="seconds to wait for the current step to finish (default 10)")
+    @line_magic
+    def amp_stop(self, line):
+        """Stop background %%amp_train runs cleanly after their current optimizer step."""
+        args = self._parse(self.amp_stop, line)
+        targets = [(r, t) for r, t in list(AmpMagics._background.items())
+                   if args.name in (None, r.name)]
+        if not targets:
+            running = ", ".join(r.name for r in AmpMagics._background) or "none"
+            raise UsageError(f"no background run named {args.name!r} (running: {running})"
+                             if args.name else "no background run is running")
+        for run, _ in targets:
+            run.request_stop()
+        for run, thread in targets:
+            thread.join(args.wait)
+            state = run.status if not thread.is_alive() else "still finishing its step"
+            print(f"{run.name}: {state} after {len(run.history)} steps")
+
+    @classmethod
+    def stop_background_runs(cls, wait=10.0):
+        for run in list(cls._background):
+            run.request_stop()
+        for thread in list(cls._background.values()):
+            thread.join(wait)
+
+    # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _parse(magic, line):
+        try:
+            return parse_argstring(magic, line)
+        except UsageError as e:
+            raise UsageError(f"{e}\n{magic.parser.format_usage()}") from None
+
+    def _view(self, args):
+        from .reporter import ConsoleReporter
+
+        if args.no_plot or not self.plot:
+            return ConsoleReporter(stream=sys.stdout, inline=True)
+        from .dashboard import Dashboard
+
+        return Dashboard(display_now=True)
+
+    def _flags(self, args) -> dict:
+        flags = {k: v for k, v in vars(args).items()
+                 if v not in (None, False, "") and k not in ("output", "refresh", "no_plot",
+                                                             "background")}
+        return {"flags": flags, "model_name": args.model}
+
+    def _resolve_objects(self, args) -> dict:
+        import torch
+
+        optimizer_names = names(args.optimizer)
+        if not optimizer_names:
+            raise UsageError("--optimizer needs at least one name, e.g. --optimizer opt")
+        found = {
+            "model": self._lookup(args.model, "--model", torch.nn.Module, "nn.Module"),
+            "optimizer": [self._lookup(n, "--optimizer", torch.optim.Optimizer, "optimizer")
+                          for n in optimizer_names],
+            "data": self._lookup(args.data, "--data", Iterable, "iterable"),
+        }
+        if args.val:
+            found["val"] = self._lookup(args.val, "--val", Iterable, "iterable")
+        if args.scheduler:
+            found["scheduler"] = self._lookup(args.scheduler, "--scheduler",
+                                              _scheduler_types(), "LR scheduler")
+        if args.scaler:
+            found["scaler"] = self._lookup(args.scaler, "--scaler", torch.amp.GradScaler,
+                                           "GradScaler")
+        return found
+
+    def _lookup(self, name, flag, kind, what):
+        """A notebook object by (dotted) name, checked against `kind`."""
+        ns = self.shell.user_ns
+        head, *attrs = name.split(".")
+        if head not in ns:
+            raise UsageError(f"{flag} {name}: no variable named {head!r} in the notebook. "
+                             f"{self._candidates(kind, what)} Pass the right one with "
+                             f"{flag} NAME.")
+        obj = ns[head]
+        for attr in attrs:
+            if not hasattr(obj, attr):
+                raise UsageError(f"{flag} {name}: {type(obj).__name__} has no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        if (kind is Iterable and isinstance(obj, (str, bytes))) or not isinstance(obj, kind):
+            raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not a {what}. "
+                             f"{self._candidates(kind, what)}")
+        return obj
+
+    def _candidates(self, kind, what) -> str:
+        if kind is Iterable:
+            import torch
+
+            kind = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
+            what = "DataLoader"
+        found = sorted(k for k, v in self.shell.user_ns.items()
+                       if not k.startswith("_") and isinstance(v, kind))
+        return (f"{what} objects in the notebook: {', '.join(found)}."
+                if found else f"No {what} is defined in the notebook yet.")
+
+
+def _scheduler_types():
+    from torch.optim import lr_scheduler
+
+    return tuple(t for t in (getattr(lr_scheduler, "LRScheduler", None),
+                             lr_scheduler.ReduceLROnPlateau) if t is not None)

@@ -1,0 +1,106 @@
+"""A plain-text progress line for terminals, nohup logs and `--no-plot` cells.
+
+On a terminal (or in a notebook, which honours carriage returns) one line is redrawn in
+place at each refresh; in a log file a new line is written every `log_every` seconds.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from .run import format_bytes
+
+
+def progress_line(run) -> str:
+    h = run.history
+    parts = [f"{run.name} {run.precision}/{run.device}"]
+    total = f"/{run.total_steps}" if run.total_steps else ""
+    parts.append(f"step {len(h)}{total}")
+    parts.append(f"epoch {run.epoch + 1}")
+    if h:
+        parts.append(f"loss {h[-1]['loss']:.4g}")
+        if h[-1]["scale"] is not None:
+            parts.append(f"scale 2^{_log2(h[-1]['scale'])}")
+        skipped = sum(r["skipped"] for r in h)
+        if skipped:
+            parts.append(f"{skipped} skipped")
+    if run.val_history:
+        parts.append(f"val {run.val_history[-1]['val_loss']:.4g}")
+    if run.wall_time > 0 and h:
+        rate = len(h) / run.wall_time
+        parts.append(f"{rate:.3g} steps/s")
+        if run.total_steps and run.status == "running":
+            parts.append(f"ETA {_duration((run.total_steps - len(h)) / rate)}")
+    return " | ".join(parts)
+
+
+def end_lines(run) -> list[str]:
+    s = run.summary
+    lines = [f"{run.name} {run.status}: {s['steps']} steps ({s['skipped_steps']} skipped) in "
+             f"{_duration(s['wall_time'])}, final loss {_num(s['final_loss'])}, "
+             f"best {_num(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"]
+    lines += [f"note: {n}" for n in run.notes]
+    if run.error:
+        lines.append(f"error: {run.error}")
+    return lines
+
+
+class ConsoleReporter:
+    def __init__(self, stream=None, inline=None, log_every=10.0):
+        self.stream = stream or sys.stderr
+        self.inline = inline if inline is not None else _isatty(self.stream)
+        self.log_every = log_every
+        self._last_line = 0.0
+        self._alarms_shown = 0
+
+    def on_start(self, run):
+        self._write_line(f"{run.name}: training on {run.device} in {run.precision} "
+                         f"({run.precision_reason})")
+
+    def on_refresh(self, run):
+        self._show_new_alarms(run)
+        if self.inline:
+            self.stream.write("\r" + progress_line(run))
+            self.stream.flush()
+        elif time.monotonic() - self._last_line >= self.log_every:
+            self._write_line(progress_line(run))
+
+    def on_end(self, run):
+        self._show_new_alarms(run)
+        for line in end_lines(run):
+            self._write_line(line)
+
+    def _show_new_alarms(self, run):
+        for alarm in run.alarms[self._alarms_shown:]:
+            self._write_line(f"ALARM: {alarm}")
+        self._alarms_shown = len(run.alarms)
+
+    def _write_line(self, text):
+        self._last_line = time.monotonic()
+        self.stream.write(("\r" if self.inline else "") + text + "\n")
+        self.stream.flush()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _log2(x) -> str:
+    return f"{math.log2(x):.0f}" if x and x > 0 and math.isfinite(x) else str(x)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _duration(seconds) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,218 @@
+"""The result of one training run: its history, summary and persistence.
+
+Plain data: no torch tensors are kept here (the engine drains them to floats), so a Run
+can be saved as JSON, read back in another process, and compared across runs.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+
+STATUSES = ("running", "finished", "interrupted", "failed")
+
+_RUNS: list = []
+_RUNS_LOCK = threading.Lock()
+
+
+def runs() -> list:
+    """Every Run started in this process, oldest first."""
+    with _RUNS_LOCK:
+        return list(_RUNS)
+
+
+def register(run: "Run") -> None:
+    with _RUNS_LOCK:
+        _RUNS.append(run)
+
+
+def next_name() -> str:
+    with _RUNS_LOCK:
+        taken = {r.name for r in _RUNS}
+    n = len(taken) + 1
+    while f"run{n}" in taken:
+        n += 1
+    return f"run{n}"
+
+
+def _finite(values):
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+class Run:
+    """One `%%amp_train` / `amp_magics.train` run.
+
+    history: one dict per optimizer step (step, epoch, loss, scale, skipped, lr, time,
+    samples, and any logged names); val_history: one dict per epoch with a validation
+    pass; memory: samples taken at each refresh (bytes).
+    """
+
+    def __init__(self, name: str, *, config: dict | None = None, device: str = "cpu",
+                 precision: str = "fp32", precision_reason: str = "",
+                 scaler_settings: dict | None = None, total_steps: int | None = None,
+                 steps_per_epoch: int | None = None, model_label: str = ""):
+        self.name = name
+        self.config = dict(config or {})
+        self.device = device
+        self.precision = precision
+        self.precision_reason = precision_reason
+        self.scaler_settings = scaler_settings
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.model_label = model_label
+        self.status = "running"
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.memory: list[dict] = []
+        self.alarms: list[str] = []
+        self.notes: list[str] = []
+        self.error: str | None = None
+        self.started = time.time()
+        self.wall_time = 0.0
+        self.epoch = 0
+        self._stop = threading.Event()
+
+    # -- control -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the engine to stop after the current optimizer step (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    # -- views ---------------------------------------------------------------------
+    @property
+    def summary(self) -> dict:
+        h = self.history
+        losses = _finite(r["loss"] for r in h)
+        vals = _finite(r["val_loss"] for r in self.val_history)
+        samples = sum(r.get("samples") or 0 for r in h)
+        wall = self.wall_time or 0.0
+        peaks = [m.get("peak") if m.get("peak") is not None else m.get("rss") for m in self.memory]
+        peaks = [p for p in peaks if p is not None]
+        return {
+            "name": self.name,
+            "status": self.status,
+            "device": self.device,
+            "dtype": self.precision,
+            "steps": len(h),
+            "skipped_steps": sum(1 for r in h if r["skipped"]),
+            "final_loss": h[-1]["loss"] if h else None,
+            "best_loss": min(losses) if losses else None,
+            "final_val_loss": self.val_history[-1]["val_loss"] if self.val_history else None,
+            "best_val_loss": min(vals) if vals else None,
+            "final_scale": h[-1]["scale"] if h else None,
+            "wall_time": wall,
+            "samples_per_s": samples / wall if wall > 0 else None,
+            "steps_per_s": len(h) / wall if wall > 0 else None,
+            "peak_memory": max(peaks) if peaks else None,
+        }
+
+    def to_pandas(self):
+        """History as a pandas DataFrame (pandas is optional; install it to use this)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("Run.to_pandas() needs pandas: pip install pandas") from e
+        return pd.DataFrame(self.history)
+
+    # -- persistence ---------------------------------------------------------------
+    _FIELDS = ("name", "config", "device", "precision", "precision_reason", "scaler_settings",
+               "total_steps", "steps_per_epoch", "model_label", "status", "history",
+               "val_history", "memory", "alarms", "notes", "error", "started", "wall_time",
+               "epoch")
+
+    def to_dict(self) -> dict:
+        return {field: getattr(self, field) for field in self._FIELDS}
+
+    def save(self, path) -> str:
+        """Write the run as JSON, atomically (a crash never leaves a half-written file)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".amp_run_", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"amp_magics_run": 1, **self.to_dict()}, f, default=str)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Run":
+        with open(path) as f:
+            data = json.load(f)
+        if data.pop("amp_magics_run", None) != 1:
+            raise ValueError(f"{path} is not a saved amp_magics Run")
+        run = cls(data["name"])
+        for field in cls._FIELDS:
+            if field in data:
+                setattr(run, field, data[field])
+        return run
+
+    # -- display -------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str]]:
+        s = self.summary
+        rows = [
+            ("run", s["name"]),
+            ("status", s["status"] + (f" ({self.error})" if self.error else "")),
+            ("device / dtype", f"{s['device']} / {s['dtype']}"),
+            ("steps", f"{s['steps']} ({s['skipped_steps']} skipped)"),
+            ("final loss", _fmt(s["final_loss"])),
+            ("best loss", _fmt(s["best_loss"])),
+        ]
+        if s["final_val_loss"] is not None:
+            rows.append(("val loss (final / best)",
+                         f"{_fmt(s['final_val_loss'])} / {_fmt(s['best_val_loss'])}"))
+        if s["final_scale"] is not None:
+            rows.append(("final loss scale", _fmt(s["final_scale"])))
+        rows += [
+            ("wall time", f"{s['wall_time']:.2f} s"),
+            ("throughput", f"{_fmt(s['samples_per_s'])} samples/s, {_fmt(s['steps_per_s'])} steps/s"),
+            ("peak memory", format_bytes(s["peak_memory"])),
+        ]
+        rows += [("alarm", a) for a in self.alarms]
+        rows += [("note", n) for n in self.notes]
+        return rows
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (f"<Run {self.name!r} {self.status}: {s['steps']} steps, "
+                f"loss {_fmt(s['final_loss'])}, {self.precision} on {self.device}>")
+
+    def _repr_html_(self) -> str:
+        cells = "".join(
+            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self.summary_rows()
+        )
+        return f"<table class='amp-run-summary'>{cells}</table>"
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.4g}"
+    return str(x)
+
+
+def format_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
