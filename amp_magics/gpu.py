@@ -116,7 +116,7 @@ class Status:
 def parse_indices(text: str) -> list[int]:
     """'0,2' -> [0, 2]; raises ValueError on anything else."""
     try:
-        indices = [int(part) for part in text.split(",")]
+        indices = list(dict.fromkeys(int(part) for part in text.split(",")))
     except ValueError:
         raise ValueError(f"GPU indices must be integers separated by commas, like 0,2; got {text!r}") from None
     if any(i < 0 for i in indices):
@@ -202,20 +202,18 @@ def _query(nvml, fn, *args):
 
 
 def _call_first(nvml, names: tuple[str, ...], *args):
-    """Call the newest of `names` this NVML has: older drivers lack the newer symbols.
-
-    Raises the last NVMLError if none can be called.
-    """
-    error = None
+    """Call the newest of `names` this NVML has: older drivers lack the newer symbols."""
+    # nvidia-ml-py's unversioned wrappers report a missing symbol as NVMLLibraryMismatchError.
+    missing = (nvml.NVMLError_FunctionNotFound,
+               getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError_FunctionNotFound))
     for name in names:
         fn = getattr(nvml, name, None)
-        if fn is None:
-            continue
-        try:
-            return fn(*args)
-        except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError) as e:
-            error = e
-    raise error if isinstance(error, nvml.NVMLError) else nvml.NVMLError_FunctionNotFound()
+        if fn is not None:
+            try:
+                return fn(*args)
+            except missing:
+                pass
+    raise nvml.NVMLError_FunctionNotFound()
 
 
 def _query_first(nvml, names, *args):

@@ -1,0 +1,259 @@
+"""Status and %amp_check results as 80-column text (terminals) and as HTML (notebooks).
+
+Pure functions. The HTML needs no JavaScript and carries its own inline styles, so it looks the
+same in JupyterLab, VS Code and Colab. Every value placed in HTML is escaped: process names on a
+shared server are chosen by other users.
+"""
+from __future__ import annotations
+
+import html
+import textwrap
+import time
+
+WIDTH = 80
+_GIB = 1 << 30
+_MIB = 1 << 20
+
+
+# --- shared formatting -----------------------------------------------------------------------
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / _GIB:.1f} GiB" if abs(n) >= _GIB else f"{n / _MIB:.0f} MiB"
+
+
+def _sizes(used: int | None, total: int | None) -> str:
+    if used is None or total is None:
+        return "n/a"
+    return f"{used / _GIB:.1f} / {total / _GIB:.1f} GiB"
+
+
+def _or_na(value, fmt: str = "{}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _power(gpu) -> str:
+    if gpu.power_draw is None:
+        return "n/a"
+    limit = f" / {gpu.power_limit:.0f}" if gpu.power_limit is not None else ""
+    return f"{gpu.power_draw:.0f}{limit} W"
+
+
+def _mig(gpu) -> str:
+    if gpu.mig_enabled is None:
+        return "n/a"
+    mode = "on" if gpu.mig_enabled else "off"
+    if gpu.mig_pending != gpu.mig_enabled:
+        mode += f" ({'on' if gpu.mig_pending else 'off'} after reset)"
+    return mode
+
+
+def _capability(gpu) -> str:
+    return "{}.{}".format(*gpu.capability) if gpu.capability else "n/a"
+
+
+def _fraction(used, total) -> float | None:
+    return used / total if used is not None and total else None
+
+
+def _torch_headline(mem) -> str:
+    where = f" = GPU {mem.gpu_index}" if mem.gpu_index is not None else ""
+    return (f"PyTorch in this kernel, {mem.device}{where}: allocated {_size(mem.allocated)}, "
+            f"reserved {_size(mem.reserved)}, peak {_size(mem.peak)}")
+
+
+def _torch_gap(mem) -> str:
+    if mem.other_memory is None:
+        return mem.other_label
+    return f"+ {_size(mem.other_memory)} {mem.other_label} (NVML counts {_size(mem.nvml_used)})"
+
+
+def _recommendation(rec) -> str:
+    return f"Recommendation: --dtype auto picks {rec.dtype} on {rec.device}: {rec.reason}"
+
+
+def _host_facts(host) -> list[tuple[str, str]]:
+    usable = f", {host.usable_cpus} usable here" if host.usable_cpus not in (None, host.logical_cpus) else ""
+    bf16 = ("native (AVX512-BF16/AMX/Arm BF16)" if host.native_bf16
+            else "not native: bf16 autocast is emulated, slower than fp32")
+    ram = (f"{_size(host.ram_available)} available of {_size(host.ram_total)}"
+           if host.ram_total is not None else "n/a")
+    return [
+        ("CPU", f"{host.cpu_model} ({_or_na(host.logical_cpus)} logical CPUs{usable})"),
+        ("bf16", bf16),
+        ("AMX", {None: "unknown", True: "yes", False: "no"}[host.amx]),
+        ("torch", f"{host.torch_threads} threads" if host.torch_threads is not None
+         else "not imported in this process"),
+        ("RAM", ram),
+        ("process", f"{_size(host.process_rss)} resident"),
+    ]
+
+
+def _host_line(host) -> str:
+    return (f"Host: {host.cpu_model}, {_or_na(host.logical_cpus)} CPUs, RAM "
+            f"{_size(host.ram_available)} free of {_size(host.ram_total)}, "
+            f"this process {_size(host.process_rss)}")
+
+
+def _clock(status) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(status.taken_at))
+
+
+# --- text ------------------------------------------------------------------------------------
+
+def _printable(text: str) -> str:
+    # Terminal escape sequences in a process name must not reach the terminal.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _fit(text: str, indent: str = "", hang: str = "    ") -> list[str]:
+    return textwrap.wrap(_printable(text), WIDTH, initial_indent=indent,
+                         subsequent_indent=indent + hang, break_on_hyphens=False) or [""]
+
+
+def _clip(text: str, width: int) -> str:
+    text = _printable(text)
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def _bar_text(fraction: float | None, width: int = 20) -> str:
+    if fraction is None:
+        return "[" + " " * width + "]"
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def status_text(status) -> str:
+    lines: list[str] = []
+    if status.gpus:
+        lines += _fit(f"Driver {_or_na(status.driver_version)}, supports CUDA "
+                      f"{_or_na(status.cuda_driver_version)}  ({_clock(status)})")
+        for gpu in status.gpus:
+            lines += _gpu_text(gpu)
+        for mem in status.torch_memory:
+            lines += _fit(_torch_headline(mem))
+            lines += _fit(_torch_gap(mem), indent="  ")
+        lines += _fit(_host_line(status.host))
+    else:
+        lines += _fit(f"No GPU: {status.no_gpu_reason}")
+        for label, value in _host_facts(status.host):
+            lines += _fit(f"{label:<8} {value}", hang=" " * 9)
+    lines += _fit(_recommendation(status.recommendation))
+    for note in status.notes:
+        lines += _fit(f"Note: {note}")
+    return "\n".join(lines)
+
+
+def _gpu_text(gpu) -> list[str]:
+    lines = [_clip(f"GPU {gpu.index}  {gpu.name}", 44).ljust(45)
+             + f"cc {_capability(gpu)}  AMP: {' '.join(gpu.precisions) or 'none'}"]
+    used = _fraction(gpu.memory_used, gpu.memory_total)
+    lines.append(f"  memory {_bar_text(used)} {_sizes(gpu.memory_used, gpu.memory_total)}"
+                 f"   util {_or_na(gpu.utilization, '{}%')}")
+    lines.append(f"  temp {_or_na(gpu.temperature, '{} C')}   power {_power(gpu)}   "
+                 f"SM {_or_na(gpu.sm_clock, '{} MHz')}   MIG {_mig(gpu)}")
+    for p in gpu.processes:
+        mark = "  <- this kernel" if p.is_self else ""
+        head = f"    {p.pid:>8}  {p.kind:<3} {_size(p.used_memory):>9}  "
+        lines.append(head + _clip(p.name, WIDTH - len(head) - len(mark)) + mark)
+    if not gpu.processes and not gpu.process_error:
+        lines.append("    no processes")
+    if gpu.process_error:
+        lines += _fit(gpu.process_error, indent="    ")
+    return [line[:WIDTH] for line in lines]
+
+
+def checks_text(checks) -> str:
+    lines: list[str] = []
+    for check in checks:
+        lines += _fit(f"{check.status.upper():<5} {check.name}: {check.detail}", hang=" " * 6)
+        if check.fix:
+            lines += _fit(f"fix: {check.fix}", indent=" " * 6, hang="     ")
+    return "\n".join(lines)
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_esc = html.escape
+_STYLE = "font-family:var(--jp-code-font-family,monospace);font-size:12px;line-height:1.5"
+_CELL = "padding:2px 8px;text-align:left;vertical-align:middle;white-space:nowrap"
+_MUTED = "opacity:.7"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A table from already-escaped cells."""
+    head = "".join(f'<th style="{_CELL}">{_esc(h)}</th>' for h in header)
+    body = "".join("<tr>" + "".join(f'<td style="{_CELL}">{c}</td>' for c in row) + "</tr>"
+                   for row in rows)
+    return f'<table style="border-collapse:collapse;margin:4px 0"><tr>{head}</tr>{body}</table>'
+
+
+def _bar_html(fraction: float | None) -> str:
+    if fraction is None:
+        return ""
+    pct = round(max(0.0, min(1.0, fraction)) * 100)
+    color = "#2e7d32" if pct < 70 else "#f9a825" if pct < 90 else "#c62828"
+    return (f'<div title="{pct}%" style="display:inline-block;vertical-align:middle;width:80px;'
+            f'height:8px;margin-right:6px;background:rgba(128,128,128,.25);border-radius:2px;'
+            f'overflow:hidden"><div style="width:{pct}%;height:100%;background:{color}"></div></div>')
+
+
+def _line(text: str, style: str = "") -> str:
+    return f'<div style="{style}">{_esc(text)}</div>'
+
+
+def status_html(status) -> str:
+    parts: list[str] = []
+    if status.gpus:
+        parts.append(_line(f"Driver {_or_na(status.driver_version)}, supports CUDA "
+                           f"{_or_na(status.cuda_driver_version)}, updated {_clock(status)}", _MUTED))
+        parts.append(_table(
+            ["GPU", "Name", "CC", "AMP", "Memory", "Util", "Temp", "Power", "SM", "MIG"],
+            [[_esc(str(g.index)), _esc(g.name), _esc(_capability(g)), _esc(" ".join(g.precisions) or "none"),
+              _bar_html(_fraction(g.memory_used, g.memory_total)) + _esc(_sizes(g.memory_used, g.memory_total)),
+              _esc(_or_na(g.utilization, "{}%")), _esc(_or_na(g.temperature, "{} °C")), _esc(_power(g)),
+              _esc(_or_na(g.sm_clock, "{} MHz")), _esc(_mig(g))]
+             for g in status.gpus]))
+        for gpu in status.gpus:
+            parts.append(_processes_html(gpu))
+        for mem in status.torch_memory:
+            parts.append(_line(_torch_headline(mem)))
+            parts.append(_line(_torch_gap(mem), "padding-left:16px"))
+        parts.append(_line(_host_line(status.host), _MUTED))
+    else:
+        parts.append(_line(f"No GPU: {status.no_gpu_reason}", "font-weight:bold"))
+        parts.append(_table(["", ""], [[_esc(k), _esc(v)] for k, v in _host_facts(status.host)]))
+    parts.append(f"<div><b>Recommendation:</b> --dtype auto picks <b>{_esc(status.recommendation.dtype)}</b>"
+                 f" on {_esc(status.recommendation.device)}: {_esc(status.recommendation.reason)}</div>")
+    parts += [_line(f"Note: {note}", _MUTED) for note in status.notes]
+    return f'<div class="amp-gpu-status" style="{_STYLE}">{"".join(parts)}</div>'
+
+
+def _processes_html(gpu) -> str:
+    title = f"Processes on GPU {gpu.index}"
+    out = [f'<div style="margin-top:6px"><b>{_esc(title)}</b></div>']
+    if gpu.processes:
+        rows = []
+        for p in gpu.processes:
+            name = _esc(p.name) + (" <b>(this kernel)</b>" if p.is_self else "")
+            rows.append([_esc(str(p.pid)), _esc(p.kind), name, _esc(_size(p.used_memory))])
+        out.append(_table(["PID", "Type", "Name", "Memory"], rows))
+    elif not gpu.process_error:
+        out.append(_line("no processes", _MUTED))
+    if gpu.process_error:
+        out.append(_line(gpu.process_error, "color:#c62828"))
+    return "".join(out)
+
+
+_BADGE = {"pass": "#2e7d32", "warn": "#f9a825", "fail": "#c62828", "info": "#757575"}
+
+
+def checks_html(checks) -> str:
+    rows = []
+    for check in checks:
+        badge = (f'<span style="display:inline-block;min-width:3.5em;text-align:center;color:#fff;'
+                 f'border-radius:3px;background:{_BADGE[check.status]}">{_esc(check.status.upper())}</span>')
+        fix = f'<div style="{_MUTED}">fix: {_esc(check.fix)}</div>' if check.fix else ""
+        rows.append([badge, _esc(check.name), f'<div style="white-space:normal">{_esc(check.detail)}{fix}</div>'])
+    return f'<div class="amp-check" style="{_STYLE}">{_table(["", "Check", "Result"], rows)}</div>'
