@@ -509,6 +509,9 @@ def _check_inputs(model, optimizer, data, val, scheduler, scaler):
     for label, value in (("data", data), ("val", val)):
         if value is None and label == "val":
             continue
+        if isinstance(value, torch.nn.Module):
+            raise AmpUsageError(f"{label} is a {type(value).__name__}, a model, not an iterable "
+                                "of batches")
         if not isinstance(value, Iterable):
             raise AmpUsageError(f"{label} must be iterable (a DataLoader, a list of batches...), "
                                 f"got {type(value).__name__}")

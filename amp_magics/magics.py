@@ -241,23 +241,23 @@ class AmpMagics(Magics):
         if not optimizer_names:
             raise UsageError("--optimizer needs at least one name, e.g. --optimizer opt")
         found = {
-            "model": self._lookup(args.model, "--model", torch.nn.Module, "nn.Module"),
-            "optimizer": [self._lookup(n, "--optimizer", torch.optim.Optimizer, "optimizer")
+            "model": self._lookup(args.model, "--model", torch.nn.Module, "an nn.Module"),
+            "optimizer": [self._lookup(n, "--optimizer", torch.optim.Optimizer, "an optimizer")
                           for n in optimizer_names],
-            "data": self._lookup(args.data, "--data", Iterable, "iterable"),
+            "data": self._lookup(args.data, "--data", Iterable, "an iterable of batches"),
         }
         if args.val:
-            found["val"] = self._lookup(args.val, "--val", Iterable, "iterable")
+            found["val"] = self._lookup(args.val, "--val", Iterable, "an iterable of batches")
         if args.scheduler:
             found["scheduler"] = self._lookup(args.scheduler, "--scheduler",
-                                              _scheduler_types(), "LR scheduler")
+                                              _scheduler_types(), "an LR scheduler")
         if args.scaler:
             found["scaler"] = self._lookup(args.scaler, "--scaler", torch.amp.GradScaler,
-                                           "GradScaler")
+                                           "a GradScaler")
         return found
 
     def _lookup(self, name, flag, kind, what):
-        """A notebook object by (dotted) name, checked against `kind`."""
+        """A notebook object by (dotted) name, checked against `kind` ("not `what`")."""
         ns = self.shell.user_ns
         head, *attrs = name.split(".")
         if head not in ns:
@@ -270,20 +270,21 @@ class AmpMagics(Magics):
                 raise UsageError(f"{flag} {name}: {type(obj).__name__} has no attribute {attr!r}")
             obj = getattr(obj, attr)
         if (kind is Iterable and isinstance(obj, (str, bytes))) or not isinstance(obj, kind):
-            raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not a {what}. "
+            raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not {what}. "
                              f"{self._candidates(kind, what)}")
         return obj
 
     def _candidates(self, kind, what) -> str:
+        label = what.split(" ", 1)[1]  # "an nn.Module" -> "nn.Module"
         if kind is Iterable:
             import torch
 
             kind = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
-            what = "DataLoader"
+            label = "DataLoader"
         found = sorted(k for k, v in self.shell.user_ns.items()
                        if not k.startswith("_") and isinstance(v, kind))
-        return (f"{what} objects in the notebook: {', '.join(found)}."
-                if found else f"No {what} is defined in the notebook yet.")
+        return (f"{label} objects in the notebook: {', '.join(found)}."
+                if found else f"No {label} is defined in the notebook yet.")
 
 
 def _scheduler_types():

@@ -1,0 +1,126 @@
+"""%gpu_status and %amp_check: a thin IPython adapter over gpu.py, doctor.py and status_render.py."""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import threading
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import doctor, gpu
+from .status_render import status_html
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return gpu.parse_indices(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _probe(indices):
+    try:
+        return gpu.probe(indices)
+    except ValueError as e:  # a GPU index that does not exist
+        raise UsageError(str(e)) from None
+
+
+class StatusWatch:
+    """A status view refreshed in place from a daemon thread until `stop()` or its Stop button."""
+
+    def __init__(self, indices: list[int] | None, interval: float, first: gpu.Status):
+        import ipywidgets as widgets
+
+        self.interval = interval
+        self._indices = indices
+        self.html = widgets.HTML(status_html(first))
+        self.button = widgets.Button(description="Stop", icon="stop", tooltip="stop refreshing")
+        self.button.on_click(lambda _: self.stop())
+        self.widget = widgets.VBox([self.button, self.html])
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="amp_magics-gpu-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)  # bounded: a hung driver call must not hang the kernel
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.wait(self.interval):
+                self.html.value = status_html(gpu.probe(self._indices))
+        except Exception as e:  # shown in the widget: a background thread has no cell to print to
+            self.html.value += f"<div>refresh stopped: {html.escape(f'{type(e).__name__}: {e}')}</div>"
+        finally:
+            self.button.disabled = True
+            self.button.description = "Stopped"
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<StatusWatch every {self.interval:g} s, {state}; .stop() ends it>"
+
+
+@magics_class
+class GpuMagics(Magics):
+    @magic_arguments()
+    @argument("--watch", nargs="?", const=1.0, type=float, metavar="S",
+              help="refresh in place every S seconds (default 1) from a background thread, with a "
+                   "Stop button; the kernel stays free for other cells")
+    @argument("--json", action="store_true", help="print the status as JSON instead")
+    @argument("-i", "--index", type=_indices, metavar="0,2",
+              help="only these GPUs, numbered as nvidia-smi numbers them")
+    @line_magic
+    def gpu_status(self, line):
+        """The GPUs, their processes, this kernel's PyTorch memory, and what --dtype auto picks.
+
+        Without a GPU it says why, then shows the CPU, RAM and the CPU dtype advice.
+        Returns the Status (`.to_dict()`); with --watch, the running StatusWatch (`.stop()`);
+        with --json, prints JSON and returns nothing.
+        """
+        args = parse_argstring(self.gpu_status, line)
+        if args.watch is not None and args.json:
+            raise UsageError("--watch and --json do not combine; use `python -m amp_magics status "
+                             "--watch S --json` for a JSON stream")
+        if args.watch is not None and not args.watch > 0:
+            raise UsageError(f"--watch needs a positive number of seconds, got {args.watch:g}")
+        status = _probe(args.index)
+        if args.json:
+            print(json.dumps(status.to_dict(), indent=2))
+            return None
+        if args.watch is None:
+            return status
+        try:
+            watch = StatusWatch(args.index, args.watch, status)
+        except ImportError:
+            raise UsageError("--watch needs ipywidgets in this kernel: pip install ipywidgets") from None
+        from IPython.display import display
+
+        display(watch.widget)
+        return watch
+
+    @magic_arguments()
+    @argument("--export", metavar="PATH",
+              help="also write this environment as a conda environment file, e.g. environment.yml")
+    @line_magic
+    def amp_check(self, line):
+        """Check torch, CUDA, cuDNN, the GPU, the driver, AMP itself and the notebook setup.
+
+        Each check says pass/warn/fail with a concrete fix; the AMP smoke test runs two real
+        training steps on the active device. Returns the Report (`.checks`, `.ok`, `.to_dict()`).
+        """
+        args = parse_argstring(self.amp_check, line)
+        report = doctor.run_checks()
+        if args.export:
+            try:
+                path = doctor.export_environment(args.export)
+            except OSError as e:
+                raise UsageError(f"cannot write {args.export}: {e}") from None
+            print(f"Wrote {path}; rebuild it elsewhere with: conda env create -f {path}")
+        return report

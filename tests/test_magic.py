@@ -1,0 +1,249 @@
+"""%%amp_train in a real IPython shell: IPython pipeline, namespaces, errors, interrupts."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+
+from recipes import assert_same_state, fp32, make_data, make_model
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
+
+
+@pytest.fixture
+def nb(ip):
+    """A notebook with model, optimizer and train_loader defined, as a user would."""
+    model = make_model()
+    ip.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      train_loader=make_data(), F=F, torch=torch)
+    return ip
+
+
+def reference_after(steps, data=None):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fp32(model, opt, (data or make_data())[:steps])
+    return model
+
+
+def test_percent_lines_run_through_ipython(nb):
+    calls = []
+    nb.register_magic_function(lambda line: calls.append(line), "line", "count_me")
+    nb.run(f"%%amp_train --dtype fp32\n%count_me hi\n{BODY}")
+    assert calls == ["hi"] * 12
+
+
+def test_traceback_shows_the_cells_own_lines(nb, capsys):
+    cell = "%%amp_train --dtype fp32\nx, y = batch\nboom = 1 / (step - 2)\n" + BODY
+    with pytest.raises(ZeroDivisionError):
+        nb.run(cell)
+    shown = capsys.readouterr().out
+    assert "boom = 1 / (step - 2)" in shown
+    assert "line 3" in shown
+    assert "engine.py" not in shown and "magics.py" not in shown
+
+
+def test_body_names_stay_private_except_logged(nb):
+    nb.run("%%amp_train --dtype fp32 --log acc -o run\n"
+           "x, y = batch\nout = model(x)\nacc = (out.argmax(1) == y).float().mean()\n"
+           "loss = F.cross_entropy(out, y)\n")
+    ns = nb.user_ns
+    assert "out" not in ns and "x" not in ns and "loss" not in ns and "batch" not in ns
+    assert isinstance(ns["acc"], torch.Tensor)
+    history = ns["run"].history
+    assert all(0.0 <= r["acc"] <= 1.0 for r in history)
+
+
+def test_step_and_epoch_are_bound(nb):
+    nb.run("%%amp_train --dtype fp32 --epochs 2 --log epoch_seen,step_seen -o run\n"
+           "epoch_seen = epoch\nstep_seen = step\n" + BODY)
+    history = nb.user_ns["run"].history
+    assert [r["step_seen"] for r in history] == list(range(24))
+    assert [r["epoch_seen"] for r in history] == [0] * 12 + [1] * 12
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--model net", "no variable named 'net'"),
+    ("--model train_loader", "not an nn.Module"),
+    ("--optimizer model", "not an optimizer"),
+    ("--data model", "a model, not an iterable of batches"),
+    ("--data optimizer", "not an iterable of batches"),
+    ("--epochs 0", "--epochs must be a positive"),
+    ("--steps -3", "--steps must be a positive"),
+    ("--accum 0", "--accum must be a positive"),
+    ("--clip -1", "--clip must be a non-negative"),
+    ("--dtype fp8", "invalid choice"),
+    ("--frobnicate 3", "unrecognized arguments"),
+    ("--init-scale banana", "invalid number value"),
+    ("--init-scale 2**14 --dtype fp32", "scaler settings only apply"),
+    ("--init-scale -4 --dtype fp16", "--init-scale must be positive"),
+    ("--data empty", "empty"),
+    ("--scheduler model", "not an LR scheduler"),
+])
+def test_bad_flags_give_usage_errors(nb, flags, message):
+    nb.user_ns["empty"] = []
+    before = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train {flags}\n{BODY}")
+    assert_same_state(nb.user_ns["model"].state_dict(), before)
+
+
+def test_missing_name_lists_the_candidates(nb):
+    nb.user_ns["encoder"] = torch.nn.Linear(2, 2)
+    with pytest.raises(UsageError) as e:
+        nb.run(f"%%amp_train --model net\n{BODY}")
+    assert "encoder, model" in str(e.value) and "--model NAME" in str(e.value)
+
+
+def test_unknown_flag_shows_usage(nb):
+    with pytest.raises(UsageError) as e:
+        nb.run(f"%%amp_train --frobnicate\n{BODY}")
+    assert "unrecognized arguments: --frobnicate" in str(e.value)
+    assert "%amp_train [--model MODEL]" in str(e.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("x, y = batch\nlost = F.cross_entropy(model(x), y)\n", "never assigned `loss`"),
+    ("x, y = batch\nloss = F.cross_entropy(model(x), y, reduction='none')\n",
+     "must be a scalar"),
+    ("x, y = batch\nwith torch.no_grad():\n    loss = F.cross_entropy(model(x), y)\n",
+     "has no grad_fn"),
+    ("loss = 3.0\n", "must be a torch.Tensor"),
+])
+def test_bad_bodies_give_usage_errors(nb, body, message):
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train --dtype fp32 -o run\n{body}")
+    assert nb.user_ns["run"].status == "failed"
+
+
+def test_help_lists_every_flag(nb):
+    doc = nb.find_cell_magic("amp_train").__doc__
+    for flag in ("--model", "--optimizer", "--data", "--epochs", "--steps", "--dtype", "--accum",
+                 "--clip", "--scheduler", "--val", "--log", "--seed", "--no-move",
+                 "--init-scale", "--growth-interval", "--growth-factor", "--backoff-factor",
+                 "--scaler", "--name", "-o", "--refresh", "--no-plot", "--background"):
+        assert flag in doc
+
+
+def test_ctrl_c_stops_after_the_current_step(nb, capsys):
+    nb.user_ns.update(os=os, signal=signal)
+    nb.run("%%amp_train --dtype fp32 -o run\n"
+           "if step == 3:\n    os.kill(os.getpid(), signal.SIGINT)\n" + BODY)
+    run = nb.user_ns["run"]
+    assert run.status == "interrupted"
+    assert len(run.history) == 4  # step 3 completed, then the run ended
+    assert_same_state(nb.user_ns["model"].state_dict(), reference_after(4).state_dict())
+    assert "interrupted after 4" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_keyboard_interrupt_mid_step_drops_that_step(nb):
+    nb.run("%%amp_train --dtype fp32 -o run\n" + BODY +
+           "if step == 5:\n    raise KeyboardInterrupt\n")
+    run = nb.user_ns["run"]
+    assert run.status == "interrupted" and len(run.history) == 5
+    assert_same_state(nb.user_ns["model"].state_dict(), reference_after(5).state_dict())
+    assert all(p.grad is None for p in nb.user_ns["model"].parameters())
+
+
+def test_error_in_body_keeps_the_run_and_the_kernel(nb):
+    with pytest.raises(RuntimeError, match="bad batch"):
+        nb.run("%%amp_train --dtype fp32 -o run\n" + BODY +
+               "if step == 6:\n    raise RuntimeError('bad batch')\n")
+    run = nb.user_ns["run"]
+    assert run.status == "failed" and "bad batch" in run.error
+    assert len(run.history) == 6
+    assert_same_state(nb.user_ns["model"].state_dict(), reference_after(6).state_dict())
+    nb.run(f"%%amp_train --dtype fp32 -o again\n{BODY}")  # the kernel trains again
+    assert nb.user_ns["again"].status == "finished"
+
+
+def test_error_in_the_data_iterator(nb):
+    data = make_data()
+
+    def batches():
+        for i, b in enumerate(data):
+            if i == 4:
+                raise OSError("disk went away")
+            yield b
+
+    class Loader:
+        def __iter__(self):
+            return batches()
+
+    nb.user_ns["train_loader"] = Loader()
+    with pytest.raises(OSError, match="disk went away"):
+        nb.run(f"%%amp_train --dtype fp32 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.status == "failed" and len(run.history) == 4
+    assert_same_state(nb.user_ns["model"].state_dict(), reference_after(4).state_dict())
+
+
+def test_validation_restores_each_modules_mode(nb):
+    model = nb.user_ns["model"]
+    model[1].eval()  # a user-frozen submodule must stay as it was
+    nb.user_ns["val_loader"] = make_data(n=3, seed=9)
+    nb.run("%%amp_train --dtype fp32 --epochs 2 --val val_loader --log mode -o run\n"
+           "mode = float(model.training)\n" + BODY)
+    run = nb.user_ns["run"]
+    assert [v["epoch"] for v in run.val_history] == [0, 1]
+    assert all(r["mode"] == 1.0 for r in run.history)
+    assert model.training and not model[1].training
+    with torch.no_grad():
+        expected = sum(F.cross_entropy(model(x), y).item() for x, y in make_data(n=3, seed=9)) / 3
+    assert run.val_history[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_scheduler_is_stepped_like_the_recipe(nb):
+    model = nb.user_ns["model"]
+    opt = nb.user_ns["optimizer"]
+    nb.user_ns["sched"] = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    nb.run(f"%%amp_train --dtype fp32 --scheduler sched -o run\n{BODY}")
+    lrs = [r["lr"] for r in nb.user_ns["run"].history]
+    assert lrs == [0.1] * 4 + [0.05] * 4 + [0.025] * 4
+
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=4, gamma=0.5)
+    for x, y in make_data():
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_sched.step()
+    assert_same_state(model.state_dict(), ref.state_dict())
+
+
+def test_init_scale_expression_and_own_scaler(nb):
+    nb.run(f"%%amp_train --dtype fp16 --init-scale 2**14 --steps 2 -o run\n{BODY}")
+    assert nb.user_ns["run"].history[0]["scale"] == 2.0**14
+    nb.user_ns["my_scaler"] = torch.amp.GradScaler("cpu", init_scale=8.0)
+    nb.run(f"%%amp_train --dtype fp16 --scaler my_scaler --steps 2 -o run\n{BODY}")
+    assert nb.user_ns["run"].history[0]["scale"] == 8.0
+
+
+def test_overflow_storm_raises_alarms(nb):
+    nb.user_ns["train_loader"] = make_data(overflow_at=range(12))
+    nb.run(f"%%amp_train --dtype fp16 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert all(r["skipped"] for r in run.history)
+    text = " ".join(run.alarms)
+    assert "steps were skipped" in text and "--dtype bf16" in text
+
+
+def test_background_run_and_amp_stop(nb, capsys):
+    nb.user_ns["train_loader"] = make_data(n=4)
+    nb.user_ns["time"] = time
+    run = nb.run(f"%%amp_train --dtype fp32 --epochs 100000 --background -o run\n"
+                 f"time.sleep(0.002)\n{BODY}")
+    assert run is nb.user_ns["run"] and run.status == "running"
+    deadline = time.time() + 10
+    while len(run.history) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    nb.run("%amp_stop")
+    assert run.status == "interrupted" and len(run.history) >= 3
+    assert "interrupted after" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no background run"):
+        nb.run("%amp_stop")
