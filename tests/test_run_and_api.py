@@ -1,0 +1,150 @@
+"""The Run object and the Python API without IPython."""
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import amp_magics
+from amp_magics.engine import batch_size, to_device
+from amp_magics.errors import AmpUsageError
+from amp_magics.precision import PrecisionError, resolve
+from amp_magics.run import Run
+from recipes import make_data, make_model
+
+
+def quick_run(**kw):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    return amp_magics.train(step, model=model, optimizer=opt, data=make_data(), progress=False,
+                            **kw)
+
+
+def test_history_fields_and_summary():
+    run = quick_run(dtype="fp16", epochs=2)
+    keys = {"step", "epoch", "loss", "scale", "skipped", "lr", "time", "samples"}
+    assert all(keys <= r.keys() for r in run.history)
+    assert all(isinstance(r["loss"], float) and isinstance(r["skipped"], bool)
+               for r in run.history)
+    times = [r["time"] for r in run.history]
+    assert times == sorted(times)
+    s = run.summary
+    assert s["steps"] == 24 and s["skipped_steps"] == 0
+    assert s["best_loss"] == min(r["loss"] for r in run.history)
+    assert s["final_loss"] == run.history[-1]["loss"]
+    assert s["samples_per_s"] > 0 and s["peak_memory"] > 0
+    assert run in amp_magics.runs()
+
+
+def test_save_and_load_round_trip(tmp_path):
+    run = quick_run(dtype="fp32")
+    run.history[3]["loss"] = math.nan  # non-finite values survive too
+    path = run.save(tmp_path / "run.json")
+    back = Run.load(path)
+    assert back.name == run.name and back.status == "finished"
+    assert back.history[:3] == run.history[:3] and math.isnan(back.history[3]["loss"])
+    assert back.summary["steps"] == run.summary["steps"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp file left behind
+    (tmp_path / "other.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(ValueError, match="not a saved amp_magics Run"):
+        Run.load(tmp_path / "other.json")
+
+
+def test_repr_html_escapes_user_strings():
+    run = quick_run(dtype="fp32", name="<img src=x onerror=alert(1)>")
+    page = run._repr_html_()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "steps" in repr(run) and run.name in repr(run)
+
+
+def test_to_pandas():
+    frame = quick_run(dtype="fp32").to_pandas()
+    assert list(frame["step"]) == list(range(12))
+
+
+def test_nested_batches_move_to_the_device():
+    Pair = __import__("collections").namedtuple("Pair", "x y")
+    batch = {"a": [torch.ones(2, 3), (torch.zeros(2), "label")], "b": Pair(torch.ones(5), 3)}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
+    assert moved["a"][1][1] == "label" and isinstance(moved["b"], Pair)
+    assert moved["b"].x.device.type == "meta" and moved["b"].y == 3
+    assert batch_size(batch) == 2 and batch_size(["no tensors"]) == 0
+
+
+def test_step_function_with_step_and_epoch():
+    seen = []
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch, step, epoch):
+        seen.append((step, epoch))
+        x, y = batch
+        return {"loss": F.cross_entropy(model(x), y), "width": x.shape[1]}
+    run = amp_magics.train(step, model=model, optimizer=opt, data=make_data(n=3), epochs=2,
+                           log=["width"], progress=False)
+    assert seen == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    assert all(r["width"] == 8.0 for r in run.history)
+
+
+def test_last_short_accumulation_window_still_steps():
+    run = quick_run(dtype="fp32", accum=5)  # 12 batches: windows of 5, 5, 2
+    assert len(run.history) == 3 and run.total_steps == 3
+    assert [r["samples"] for r in run.history] == [20, 20, 8]
+
+
+def test_generator_data_is_read_once_with_a_note():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (b for b in make_data(n=4))
+    run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                           optimizer=opt, data=data, epochs=3, progress=False)
+    assert len(run.history) == 4 and any("exhausted" in n for n in run.notes)
+
+
+def test_api_usage_errors():
+    with pytest.raises(AmpUsageError, match="nn.Module"):
+        amp_magics.train(lambda b: b, model="net", optimizer=None, data=[1], progress=False)
+    with pytest.raises(AmpUsageError, match="either your own scaler"):
+        quick_run(dtype="fp16", scaler=torch.amp.GradScaler("cpu"), init_scale=4.0)
+
+
+def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
+    # Hardware boundary: no GPU here, so report a Turing card's capability.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(PrecisionError, match="bf16 needs compute capability 8.0"):
+        resolve("bf16", "cuda")
+    assert resolve("auto", "cuda").name == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve("auto", "cuda").name == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    assert resolve("auto", "cuda").name == "fp32"
+
+
+def test_python_api_in_a_script_without_ipython():
+    script = textwrap.dedent("""
+        import sys, torch, torch.nn.functional as F
+        import amp_magics
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(5)]
+        run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                               optimizer=opt, data=data, dtype="fp16")
+        assert run.status == "finished", run.status
+        assert "IPython" not in sys.modules and "ipywidgets" not in sys.modules
+        print("OK", len(run.history))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OK 5" in out.stdout
+    assert "finished: 5 steps" in out.stderr  # the console progress line
