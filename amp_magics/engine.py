@@ -9,13 +9,16 @@ Run and tells its observers. It knows nothing of IPython or widgets.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
+import os
 import math
 import random
 import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -23,8 +26,9 @@ from collections.abc import Iterable
 import torch
 
 from . import alarms, precision as precision_policy
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .errors import AmpUsageError
-from .run import Run, next_name, register
+from .run import Run, format_bytes, next_name, register
 from .telemetry import StepRecorder, memory_snapshot, reset_peak
 
 SCALER_DEFAULTS = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -46,7 +50,8 @@ def train(step_fn, **options) -> Run:
     given), steps (optimizer steps), accum (micro-batches per optimizer step; the loss is
     divided by it), clip (max grad norm), scheduler, val, scaler or init_scale /
     growth_interval / growth_factor / backoff_factor, seed, log, move, name, progress,
-    observers, refresh_seconds, handle_sigint, config.
+    observers, refresh_seconds, handle_sigint, checkpoint (path) with every (steps; default
+    each epoch end), resume (path), config.
 
     On Ctrl-C the run ends after the current optimizer step with status "interrupted"; an
     exception in step_fn or in the data marks the run "failed" and is re-raised.
@@ -61,13 +66,19 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
             clip=None, scheduler=None, val=None, scaler=None, init_scale=None,
             growth_interval=None, growth_factor=None, backoff_factor=None, seed=None, log=(),
             move=True, name=None, progress=True, observers=(), refresh_seconds=0.5,
-            handle_sigint=True, config=None) -> "Training":
+            handle_sigint=True, checkpoint=None, every=None, resume=None,
+            config=None) -> "Training":
     """Check everything and register the Run, without training yet: `.execute()` trains.
 
-    Bad input raises AmpUsageError before anything changes.
+    Bad input raises AmpUsageError before anything changes; `resume` loads its checkpoint
+    into the model, optimizers, scaler and scheduler here.
     """
     optimizers = _check_inputs(model, optimizer, data, val, scheduler, scaler)
     epochs, steps, accum, clip = _check_counts(epochs, steps, accum, clip, refresh_seconds)
+    if every is not None and (checkpoint is None or not isinstance(every, int) or every < 1):
+        raise AmpUsageError("--every N needs --checkpoint PATH and a positive number of steps")
+    if resume is not None and not os.path.isfile(resume):
+        raise AmpUsageError(f"--resume {resume}: no such checkpoint file")
     device = _model_device(model)
     chosen = precision_policy.resolve(dtype, device)
     settings = _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor)
@@ -94,6 +105,15 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
     )
     if chosen.name == "fp16" and device.type == "cpu":
         run.notes.append("fp16 autocast on a CPU is emulated and slow; bf16 or fp32 is faster here")
+    resumed = None
+    if resume is not None:
+        try:
+            resumed = load_checkpoint(resume, model=model, optimizers=optimizers, scaler=scaler,
+                                      scheduler=scheduler)
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            raise AmpUsageError(f"--resume {resume}: {e}") from None
+        run.history, run.val_history = resumed["history"], resumed["val_history"]
+        run.notes.append(f"resumed from {resume} at step {resumed['step']}")
     register(run)
     observers = list(observers)
     if progress and not observers:
@@ -103,7 +123,8 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
     return Training(run, _as_step(step_fn), model, optimizers, data, chosen, scaler, device,
                     epochs=epochs, steps=steps, accum=accum, clip=clip, scheduler=scheduler,
                     val=val, move=move, log_names=tuple(log), observers=observers,
-                    refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint)
+                    refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint,
+                    checkpoint_path=checkpoint, every=every, resumed=resumed)
 
 
 class Training:
@@ -111,7 +132,7 @@ class Training:
 
     def __init__(self, run, step, model, optimizers, data, chosen, scaler, device, *, epochs,
                  steps, accum, clip, scheduler, val, move, log_names, observers,
-                 refresh_seconds, seed, handle_sigint):
+                 refresh_seconds, seed, handle_sigint, checkpoint_path, every, resumed):
         self.run = run
         self.step_fn = step
         self.model = model
@@ -137,7 +158,16 @@ class Training:
         # exactly like the plain fp32 loop.
         self.autocast = (torch.autocast(device.type, dtype=chosen.dtype)
                          if chosen.autocast_enabled else contextlib.nullcontext())
-        self.step = 0  # optimizer steps done in this run
+        self.checkpoint_path = checkpoint_path
+        self.every = every
+        self.resumed = resumed
+        self.step = resumed["step"] if resumed else 0  # optimizer steps done (global on resume)
+        self.start_epoch = resumed["epoch"] if resumed else 0
+        # Where training stands at the last step boundary: (epoch, batches read, epoch RNG).
+        self.position = (self.start_epoch, 0, None)
+        self.batches_in_epoch = 0
+        self.epoch_rng = None
+        self.last_batch_size = 0
         self.micro = 0  # micro-batches in the current accumulation window
         self.in_update = False  # between unscale_/step and update: an exception here is costly
         self.loss_sum = None
@@ -151,7 +181,7 @@ class Training:
     def execute(self):
         """Train until done, stopped or failed; re-raise the user's exception after recording."""
         __tracebackhide__ = True
-        if self.seed is not None:
+        if self.seed is not None and self.resumed is None:
             seed_everything(self.seed)
         with _stop_on_sigint(self.run, self.handle_sigint):
             self._execute()
@@ -166,19 +196,23 @@ class Training:
         try:
             self._train()
             status = "interrupted" if self.run.stop_requested else "finished"
+            if self.checkpoint_path:
+                self._save_checkpoint()
         except KeyboardInterrupt:
             status = "interrupted"
             self._abandon_step()
         except BaseException as e:  # the user's code or data failed: keep what was done
             status, error = "failed", e
             self._abandon_step()
+            if is_out_of_memory(e):
+                self._release_memory(e)
         self._finish(status, error)
         if error is not None:
             raise error
 
     def _train(self):
         __tracebackhide__ = True
-        epoch = 0
+        epoch = self.start_epoch
         while self.epochs is None or epoch < self.epochs:
             if self._should_stop():
                 break
@@ -196,11 +230,13 @@ class Training:
             if self.plateau:
                 self.scheduler.step(val_loss if val_loss is not None else self._epoch_loss(epoch))
             epoch += 1
+            self.position = (epoch, 0, None)
+            if self.checkpoint_path and self.every is None:
+                self._save_checkpoint()
 
     def _train_epoch(self, epoch) -> int:
         __tracebackhide__ = True
-        batches = 0
-        it = iter(self.data)
+        it = self._epoch_iterator()
         while True:
             if self.micro == 0 and self._should_stop():
                 break
@@ -208,13 +244,34 @@ class Training:
                 batch = next(it)
             except StopIteration:
                 break
-            batches += 1
+            self.batches_in_epoch += 1
             self._micro_step(batch, epoch)
             if self.micro == self.accum:
                 self._optimizer_step(epoch)
         if self.micro:  # a last, shorter accumulation window still gets its optimizer step
             self._optimizer_step(epoch)
-        return batches
+        return self.batches_in_epoch
+
+    def _epoch_iterator(self):
+        """A fresh iterator over the data; on resume, positioned where the checkpoint was."""
+        __tracebackhide__ = True
+        resumed, self.resumed = self.resumed, None
+        if resumed is None or resumed["batches_in_epoch"] == 0:
+            if resumed is not None:
+                restore_rng(resumed["rng"])
+            self.epoch_rng = capture_rng() if self.checkpoint_path else None
+            self.batches_in_epoch = 0
+            return iter(self.data)
+        # Replay the epoch's start so a shuffled loader yields the same order, skip what was
+        # already trained on, then continue from the RNG state at the checkpoint itself.
+        self.epoch_rng = resumed["epoch_rng"]
+        restore_rng(self.epoch_rng)
+        it = iter(self.data)
+        for _ in range(resumed["batches_in_epoch"]):
+            next(it, None)
+        restore_rng(resumed["rng"])
+        self.batches_in_epoch = resumed["batches_in_epoch"]
+        return it
 
     def _should_stop(self) -> bool:
         return self.run.stop_requested or (
@@ -228,7 +285,8 @@ class Training:
                 opt.zero_grad(set_to_none=True)
         if self.move:
             batch = to_device(batch, self.device)
-        self.samples += batch_size(batch)
+        self.last_batch_size = batch_size(batch)
+        self.samples += self.last_batch_size
         with self.autocast:
             loss, logs = self._unpack(self.step_fn(batch, self.step, epoch), training=True)
             scaled = loss / self.accum if self.accum > 1 else loss
@@ -276,6 +334,9 @@ class Training:
         self.step += 1
         self.micro = 0
         self.samples = 0
+        self.position = (epoch, self.batches_in_epoch, self.epoch_rng)
+        if self.every is not None and self.step % self.every == 0:
+            self._save_checkpoint()
         if now >= self.next_refresh:
             self._refresh()
 
@@ -336,20 +397,48 @@ class Training:
         return sum(losses) / len(losses) if losses else math.inf
 
     # -- refresh and end ---------------------------------------------------------------
-    def _refresh(self):
-        now = time.perf_counter()
-        self.next_refresh = now + self.refresh_seconds
+    def _drain(self):
         run = self.run
         new = self.recorder.drain()
         run.history.extend(new)
-        run.wall_time = now - self.t0
-        run.memory.append({"time": run.wall_time, "step": self.step,
-                           **memory_snapshot(self.device)})
         for kind, message in alarms.check(new, run.history).items():
             if kind not in self.raised_alarms:
                 self.raised_alarms.add(kind)
                 run.alarms.append(message)
+
+    def _refresh(self):
+        now = time.perf_counter()
+        self.next_refresh = now + self.refresh_seconds
+        self._drain()
+        run = self.run
+        run.wall_time = now - self.t0
+        run.memory.append({"time": run.wall_time, "step": self.step,
+                           **memory_snapshot(self.device)})
         self._notify("on_refresh")
+
+    def _save_checkpoint(self):
+        self._drain()
+        epoch, batches, epoch_rng = self.position
+        save_checkpoint(self.checkpoint_path, model=self.model, optimizers=self.optimizers,
+                        scaler=self.scaler, scheduler=self.scheduler, step=self.step,
+                        epoch=epoch, batches_in_epoch=batches, epoch_rng=epoch_rng,
+                        history=self.run.history, val_history=self.run.val_history)
+
+    def _release_memory(self, error):
+        """Out of memory: free the failed step's tensors and say what would fit."""
+        traceback.clear_frames(error.__traceback__)  # the step's locals hold its activations
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        snap = memory_snapshot(self.device)
+        held = ", ".join(f"{k} {format_bytes(v)}" for k, v in snap.items() if v is not None)
+        size = self.last_batch_size
+        smaller = (f"a batch of {max(size // 2, 1)} with --accum {self.accum * 2} (the same "
+                   f"effective batch of {size * self.accum})" if size > 1 else "a smaller model")
+        lower = ("" if self.run.precision in ("bf16", "fp16")
+                 else ", or --dtype bf16/fp16 (roughly halves activation memory)")
+        self.run.notes.append(f"out of memory at step {self.step} with a batch of {size}; after "
+                              f"freeing the step: {held}. Try {smaller}{lower}.")
 
     def _abandon_step(self):
         """After an error mid-step: drop its partial gradients and the scaler's step state."""
@@ -391,6 +480,15 @@ class Training:
 
 
 # -- helpers -----------------------------------------------------------------------------
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU allocator's failure, or Python's MemoryError."""
+    if isinstance(error, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text
+                                                or "out of memory" in text)
+
+
 def to_device(obj, device):
     """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking."""
     if isinstance(obj, torch.Tensor):

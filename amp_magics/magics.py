@@ -117,6 +117,11 @@ class AmpMagics(Magics):
     @argument("--growth-factor", type=float, help="GradScaler growth factor")
     @argument("--backoff-factor", type=float, help="GradScaler backoff factor")
     @argument("--scaler", help="your own torch.amp.GradScaler to use instead")
+    @argument("--checkpoint", metavar="PATH",
+              help="save model, optimizer, scaler, scheduler, RNG and history here (atomic)")
+    @argument("--every", type=int, metavar="N",
+              help="checkpoint every N optimizer steps (default: at each epoch end)")
+    @argument("--resume", metavar="PATH", help="continue from a --checkpoint file")
     @argument("--name", help="name of this run (default run1, run2, ...)")
     @argument("-o", "--output", help="store the Run in this notebook variable")
     @argument("--refresh", type=float, help="seconds between view refreshes (default 0.5)")
@@ -148,6 +153,7 @@ class AmpMagics(Magics):
                 move=not args.no_move, name=args.name, init_scale=args.init_scale,
                 growth_interval=args.growth_interval, growth_factor=args.growth_factor,
                 backoff_factor=args.backoff_factor, refresh_seconds=refresh,
+                checkpoint=args.checkpoint, every=args.every, resume=args.resume,
                 observers=[self._view(args)], config=self._flags(args), **options)
         except AmpUsageError as e:
             raise UsageError(str(e)) from None

@@ -247,3 +247,64 @@ def test_background_run_and_amp_stop(nb, capsys):
     assert "interrupted after" in capsys.readouterr().out
     with pytest.raises(UsageError, match="no background run"):
         nb.run("%amp_stop")
+
+
+def test_checkpoint_resume_is_bit_identical(nb, tmp_path):
+    """Interrupted at step 7 with a checkpoint, resumed into fresh objects: same end state."""
+    dataset = torch.utils.data.TensorDataset(torch.randn(48, 8), torch.randint(0, 3, (48,)))
+    body = ("x, y = batch\nloss = F.cross_entropy(F.dropout(model(x), 0.2), y)\n")
+
+    def fresh(loader_seed=0):
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
+        nb.user_ns.update(model=model, optimizer=opt, sched=sched, train_loader=loader)
+        return model, opt
+
+    flags = "--dtype fp16 --epochs 2 --accum 2 --scheduler sched --seed 3"
+    ref_model, ref_opt = fresh()
+    nb.run(f"%%amp_train {flags} -o ref\n{body}")
+
+    fresh()
+    nb.user_ns.update(os=os, signal=signal)
+    ckpt = tmp_path / "ckpt.pt"
+    nb.run(f"%%amp_train {flags} --checkpoint {ckpt} --every 4 -o part\n"
+           "if step == 7 and epoch == 1:\n    os.kill(os.getpid(), signal.SIGINT)\n" + body)
+    assert nb.user_ns["part"].status == "interrupted"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+    model, opt = fresh()
+    nb.run(f"%%amp_train {flags} --resume {ckpt} -o resumed\n{body}")
+    resumed, ref = nb.user_ns["resumed"], nb.user_ns["ref"]
+    assert resumed.status == "finished"
+    assert_same_state(model.state_dict(), ref_model.state_dict())
+    assert_same_state(opt.state_dict(), ref_opt.state_dict())
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in ref.history]
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in ref.history]
+
+
+def test_resume_of_a_missing_or_foreign_file(nb, tmp_path):
+    with pytest.raises(UsageError, match="no such checkpoint file"):
+        nb.run(f"%%amp_train --resume {tmp_path / 'nope.pt'}\n{BODY}")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UsageError, match="not an amp_magics checkpoint"):
+        nb.run(f"%%amp_train --resume {tmp_path / 'foreign.pt'}\n{BODY}")
+    with pytest.raises(UsageError, match="--every N needs --checkpoint"):
+        nb.run(f"%%amp_train --every 3\n{BODY}")
+
+
+def test_out_of_memory_keeps_the_kernel_usable(nb):
+    """A real allocator failure at step 5: run failed, state as after step 5, advice given."""
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        nb.run("%%amp_train --dtype fp32 -o run\n" + BODY +
+               "if step == 5:\n    big = torch.empty(2**60, dtype=torch.uint8)\n")
+    run = nb.user_ns["run"]
+    assert run.status == "failed" and len(run.history) == 5
+    assert_same_state(nb.user_ns["model"].state_dict(), reference_after(5).state_dict())
+    assert all(p.grad is None for p in nb.user_ns["model"].parameters())
+    note = " ".join(run.notes)
+    assert "out of memory at step 5 with a batch of 4" in note
+    assert "a batch of 2 with --accum 2" in note
+    nb.run(f"%%amp_train --dtype fp32 -o again\n{BODY}")
+    assert nb.user_ns["again"].status == "finished"
