@@ -231,8 +231,10 @@ class AmpMagics(Magics):
         if args.no_plot or not self.plot:
             return ConsoleReporter(stream=sys.stdout, inline=True)
         from .dashboard import Dashboard
+        from .run import runs
 
-        return Dashboard(display_now=True)
+        earlier = [r for r in runs() if r.done and r.config.get("model_name") == args.model]
+        return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
     def _flags(self, args) -> dict:
         flags = {k: v for k, v in vars(args).items()

@@ -175,7 +175,9 @@ class Run:
             rows.append(("val loss (final / best)",
                          f"{_fmt(s['final_val_loss'])} / {_fmt(s['best_val_loss'])}"))
         if s["final_scale"] is not None:
-            rows.append(("final loss scale", _fmt(s["final_scale"])))
+            scale = s["final_scale"]
+            power = f" (2^{math.log2(scale):.0f})" if scale > 0 and math.log2(scale).is_integer() else ""
+            rows.append(("final loss scale", f"{scale:g}{power}"))
         rows += [
             ("wall time", f"{s['wall_time']:.2f} s"),
             ("throughput", f"{_fmt(s['samples_per_s'])} samples/s, {_fmt(s['steps_per_s'])} steps/s"),

@@ -1,0 +1,188 @@
+"""The live view of a run in a notebook: core ipywidgets showing HTML drawn by render.py.
+
+An engine observer: `on_refresh` runs on the training thread at the engine's refresh
+interval, never per step. History is turned into columns incrementally (only the records
+added since the last refresh), so a refresh costs the same after 100 or 100,000 steps apart
+from render.py's downsampling. When the run ends, the widget is replaced in the output by a
+static HTML snapshot (a display_id update), which survives saving the notebook and shows
+without a kernel, in nbconvert and on GitHub.
+"""
+from __future__ import annotations
+
+import math
+import time
+from array import array
+
+import numpy as np
+
+from . import render
+
+RATE_WINDOW = 50  # steps over which samples/s and steps/s are measured
+
+
+class _Columns:
+    """A Run's history, validation and memory samples as growing float arrays."""
+
+    def __init__(self, run):
+        self.run = run
+        self.memory_labels = (("allocated", "reserved", "peak", "device_used")
+                              if run.device.startswith("cuda") else ("rss",))
+        self.steps, self.loss, self.scale, self.skipped = (array("d") for _ in range(4))
+        self.val_steps, self.val_loss, self.memory_time = (array("d") for _ in range(3))
+        self.memory = {label: array("d") for label in self.memory_labels}
+        self._seen = [0, 0, 0]  # history, val_history, memory records consumed
+
+    def update(self):
+        run, seen = self.run, self._seen
+        history = run.history
+        for record in history[seen[0]:]:
+            self.steps.append(record["step"])
+            self.loss.append(_nan(record["loss"]))
+            if record["scale"] is not None:
+                self.scale.append(record["scale"])
+            if record["skipped"]:
+                self.skipped.append(record["step"])
+        seen[0] = len(history)
+        for record in run.val_history[seen[1]:]:
+            self.val_steps.append(record["step"] - 1)  # measured after that many steps
+            self.val_loss.append(_nan(record["val_loss"]))
+        seen[1] = len(run.val_history)
+        for sample in run.memory[seen[2]:]:
+            self.memory_time.append(sample["time"])
+            for label in self.memory_labels:
+                self.memory[label].append(_nan(sample.get(label)))
+        seen[2] = len(run.memory)
+        return self
+
+    def trace(self, flags="") -> render.RunTrace:
+        memory = {MEMORY_LABELS[k]: _as_numpy(v) for k, v in self.memory.items()}
+        return render.RunTrace(
+            name=self.run.name, flags=flags, steps=_as_numpy(self.steps),
+            loss=_as_numpy(self.loss),
+            scale=_as_numpy(self.scale) if len(self.scale) == len(self.steps) else (),
+            skipped=_as_numpy(self.skipped), val_steps=_as_numpy(self.val_steps),
+            val_loss=_as_numpy(self.val_loss), memory_time=_as_numpy(self.memory_time),
+            memory={k: v for k, v in memory.items() if not np.isnan(v).all()})
+
+
+MEMORY_LABELS = {"allocated": "allocated", "reserved": "reserved", "peak": "peak",
+                 "device_used": "device used (NVML)", "rss": "resident (RSS)"}
+
+
+def _as_numpy(values: array) -> np.ndarray:
+    # A zero-copy view of the growing array: no per-refresh conversion of the whole history.
+    return np.frombuffer(values, dtype=np.float64) if len(values) else np.empty(0)
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def flags_that_differ(run, current) -> str:
+    """ "lr=0.01 dtype=bf16": what an earlier run did differently, for the legend."""
+    mine = {**run.config.get("flags", {}), "lr": run.config.get("lr")}
+    theirs = {**current.config.get("flags", {}), "lr": current.config.get("lr")}
+    ignore = {"output", "name", "resume", "checkpoint", "every"}
+    keys = sorted(k for k in mine.keys() | theirs.keys()
+                  if k not in ignore and mine.get(k) != theirs.get(k))
+    return " ".join(f"{k}={mine.get(k, '-')}" for k in keys)
+
+
+def status_line(run) -> str:
+    parts = [run.device, f"{run.precision} ({run.precision_reason})"]
+    s = run.scaler_settings
+    if s:
+        parts.append(f"GradScaler init {render.format_number(s['init_scale'])}, "
+                     f"×{s['growth_factor']:g} every {s['growth_interval']} steps, "
+                     f"backoff ×{s['backoff_factor']:g}")
+        skipped = sum(r["skipped"] for r in run.history)
+        parts.append(f"{skipped} skipped step{'s' * (skipped != 1)}")
+    else:
+        parts.append("no loss scaling")
+    return " · ".join(parts)
+
+
+def build_view(run, columns: _Columns, earlier: list, final: bool) -> render.DashboardView:
+    h = run.history
+    steps_per_s = samples_per_s = None
+    if len(h) >= 2:
+        window = h[-RATE_WINDOW - 1:]
+        span = window[-1]["time"] - window[0]["time"]
+        if span > 0:
+            steps_per_s = (len(window) - 1) / span
+            samples_per_s = sum(r["samples"] for r in window[1:]) / span
+    eta = None
+    if run.total_steps and steps_per_s and not final:
+        eta = max(run.total_steps - len(h), 0) / steps_per_s
+    epochs = run.config.get("epochs")
+    return render.DashboardView(
+        current=columns.trace(), earlier=earlier, status=status_line(run),
+        scaler=run.scaler_settings is not None, step=len(h), total_steps=run.total_steps,
+        epoch=run.epoch + 1, epochs=epochs, samples_per_s=samples_per_s,
+        steps_per_s=steps_per_s, lr=h[-1]["lr"] if h else None, elapsed=run.wall_time,
+        eta=eta, alarms=list(run.alarms),
+        summary=run.summary_rows() if final else None)
+
+
+class Dashboard:
+    """Live widgets while the run trains; a static snapshot once it ends.
+
+    earlier_runs: finished Runs to draw faded underneath (the same model's earlier runs).
+    stoppable: show a Stop button (background runs; in the foreground the kernel is busy,
+    so the notebook's interrupt button is the way to stop).
+    """
+
+    def __init__(self, earlier_runs=(), stoppable=False, max_earlier=5):
+        self.earlier_runs = list(earlier_runs)[-max_earlier:]
+        self.stoppable = stoppable
+        self.refresh_costs: list[float] = []  # seconds per on_refresh, for benchmarks
+        self._columns = None
+        self._earlier = []
+        self._handle = None
+        self._html = None
+        self._button = None
+        self._box = None
+
+    def on_start(self, run):
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        self._columns = _Columns(run)
+        self._earlier = [_Columns(r).update().trace(flags_that_differ(r, run))
+                         for r in self.earlier_runs]
+        self._html = widgets.HTML(self._render(run, final=False))
+        children = [self._html]
+        if self.stoppable:
+            self._button = widgets.Button(description="Stop", icon="stop", button_style="warning",
+                                          tooltip="stop after the current optimizer step")
+            self._button.on_click(lambda _: self._stop(run))
+            children.append(self._button)
+        else:
+            children.append(widgets.HTML(
+                '<span style="opacity:.65;font-size:12px">Interrupt the kernel (■) to stop '
+                "after the current step; nothing is lost.</span>"))
+        self._box = widgets.VBox(children)
+        self._handle = display(self._box, display_id=True)
+
+    def on_refresh(self, run):
+        started = time.perf_counter()
+        self._html.value = self._render(run, final=False)
+        self.refresh_costs.append(time.perf_counter() - started)
+
+    def on_end(self, run):
+        from IPython.display import HTML
+
+        snapshot = self._render(run, final=True)
+        self._html.value = snapshot
+        if self._handle is not None:
+            self._handle.update(HTML(snapshot))
+        self._box.close()  # the snapshot replaces the widgets; free their comms
+
+    def _render(self, run, final):
+        self._columns.update()
+        return render.dashboard_html(build_view(run, self._columns, self._earlier, final))
+
+    def _stop(self, run):
+        run.request_stop()
+        self._button.disabled = True
+        self._button.description = "Stopping…"
