@@ -144,6 +144,12 @@ class Dashboard:
         self._box = None
 
     def on_start(self, run):
+        if self._box is None:
+            self.show(run)
+
+    def show(self, run):
+        """Display the live widgets. Call from the cell's own thread: output displayed from a
+        background thread would land in whichever cell is executing at that moment."""
         import ipywidgets as widgets
         from IPython.display import display
 

@@ -161,6 +161,9 @@ class AmpMagics(Magics):
         if args.output:
             self.shell.user_ns[args.output] = run
         if args.background:
+            for view in training.observers:
+                if hasattr(view, "show"):
+                    view.show(run)
             thread = threading.Thread(target=self._train_quietly, args=(training, step, log_names),
                                       name=f"amp_train {run.name}", daemon=True)
             AmpMagics._background[run] = thread

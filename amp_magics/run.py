@@ -193,6 +193,9 @@ class Run:
                 f"loss {_fmt(s['final_loss'])}, {self.precision} on {self.device}>")
 
     def _repr_html_(self) -> str:
+        if self.status == "running":
+            return (f"<p>Run <b>{html.escape(self.name)}</b> is running: its history grows "
+                    "live; stop it with <code>%amp_stop</code> or the Stop button.</p>")
         cells = "".join(
             f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
             f"<td style='text-align:left'>{html.escape(v)}</td></tr>"

@@ -1,0 +1,112 @@
+"""%%amp_train in real Jupyter kernels: the widget view, the saved snapshot, interrupts."""
+import time
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+pytestmark = pytest.mark.notebook
+
+SETUP = """\
+import torch, torch.nn.functional as F
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+train_loader = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(50)]
+"""
+OVERFLOW = "train_loader[7] = (train_loader[7][0] * 1e6, train_loader[7][1])  # overflows fp16\n"
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
+
+
+class RecordingClient(nbclient.NotebookClient):
+    """Keeps every iopub message, to see what the kernel displayed before updates replaced it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.messages = []
+
+    def process_message(self, msg, cell, cell_index):
+        self.messages.append((cell_index, msg))
+        return super().process_message(msg, cell, cell_index)
+
+
+def execute(cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    client = RecordingClient(nb, timeout=120, kernel_name="python3")
+    client.execute()
+    return nb, client.messages
+
+
+def test_widget_view_then_static_snapshot():
+    nb, messages = execute(["%load_ext amp_magics", SETUP + OVERFLOW,
+                            f"%%amp_train --dtype fp16 --epochs 2 --name '<b>mine</b>' -o run\n{BODY}",
+                            "print(run.status, len(run.history), sum(r['skipped'] for r in run.history))"])
+    shown = [m for i, m in messages if i == 2 and m["msg_type"] == "display_data"]
+    assert any("application/vnd.jupyter.widget-view+json" in m["content"]["data"] for m in shown)
+    updates = [m for i, m in messages if i == 2 and m["msg_type"] == "update_display_data"]
+    assert updates, "the live widget must be replaced by a snapshot"
+
+    (output,) = nb.cells[2].outputs  # the saved notebook keeps only the static snapshot
+    snapshot = output["data"]["text/html"]
+    assert "<svg" in snapshot and "Loss scale" in snapshot and "skipped step" in snapshot
+    assert "finished" in snapshot and "&lt;b&gt;mine&lt;/b&gt;" in snapshot
+    assert "<b>mine</b>" not in snapshot
+    assert nb.cells[3].outputs[0]["text"].split() == ["finished", "100", "2"]
+
+
+def test_background_run_while_other_cells_execute():
+    nb, messages = execute([
+        "%load_ext amp_magics", SETUP + "import time",
+        f"%%amp_train --dtype fp32 --epochs 1000 --background -o run\ntime.sleep(0.01)\n{BODY}",
+        "time.sleep(1.0)\nprint('still', run.status, len(run.history) > 10)",
+        "%amp_stop",
+        "print(run.status)",
+    ])
+    assert [o["text"].strip() for o in nb.cells[3].outputs] == ["still running True"]
+    assert nb.cells[5].outputs[0]["text"].strip() == "interrupted"
+    # The dashboard was shown in the training cell and its snapshot replaced it there.
+    shown = [m for i, m in messages if i == 2 and m["msg_type"] == "display_data"]
+    assert any("application/vnd.jupyter.widget-view+json" in m["content"]["data"] for m in shown)
+    snapshot = [o["data"]["text/html"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    assert len(snapshot) == 1 and "interrupted" in snapshot[0] and "<svg" in snapshot[0]
+
+
+def test_kernel_interrupt_stops_at_a_step_boundary():
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        def run(code, timeout=60):
+            return kc.execute_interactive(code, timeout=timeout, output_hook=lambda m: None)
+
+        run("%load_ext amp_magics\n%config AmpMagics.plot = False")
+        run(SETUP + "import time\nbefore = None")
+        msg_id = kc.execute(f"%%amp_train --dtype fp32 --epochs 1000 -o run\n"
+                            f"time.sleep(0.005)\n{BODY}")
+        time.sleep(3.0)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"  # ended cleanly, not a KeyboardInterrupt
+
+        outputs = []
+        run("ref = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), "
+            "torch.nn.Linear(32, 3))\n"
+            "torch.manual_seed(0)\n"
+            "ref = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), "
+            "torch.nn.Linear(32, 3))\n"
+            "opt = torch.optim.SGD(ref.parameters(), lr=0.1)\n"
+            "n = len(run.history)\n"
+            "for i in range(n):\n"
+            "    x, y = train_loader[i % 50]\n"
+            "    opt.zero_grad(); F.cross_entropy(ref(x), y).backward(); opt.step()\n"
+            "same = all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))")
+        kc.execute_interactive("print(run.status, len(run.history) > 5, same)", timeout=60,
+                               output_hook=lambda m: outputs.append(m))
+        text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert text.split() == ["interrupted", "True", "True"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
