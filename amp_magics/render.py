@@ -112,7 +112,8 @@ def smooth(xs, ys, max_points: int = SMOOTH_POINTS,
 
 # --- formatting --------------------------------------------------------------------------------
 
-def _format_duration(seconds) -> str:
+def format_duration(seconds) -> str:
+    """12s / 3m05s / 1h02m; "—" when unknown."""
     if seconds is None or not math.isfinite(seconds):
         return "—"
     s = int(round(seconds))
@@ -123,7 +124,7 @@ def _format_duration(seconds) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _format_number(v) -> str:
+def format_number(v) -> str:
     """3 significant digits, thousands separated: 1,234 / 12.3 / 0.00123 / 1.2e-05."""
     if v is None:
         return "—"
@@ -216,7 +217,7 @@ def _y_axis(values: np.ndarray, y_scale: str):
         ticks = _log2_ticks(lo, hi)
         return lo, hi, ticks, [f"2{str(int(t)).translate(_SUPERSCRIPT)}" for t in ticks]
     ticks = _linear_ticks(lo, hi)
-    return lo, hi, ticks, [_format_number(t) if t else "0" for t in ticks]
+    return lo, hi, ticks, [format_number(t) if t else "0" for t in ticks]
 
 
 def _x_axis(values: np.ndarray, x_scale: str):
@@ -551,11 +552,11 @@ def _progress_html(view: DashboardView) -> str:
 
 
 def _stats_html(view: DashboardView) -> str:
-    stats = [("samples/s", _format_number(view.samples_per_s)),
-             ("steps/s", _format_number(view.steps_per_s)),
+    stats = [("samples/s", format_number(view.samples_per_s)),
+             ("steps/s", format_number(view.steps_per_s)),
              ("lr", "—" if view.lr is None else f"{view.lr:.3g}"),
-             ("elapsed", _format_duration(view.elapsed)),
-             ("ETA", _format_duration(view.eta))]
+             ("elapsed", format_duration(view.elapsed)),
+             ("ETA", format_duration(view.eta))]
     cells = "".join(
         f'<span style="margin-right:22px;white-space:nowrap"><span style="opacity:.65">{k}</span> '
         f'<b style="font-variant-numeric:tabular-nums">{v}</b></span>' for k, v in stats)
