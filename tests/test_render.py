@@ -139,16 +139,18 @@ def test_series_are_reduced_before_drawing():
 
 def test_skipped_steps_are_marked_at_their_x_positions():
     steps = np.arange(1, 10_001)
-    skipped = [5, 2000, 5000, 9000]
+    skipped = [2000, 4000, 5000, 8000]
     svg = line_chart_svg("Loss scale", [Series("loss scale", steps, np.full(10_000, 2.0 ** 16),
                                                "#000")], y_scale="log2", marks=skipped)
-    marks = by_class(parse(svg), "mark")
+    root = parse(svg)
+    marks = by_class(root, "mark")
     assert [float(m.get("data-x")) for m in marks] == skipped
-    tips = [float(path_points(m.get("d"))[0][0]) + 3.5 for m in marks]  # the triangle's apex x
-    # The marks sit where the x axis puts those steps: spacing proportional to the step gaps.
-    span = (tips[-1] - tips[0]) / (skipped[-1] - skipped[0])
-    for tip, step in zip(tips, skipped):
-        assert tip == pytest.approx(tips[0] + (step - skipped[0]) * span, abs=1.0)
+    apex = {float(m.get("data-x")): path_points(m.get("d"))[0][0] + 3.5 for m in marks}
+    # Each triangle's apex sits where the x axis puts that step: on its tick where there is one.
+    ticks = {t.text: float(t.get("x")) for t in by_class(root, "xtick")}
+    for step, label in ((2000, "2k"), (4000, "4k"), (8000, "8k")):
+        assert apex[step] == pytest.approx(ticks[label], abs=0.6)
+    assert apex[5000] == pytest.approx((ticks["4k"] + ticks["6k"]) / 2, abs=0.6)
     assert "skipped step (4)" in svg
 
 
