@@ -10,7 +10,6 @@ without a kernel, in nbconvert and on GitHub.
 from __future__ import annotations
 
 import math
-import time
 from array import array
 
 import numpy as np
@@ -135,7 +134,6 @@ class Dashboard:
     def __init__(self, earlier_runs=(), stoppable=False, max_earlier=5):
         self.earlier_runs = list(earlier_runs)[-max_earlier:]
         self.stoppable = stoppable
-        self.refresh_costs: list[float] = []  # seconds per on_refresh, for benchmarks
         self._columns = None
         self._earlier = []
         self._handle = None
@@ -171,9 +169,7 @@ class Dashboard:
         self._handle = display(self._box, display_id=True)
 
     def on_refresh(self, run):
-        started = time.perf_counter()
         self._html.value = self._render(run, final=False)
-        self.refresh_costs.append(time.perf_counter() - started)
 
     def on_end(self, run):
         from IPython.display import HTML

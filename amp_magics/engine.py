@@ -415,6 +415,7 @@ class Training:
         run.memory.append({"time": run.wall_time, "step": self.step,
                            **memory_snapshot(self.device)})
         self._notify("on_refresh")
+        run.refresh_costs.append(time.perf_counter() - now)
 
     def _save_checkpoint(self):
         self._drain()

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float
+from traitlets import Enum, Float
 
 from . import precision
 from .errors import AmpUsageError
@@ -82,7 +82,8 @@ class AmpMagics(Magics):
     """Mixed-precision training magics. Settings: `%config AmpMagics.refresh_seconds = 1.0`."""
 
     refresh_seconds = Float(0.5, help="Seconds between dashboard refreshes.").tag(config=True)
-    plot = Bool(True, help="Show the live dashboard; False gives a one-line text progress."
+    view = Enum(["auto", "dashboard", "text"], default_value="auto",
+                help="auto: the live dashboard in a Jupyter kernel, a text line in a terminal."
                 ).tag(config=True)
 
     _background: dict = {}  # Run -> Thread, for %amp_stop and unloading
@@ -231,7 +232,8 @@ class AmpMagics(Magics):
     def _view(self, args):
         from .reporter import ConsoleReporter
 
-        if args.no_plot or not self.plot:
+        in_kernel = getattr(self.shell, "kernel", None) is not None
+        if args.no_plot or self.view == "text" or (self.view == "auto" and not in_kernel):
             return ConsoleReporter(stream=sys.stdout, inline=True)
         from .dashboard import Dashboard
         from .run import runs

@@ -74,6 +74,7 @@ class Run:
         self.started = time.time()
         self.wall_time = 0.0
         self.epoch = 0
+        self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
         self._stop = threading.Event()
 
     # -- control -------------------------------------------------------------------
@@ -129,7 +130,7 @@ class Run:
     _FIELDS = ("name", "config", "device", "precision", "precision_reason", "scaler_settings",
                "total_steps", "steps_per_epoch", "model_label", "status", "history",
                "val_history", "memory", "alarms", "notes", "error", "started", "wall_time",
-               "epoch")
+               "epoch", "refresh_costs")
 
     def to_dict(self) -> dict:
         return {field: getattr(self, field) for field in self._FIELDS}

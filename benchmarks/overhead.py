@@ -11,6 +11,8 @@ one dashboard refresh.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import time
 
@@ -48,45 +50,49 @@ def api(model, opt, data, chosen):
     def step(batch):
         x, y = batch
         return F.cross_entropy(model(x), y)
-    amp_magics.train(step, model=model, optimizer=opt, data=data, dtype=chosen.name,
-                     progress=False)
+    return amp_magics.train(step, model=model, optimizer=opt, data=data, dtype=chosen.name,
+                            progress=False)
 
 
-def magic_runner(plot):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "amp_magics")
+def magic_runner(shell, plot):
     flags = "" if plot else "--no-plot"
 
     def magic(model, opt, data, chosen):
         shell.user_ns.update(model=model, optimizer=opt, train_loader=data, F=F)
-        result = shell.run_cell(f"%%amp_train --dtype {chosen.name} {flags}\n"
-                                "x, y = batch\nloss = F.cross_entropy(model(x), y)\n",
-                                silent=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the views print; keep the report clean
+            result = shell.run_cell(f"%%amp_train --dtype {chosen.name} {flags} -o _bench_run\n"
+                                    "x, y = batch\nloss = F.cross_entropy(model(x), y)\n",
+                                    silent=True)
         result.raise_error()
+        return shell.user_ns["_bench_run"]
     return magic
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     chosen = resolve(args.dtype, "cpu")
     torch.manual_seed(1)
     data = [(torch.randn(256, 256), torch.randint(0, 10, (256,))) for _ in range(args.steps)]
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "amp_magics")
+    shell.run_line_magic("config", "AmpMagics.view = 'dashboard'")  # widgets without a kernel
     variants = {"bare loop": bare, "amp_magics.train": api,
-                "%%amp_train --no-plot": magic_runner(plot=False),
-                "%%amp_train (dashboard)": magic_runner(plot=True)}
+                "%%amp_train --no-plot": magic_runner(shell, plot=False),
+                "%%amp_train (dashboard)": magic_runner(shell, plot=True)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {chosen.name} "
           f"({chosen.reason}); {args.steps} steps x {args.rounds} rounds")
     model, opt = make()
     bare(model, opt, data[:20], chosen)  # warm-up: allocator, kernels, first-call caches
 
     times = {name: [] for name in variants}
+    refresh_costs = {name: [] for name in variants}
     for r in range(args.rounds):
         order = list(variants.items())
         if r % 2:
@@ -94,8 +100,10 @@ def main():
         for name, fn in order:
             model, opt = make()
             t = time.perf_counter()
-            fn(model, opt, data, chosen)
+            run = fn(model, opt, data, chosen)
             times[name].append(time.perf_counter() - t)
+            if run is not None:
+                refresh_costs[name] += run.refresh_costs
 
     base = times["bare loop"]
     ms = statistics.median(base) / args.steps * 1e3
@@ -104,12 +112,10 @@ def main():
         if name == "bare loop":
             continue
         ratio = statistics.median(t / b for t, b in zip(ts, base))
-        print(f"{name:>26}: {ratio:.3f} x bare loop")
-    from amp_magics import dashboard
-
-    if dashboard.REFRESH_COSTS:
-        mean = statistics.mean(dashboard.REFRESH_COSTS) * 1e3
-        print(f"dashboard refresh: {mean:.2f} ms mean over {len(dashboard.REFRESH_COSTS)} refreshes")
+        costs = refresh_costs[name]
+        cost = (f", refresh {statistics.mean(costs) * 1e3:.2f} ms mean over {len(costs)}"
+                if costs else "")
+        print(f"{name:>26}: {ratio:.3f} x bare loop{cost}")
 
 
 if __name__ == "__main__":

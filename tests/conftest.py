@@ -14,7 +14,7 @@ def ip():
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "amp_magics")
-    shell.run_line_magic("config", "AmpMagics.plot = False")
+    shell.run_line_magic("config", "AmpMagics.view = 'text'")
 
     def run(src):
         result = shell.run_cell(src)

@@ -81,7 +81,7 @@ def test_kernel_interrupt_stops_at_a_step_boundary():
         def run(code, timeout=60):
             return kc.execute_interactive(code, timeout=timeout, output_hook=lambda m: None)
 
-        run("%load_ext amp_magics\n%config AmpMagics.plot = False")
+        run("%load_ext amp_magics\n%config AmpMagics.view = 'text'")
         run(SETUP + "import time\nbefore = None")
         msg_id = kc.execute(f"%%amp_train --dtype fp32 --epochs 1000 -o run\n"
                             f"time.sleep(0.005)\n{BODY}")
