@@ -78,13 +78,27 @@ def downsample(xs, ys, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.nda
     return x[idx], y[idx]
 
 
+def robust_band(values: np.ndarray, sample: int = 2000) -> tuple[float, float]:
+    """The range that holds all but outliers: the 1st to 99th percentile widened by its own span
+    on each side. A gradual trend (a falling loss) stays inside; a one-off spike of 1e22 does
+    not. Percentiles of an evenly strided sample keep this cheap for long runs."""
+    strided = values[::max(1, len(values) // sample)]
+    k = len(strided) // 100
+    ends = np.partition(strided, [k, len(strided) - 1 - k])  # np.percentile, minus its overhead
+    lo, hi = float(ends[k]), float(ends[len(strided) - 1 - k])
+    span = hi - lo
+    return lo - span, hi + span
+
+
 def smooth(xs, ys, max_points: int = SMOOTH_POINTS,
            weight: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """A smoothed line through (xs, ys) with at most `max_points` points.
 
     The finite values are averaged per bucket of consecutive points, then a debiased exponential
     moving average (TensorBoard's) runs across the buckets, so the window is a steady fraction of
-    the run however long it gets. Non-finite values are left out: the raw line shows them.
+    the run however long it gets. Non-finite values are left out and outliers are clipped to the
+    `robust_band`, so one overflowed batch does not drag the line off the chart for the rest of
+    the run: the raw line shows them.
     """
     x, y = _floats(xs), _floats(ys)
     if len(x) != len(y):
@@ -95,6 +109,7 @@ def smooth(xs, ys, max_points: int = SMOOTH_POINTS,
     n = len(y)
     if n == 0:
         return x, y
+    y = np.clip(y, *robust_band(y))
     buckets = min(n, max_points)
     starts = np.linspace(0, n, buckets + 1).astype(int)
     counts = np.diff(starts)
@@ -182,7 +197,8 @@ def _time_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     return _ticks_between(lo, hi, step)
 
 
-def _log2_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+def _log_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """Whole exponents, every 1, 2, 4 ... of them."""
     step = 1
     while (hi - lo) / step > target:
         step *= 2
@@ -199,8 +215,15 @@ def _byte_ticks(hi: float, target: int = 4) -> tuple[list[float], str, float]:
     return [t * unit for t in ticks], _BYTE_UNITS[power], unit
 
 
-def _y_axis(values: np.ndarray, y_scale: str):
-    """(lo, hi, ticks, labels) of the y axis for the finite values (in log2 space for 'log2')."""
+def _power_label(base: int, exponent: float) -> str:
+    if base == 10 and exponent in (0, 1):
+        return "1" if exponent == 0 else "10"
+    return f"{base}{str(int(exponent)).translate(_SUPERSCRIPT)}"
+
+
+def _y_axis(values: np.ndarray, y_scale: str, ignore_outliers: bool):
+    """(lo, hi, ticks, labels) of the y axis for the finite values, which are exponents on
+    the log scales."""
     if y_scale == "bytes":
         hi = float(values.max()) * 1.08 if len(values) and values.max() > 0 else 1024.0
         ticks, unit_name, unit = _byte_ticks(hi)
@@ -208,16 +231,21 @@ def _y_axis(values: np.ndarray, y_scale: str):
         return 0.0, hi, ticks, labels
     if len(values):
         lo, hi = float(values.min()), float(values.max())
+        if ignore_outliers:
+            band_lo, band_hi = robust_band(values)
+            lo, hi = max(lo, band_lo), min(hi, band_hi)
     else:
         lo, hi = (10.0, 20.0) if y_scale == "log2" else (0.0, 1.0)
-    floor_pad = 0.5 if y_scale == "log2" else (abs(lo) * 0.1 or 0.5)
+    logarithmic = y_scale in ("log2", "log10")
+    floor_pad = 0.5 if logarithmic else (abs(lo) * 0.1 or 0.5)
     pad = max((hi - lo) * 0.06, 0 if hi > lo else floor_pad)
     lo, hi = lo - pad, hi + pad
-    if y_scale == "log2":
-        ticks = _log2_ticks(lo, hi)
-        return lo, hi, ticks, [f"2{str(int(t)).translate(_SUPERSCRIPT)}" for t in ticks]
+    if logarithmic:
+        ticks = _log_ticks(lo, hi)
+        base = 2 if y_scale == "log2" else 10
+        return lo, hi, ticks, [_power_label(base, t) for t in ticks]
     ticks = _linear_ticks(lo, hi)
-    return lo, hi, ticks, [format_number(t) if t else "0" for t in ticks]
+    return lo, hi, ticks, [f"{t:.4g}" for t in ticks]
 
 
 def _x_axis(values: np.ndarray, x_scale: str):
@@ -305,6 +333,9 @@ def _legend(entries, width: float) -> tuple[list[str], int]:
             swatch = f'<path d="{_triangle(x + 7, y + 2)}" fill="{ALERT}"/>'
         elif style == "nonfinite":
             swatch = f'<path d="M{x + 7},{y - 5}v9" stroke="{ALERT}" stroke-width="2"/>'
+        elif style == "off_scale":  # an arrow pointing up and out of the plot
+            swatch = (f'<path d="M{x + 7},{y + 4}v-9m-3.5,3.5l3.5,-3.5l3.5,3.5" '
+                      f'stroke="currentColor" stroke-width="1.5" fill="none"/>')
         else:  # a faint line is drawn wider here, or it could not be seen
             sample = _stroke(Series("", (), (), color, style), 3.0 if style == "faint" else None)
             swatch = f'<path d="M{x},{y - 1}h16" {sample}/>'
@@ -315,41 +346,76 @@ def _legend(entries, width: float) -> tuple[list[str], int]:
     return parts, (row + 1 if entries else 0)
 
 
+def _auto_scale(values: np.ndarray, ignore_outliers: bool) -> str:
+    """log10 when the positive values span over 1000x (outliers aside), else linear."""
+    values = values[np.isfinite(values)]
+    if not len(values) or values.min() <= 0:
+        return "linear"
+    lo, hi = values.min(), values.max()
+    if ignore_outliers:
+        band_lo, band_hi = robust_band(values)
+        lo, hi = max(lo, band_lo), min(hi, band_hi)
+    return "log10" if hi > 1000 * lo else "linear"
+
+
 def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step",
                    x_scale: str = "linear", y_scale: str = "linear", marks: Sequence[float] = (),
                    marks_label: str = "skipped step", note: str = "",
-                   max_points: int = MAX_POINTS, width: int = 360, height: int = 240) -> str:
+                   ignore_outliers: bool = False, max_points: int = MAX_POINTS,
+                   width: int = 360, height: int = 240) -> str:
     """A self-contained <svg> line chart with title, legend, ticks and gridlines.
 
     x_scale: "linear" (steps, labelled 5k, 10k ...) or "seconds" (30s, 2m ...);
-    y_scale: "linear", "log2" (ticks 2¹⁰, 2¹⁶ ...) or "bytes" (from 0, in KiB/MiB/GiB).
+    y_scale: "linear", "log2" (ticks 2¹⁰, 2¹⁶ ...), "bytes" (from 0, in KiB/MiB/GiB) or "auto":
+    linear, or log10 when positive data spans more than 1000x (a loss that diverged).
     `marks` are x positions flagged by red triangles above the plot (skipped steps); non-finite
     values of the bold series get a red tick there too. `note` is written across the plot
-    (e.g. "no scaler"). Every series is reduced to about `max_points` points first; faded
-    series are drawn underneath and left out of the legend.
+    (e.g. "no scaler"). With `ignore_outliers`, the y axis spans the `robust_band` of the data,
+    not its extremes (lines run off the plot there and the legend counts them), so a single
+    overflowed batch cannot flatten the rest of the loss curve.
+    Every series is reduced to about `max_points` points first; faded series are drawn
+    underneath and left out of the legend.
     """
-    if x_scale not in ("linear", "seconds") or y_scale not in ("linear", "log2", "bytes"):
+    if x_scale not in ("linear", "seconds") or y_scale not in ("linear", "log2", "bytes", "auto"):
         raise ValueError(f"unknown scale: x_scale={x_scale!r}, y_scale={y_scale!r}")
-    reduced, nonfinite = [], 0
+    drawn, bold, nonfinite = [], [], 0
     for s in sorted(series, key=lambda s: not s.faded):
         ys = _floats(s.ys)
-        x, values = downsample(s.xs, ys, max_points)
-        nonfinite += 0 if s.faded else len(ys) - int(np.isfinite(ys).sum())
+        drawn.append((s, *downsample(s.xs, ys, max_points)))
+        if not s.faded:
+            bold.append(ys)
+            nonfinite += len(ys) - int(np.isfinite(ys).sum())
+    if y_scale == "auto":
+        y_scale = _auto_scale(np.concatenate([v for *_, v in drawn] + [np.empty(0)]),
+                              ignore_outliers)
+
+    def to_axis(values):
         with np.errstate(divide="ignore", invalid="ignore"):
-            y = np.log2(values) if y_scale == "log2" else values
-        reduced.append((s, x, values, y))
+            log = {"log2": np.log2, "log10": np.log10}.get(y_scale)
+            return log(values) if log else values
+
+    reduced = [(s, x, values, to_axis(values)) for s, x, values in drawn]
     mark_xs = _floats(marks)
     all_x = np.concatenate([x for _, x, _, _ in reduced] + [mark_xs, np.empty(0)])
     all_y = np.concatenate([y for *_, y in reduced] + [np.empty(0)])
     all_y = all_y[np.isfinite(all_y)]
     x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x[np.isfinite(all_x)], x_scale)
-    y_lo, y_hi, y_ticks, y_tick_labels = _y_axis(all_y, y_scale)
+    y_lo, y_hi, y_ticks, y_tick_labels = _y_axis(all_y, y_scale, ignore_outliers)
+    off_scale = 0
+    if ignore_outliers:
+        for ys in bold:
+            with np.errstate(invalid="ignore"):
+                on_axis = to_axis(ys)
+                outside = (on_axis < y_lo) | (on_axis > y_hi)
+            off_scale += int(np.count_nonzero(outside & np.isfinite(on_axis)))  # NaN/inf: above
 
     entries = [(s.label, s.color, s.style) for s, *_ in reduced if s.label and not s.faded]
     if len(mark_xs):
         entries.append((f"{marks_label} ({len(mark_xs):,})", ALERT, "mark"))
     if nonfinite:
         entries.append((f"NaN/inf ({nonfinite:,})", ALERT, "nonfinite"))
+    if off_scale:
+        entries.append((f"off scale ({off_scale:,})", "currentColor", "off_scale"))
     legend, legend_rows = _legend(entries, width)
     if not len(all_y):  # no data: an empty frame, not made-up ticks
         x_ticks, x_tick_labels, y_ticks, y_tick_labels = [], [], [], []
@@ -388,9 +454,16 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         out.append(f'<text x="{right}" y="{height - 3}" text-anchor="end" opacity="0.7">'
                    f"{_e(x_label)}</text>")
 
+    # Lines are clipped to the plot (off-scale values run out of it) by a nested viewport,
+    # which needs no id: ids would clash between the many charts of one notebook.
+    out.append(f'<svg x="{left - 2}" y="{top - 2}" width="{right - left + 4}" '
+               f'height="{bottom - top + 4}" viewBox="{left - 2} {top - 2} {right - left + 4} '
+               f'{bottom - top + 4}" overflow="hidden">')
     nonfinite_columns = {}  # pixel column -> (x, value, label): one mark per column
     for s, x, values, y in reduced:
         px, py = sx(x), sy(y)
+        # far-off points are pulled in to just outside the plot: same look, short numbers
+        py = np.where(np.isfinite(py), np.clip(py, top - height, bottom + height), np.nan)
         out.append(f'<path class="series" data-series="{_e(s.label)}" d="{_path_d(px, py)}" '
                    f"{_stroke(s)}><title>{_e(s.label)}</title></path>")
         if s.style == "markers" and len(x) <= 100:
@@ -400,6 +473,8 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         if not s.faded:
             for i in np.flatnonzero(~np.isfinite(y)).tolist():
                 nonfinite_columns.setdefault(round(float(px[i])), (x[i], values[i], s.label))
+
+    out.append("</svg>")
 
     # Above the plot: red triangles at the marks, red ticks at non-finite values.
     mark_columns = {}
@@ -482,7 +557,7 @@ def _loss_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
                Series("smoothed", *smooth(run.steps, run.loss), color)]
     if len(run.val_steps):
         series.append(Series("val loss", run.val_steps, run.val_loss, color, "markers"))
-    return line_chart_svg("Loss", series)
+    return line_chart_svg("Loss", series, y_scale="auto", ignore_outliers=True)
 
 
 def _scale_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:

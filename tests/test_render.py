@@ -196,6 +196,42 @@ def test_non_finite_values_are_shown_and_counted():
     assert path.get("d").count("M") == 3  # the line breaks at both
 
 
+def test_an_overflowed_batch_does_not_flatten_the_loss_curve():
+    rng = np.random.default_rng(2)
+    steps = np.arange(1, 1201)
+    loss = 1.1 + rng.normal(0, 0.05, 1200)
+    loss[800] = 8e22  # a finite bf16 overflow, as seen in a real run
+    sx, sy = smooth(steps, loss)
+    assert sy.max() < 1.5  # clipped before smoothing: the line stays on the data
+
+    def chart(**kw):
+        root = parse(line_chart_svg("Loss", [Series("loss", steps, loss, "#000", "faint"),
+                                             Series("smoothed", sx, sy, "#000")], **kw))
+        return root, [float(t.text) for t in by_class(root, "ytick")]
+
+    root, ticks = chart(ignore_outliers=True)
+    assert 0.8 < ticks[0] and ticks[-1] < 2  # the axis spans the real loss, not the spike
+    assert "off scale (1)" in "".join(root.itertext())
+    _, ticks = chart()
+    assert ticks[-1] > 1e22  # without it, the spike sets the axis
+
+
+def test_a_diverged_loss_gets_a_log10_axis():
+    steps = np.arange(1, 1001)
+    loss = np.where(steps < 800, 1.1, 1e20 / steps)  # the model blew up and stayed blown up
+    root = parse(line_chart_svg("Loss", [Series("loss", steps, loss, "#000")], y_scale="auto",
+                                ignore_outliers=True))
+    labels = [t.text for t in by_class(root, "ytick")]
+    assert labels[0] in ("1", "10") and labels[-1].startswith("10")
+    exponents = [0 if t == "1" else 1 if t == "10" else int(t[2:].translate(SUPERSCRIPT))
+                 for t in labels]
+    assert exponents[-1] >= 16  # both the healthy loss and the divergence are on the axis
+    negative = parse(line_chart_svg("Loss", [Series("loss", steps, loss - 2, "#000")],
+                                    y_scale="auto"))
+    for tick in by_class(negative, "ytick"):  # log needs positive values: a linear axis
+        float(tick.text)
+
+
 def test_all_nan_and_empty_charts_render():
     for series in ([], [Series("loss", [], [], "#000")],
                    [Series("loss", [0, 1], [None, np.nan], "#000")],
@@ -229,7 +265,18 @@ def view(**kw) -> DashboardView:
 
 
 def svgs(page: str) -> list[ET.Element]:
-    return [parse(s) for s in re.findall(r"<svg.*?</svg>", page, flags=re.S)]
+    """The page's charts: each outermost <svg> element, parsed."""
+    charts, depth = [], 0
+    for tag in re.finditer(r"<(/?)svg\b", page):
+        if not tag.group(1):
+            depth += 1
+            if depth == 1:
+                start = tag.start()
+        else:
+            depth -= 1
+            if depth == 0:
+                charts.append(parse(page[start:page.index(">", tag.end()) + 1]))
+    return charts
 
 
 def test_dashboard_has_three_charts_stats_progress_and_all_runs():
@@ -276,7 +323,7 @@ def test_hostile_text_is_escaped_everywhere_in_the_dashboard():
         page = dashboard_html(view(current=current, earlier=[trace(bad, flags=bad)], status=bad,
                                    alarms=[bad], summary=[(bad, bad)]))
         assert "<script" not in page and "<img" not in page
-        assert page.count("<svg") == page.count("</svg>") == 3
+        assert page.count("<svg") == page.count("</svg>")  # no element broken out of
         for chart in svgs(page):
             assert chart.tag == SVG + "svg"
         assert html_escaped(bad) in page
