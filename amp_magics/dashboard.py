@@ -79,8 +79,10 @@ def _nan(value) -> float:
 
 def flags_that_differ(run, current) -> str:
     """ "lr=0.01 dtype=bf16": what an earlier run did differently, for the legend."""
-    mine = {**run.config.get("flags", {}), "lr": run.config.get("lr")}
-    theirs = {**current.config.get("flags", {}), "lr": current.config.get("lr")}
+    def settings(r):
+        return {**r.config.get("flags", {}), "lr": r.config.get("lr"),
+                **r.config.get("sweep", {})}
+    mine, theirs = settings(run), settings(current)
     ignore = {"output", "name", "resume", "checkpoint", "every"}
     keys = sorted(k for k in mine.keys() | theirs.keys()
                   if k not in ignore and mine.get(k) != theirs.get(k))
@@ -123,6 +125,14 @@ def build_view(run, columns: _Columns, earlier: list, final: bool) -> render.Das
         summary=run.summary_rows() if final else None)
 
 
+def overlay_html(runs) -> str:
+    """A static picture of several runs: the first drawn bold, the others faded."""
+    first, *others = runs
+    columns = _Columns(first).update()
+    earlier = [_Columns(r).update().trace(flags_that_differ(r, first)) for r in others]
+    return render.dashboard_html(build_view(first, columns, earlier, final=True))
+
+
 class Dashboard:
     """Live widgets while the run trains; a static snapshot once it ends.
 
@@ -131,9 +141,10 @@ class Dashboard:
     so the notebook's interrupt button is the way to stop).
     """
 
-    def __init__(self, earlier_runs=(), stoppable=False, max_earlier=5):
+    def __init__(self, earlier_runs=(), stoppable=False, max_earlier=5, several=False):
         self.earlier_runs = list(earlier_runs)[-max_earlier:]
         self.stoppable = stoppable
+        self.several = several  # a sweep: each new run joins the plots; finish() ends the view
         self._columns = None
         self._earlier = []
         self._handle = None
@@ -144,6 +155,10 @@ class Dashboard:
     def on_start(self, run):
         if self._box is None:
             self.show(run)
+        elif self._columns.run is not run:  # the next run of a sweep: the last one fades
+            previous = self._columns.update()
+            self._earlier.append(previous.trace(flags_that_differ(previous.run, run)))
+            self._columns = _Columns(run)
 
     def show(self, run):
         """Display the live widgets. Call from the cell's own thread: output displayed from a
@@ -159,7 +174,7 @@ class Dashboard:
         if self.stoppable:
             self._button = widgets.Button(description="Stop", icon="stop", button_style="warning",
                                           tooltip="stop after the current optimizer step")
-            self._button.on_click(lambda _: self._stop(run))
+            self._button.on_click(lambda _: self._stop())
             children.append(self._button)
         else:
             children.append(widgets.HTML(
@@ -172,19 +187,29 @@ class Dashboard:
         self._html.value = self._render(run, final=False)
 
     def on_end(self, run):
+        if self.several:
+            self._html.value = self._render(run, final=True)
+        else:
+            self.finish()
+
+    def finish(self):
+        """Replace the live widgets by a static snapshot of the last run."""
         from IPython.display import HTML
 
-        snapshot = self._render(run, final=True)
+        if self._box is None:
+            return
+        snapshot = self._render(self._columns.run, final=True)
         self._html.value = snapshot
         if self._handle is not None:
             self._handle.update(HTML(snapshot))
         self._box.close()  # the snapshot replaces the widgets; free their comms
+        self._box = None
 
     def _render(self, run, final):
         self._columns.update()
         return render.dashboard_html(build_view(run, self._columns, self._earlier, final))
 
-    def _stop(self, run):
-        run.request_stop()
+    def _stop(self):
+        self._columns.run.request_stop()
         self._button.disabled = True
         self._button.description = "Stopping…"

@@ -66,7 +66,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
             clip=None, scheduler=None, val=None, scaler=None, init_scale=None,
             growth_interval=None, growth_factor=None, backoff_factor=None, seed=None, log=(),
             move=True, name=None, progress=True, observers=(), refresh_seconds=0.5,
-            handle_sigint=True, checkpoint=None, every=None, resume=None,
+            handle_sigint=True, checkpoint=None, every=None, resume=None, sync_timing=False,
             config=None) -> "Training":
     """Check everything and register the Run, without training yet: `.execute()` trains.
 
@@ -124,7 +124,8 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
                     epochs=epochs, steps=steps, accum=accum, clip=clip, scheduler=scheduler,
                     val=val, move=move, log_names=tuple(log), observers=observers,
                     refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint,
-                    checkpoint_path=checkpoint, every=every, resumed=resumed)
+                    checkpoint_path=checkpoint, every=every, resumed=resumed,
+                    sync_timing=sync_timing and device.type == "cuda")
 
 
 class Training:
@@ -132,7 +133,8 @@ class Training:
 
     def __init__(self, run, step, model, optimizers, data, chosen, scaler, device, *, epochs,
                  steps, accum, clip, scheduler, val, move, log_names, observers,
-                 refresh_seconds, seed, handle_sigint, checkpoint_path, every, resumed):
+                 refresh_seconds, seed, handle_sigint, checkpoint_path, every, resumed,
+                 sync_timing):
         self.run = run
         self.step_fn = step
         self.model = model
@@ -158,6 +160,7 @@ class Training:
         # exactly like the plain fp32 loop.
         self.autocast = (torch.autocast(device.type, dtype=chosen.dtype)
                          if chosen.autocast_enabled else contextlib.nullcontext())
+        self.sync_timing = sync_timing  # measurements (--compare) only: a sync per step
         self.checkpoint_path = checkpoint_path
         self.every = every
         self.resumed = resumed
@@ -326,6 +329,8 @@ class Training:
         if self.scheduler is not None and not self.plateau:
             self.scheduler.step()
         self.in_update = False
+        if self.sync_timing:
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.recorder.record(step=self.step, epoch=epoch, loss_sum=self.loss_sum,
                              micro=self.micro, scale=scale, found_inf=found_inf,
@@ -539,6 +544,22 @@ def _scale_and_found_inf(scaler, optimizers):
     found = [t for opt in optimizers if id(opt) in states
              for t in states[id(opt)]["found_inf_per_device"].values()]
     return scale.clone(), (sum(found) if found else None)
+
+
+def scaler_entry(optimizer):
+    """The persistent scaler kept for `optimizer` and a copy of its state (None if none)."""
+    entry = _SCALERS.get(optimizer)
+    return None if entry is None else (entry[0], entry[1], entry[1].state_dict())
+
+
+def restore_scaler_entry(optimizer, saved) -> None:
+    """Put the persistent scaler back as `scaler_entry` found it."""
+    if saved is None:
+        _SCALERS.pop(optimizer, None)
+        return
+    key, scaler, state = saved
+    scaler.load_state_dict(state)
+    _SCALERS[optimizer] = (key, scaler)
 
 
 def _persistent_scaler(optimizer, device_type, settings):

@@ -44,6 +44,12 @@ def number(text: str) -> float:
         raise ValueError(str(e)) from None
 
 
+def _unquote(value):
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -129,6 +135,12 @@ class AmpMagics(Magics):
     @argument("--no-plot", action="store_true", help="one-line text progress instead of plots")
     @argument("--background", action="store_true",
               help="train in a background thread; the cell returns at once (stop: %%amp_stop)")
+    @argument("--sweep", metavar="SPEC",
+              help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0,1"')
+    @argument("--keep", choices=("start", "best"), default="start",
+              help="after --sweep: restore the start (default) or keep the best run's weights")
+    @argument("--compare", metavar="PRECISIONS",
+              help="time each precision from the same start, e.g. fp32,bf16,fp16 (with --steps)")
     @cell_magic
     def amp_train(self, line, cell):
         """Run the cell body as ONE training step, for every batch, with automatic mixed precision.
@@ -147,15 +159,18 @@ class AmpMagics(Magics):
         options = self._resolve_objects(args)
         step = CellStep(self.shell, cell, log_names)
         refresh = args.refresh if args.refresh is not None else self.refresh_seconds
+        options.update(
+            epochs=args.epochs, steps=args.steps, accum=args.accum, clip=args.clip,
+            seed=args.seed, log=log_names, move=not args.no_move,
+            init_scale=args.init_scale, growth_interval=args.growth_interval,
+            growth_factor=args.growth_factor, backoff_factor=args.backoff_factor,
+            refresh_seconds=refresh, config=self._flags(args))
+        if args.sweep or args.compare:
+            return self._several_runs(args, step, options)
         try:
-            training = prepare(
-                step, dtype=args.dtype, epochs=args.epochs, steps=args.steps,
-                accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
-                move=not args.no_move, name=args.name, init_scale=args.init_scale,
-                growth_interval=args.growth_interval, growth_factor=args.growth_factor,
-                backoff_factor=args.backoff_factor, refresh_seconds=refresh,
-                checkpoint=args.checkpoint, every=args.every, resume=args.resume,
-                observers=[self._view(args)], config=self._flags(args), **options)
+            training = prepare(step, dtype=args.dtype, name=args.name,
+                               checkpoint=args.checkpoint, every=args.every,
+                               resume=args.resume, observers=[self._view(args)], **options)
         except AmpUsageError as e:
             raise UsageError(str(e)) from None
         run = training.run
@@ -176,6 +191,42 @@ class AmpMagics(Magics):
             raise UsageError(str(e)) from None
         finally:
             self._export_logged(step, log_names)
+
+    def _several_runs(self, args, step, options):
+        """--sweep and --compare: several runs from one starting state, then a table."""
+        __tracebackhide__ = True
+        from . import tuning
+
+        conflicts = [flag for flag, given in (("--background", args.background),
+                     ("--checkpoint", args.checkpoint), ("--resume", args.resume),
+                     ("--sweep with --compare", args.sweep and args.compare)) if given]
+        if conflicts:
+            raise UsageError(f"--sweep/--compare cannot be combined with {', '.join(conflicts)}")
+        view = self._view(args, several=True)
+        name = args.name or ("sweep" if args.sweep else "compare")
+        try:
+            if args.sweep:
+                settings = tuning.parse_sweep(args.sweep, options["optimizer"][0], number)
+                result = tuning.sweep(step, settings, keep_best=args.keep == "best",
+                                      dtype=args.dtype, name=name, observers=[view], **options)
+            else:
+                if args.steps is None:
+                    raise UsageError("--compare needs --steps N, e.g. --steps 50")
+                model = options["model"]
+                device = next(iter(model.parameters()), None)
+                precisions = tuning.parse_compare(args.compare,
+                                                  device.device if device is not None else "cpu")
+                options = {k: v for k, v in options.items() if k not in ("steps", "epochs")}
+                result = tuning.showdown(step, precisions, steps=args.steps, name=name,
+                                         observers=[view], **options)
+        except AmpUsageError as e:
+            raise UsageError(str(e)) from None
+        finally:
+            if hasattr(view, "finish"):
+                view.finish()
+        if args.output:
+            self.shell.user_ns[args.output] = result
+        return result
 
     def _train_quietly(self, training, step, log_names):
         # The view shows a failure; the exception has nowhere better to go from a thread.
@@ -214,6 +265,32 @@ class AmpMagics(Magics):
             state = run.status if not thread.is_alive() else "still finishing its step"
             print(f"{run.name}: {state} after {len(run.history)} steps")
 
+    # -- %amp_runs --------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--plot", nargs="+", metavar="NAME", help="overlay these runs in one picture")
+    @argument("--clear", action="store_true", help="forget this session's finished runs")
+    @line_magic
+    def amp_runs(self, line):
+        """This session's runs as a table; --plot overlays chosen runs; --clear forgets them."""
+        from .run import RunList, forget_runs, runs
+
+        args = self._parse(self.amp_runs, line)
+        if args.clear:
+            print(f"forgot {forget_runs()} run(s)")
+            return None
+        known = {r.name: r for r in runs()}
+        if not args.plot:
+            return RunList(known.values())
+        missing = [n for n in args.plot if n not in known]
+        if missing:
+            raise UsageError(f"no run named {', '.join(map(repr, missing))}; runs this "
+                             f"session: {', '.join(known) or 'none'}")
+        from IPython.display import HTML
+
+        from .dashboard import overlay_html
+
+        return HTML(overlay_html([known[n] for n in args.plot]))
+
     @classmethod
     def stop_background_runs(cls, wait=10.0):
         for run in list(cls._background):
@@ -225,11 +302,18 @@ class AmpMagics(Magics):
     @staticmethod
     def _parse(magic, line):
         try:
-            return parse_argstring(magic, line)
+            args = parse_argstring(magic, line)
         except UsageError as e:
             raise UsageError(f"{e}\n{magic.parser.format_usage()}") from None
+        # IPython splits flags without removing quotes: --sweep "lr=1e-3; clip=1" keeps them.
+        for key, value in vars(args).items():
+            if isinstance(value, list):
+                setattr(args, key, [_unquote(v) for v in value])
+            else:
+                setattr(args, key, _unquote(value))
+        return args
 
-    def _view(self, args):
+    def _view(self, args, several=False):
         from .reporter import ConsoleReporter
 
         in_kernel = getattr(self.shell, "kernel", None) is not None
@@ -238,13 +322,16 @@ class AmpMagics(Magics):
         from .dashboard import Dashboard
         from .run import runs
 
+        if several:
+            return Dashboard(several=True)
         earlier = [r for r in runs() if r.done and r.config.get("model_name") == args.model]
         return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
     def _flags(self, args) -> dict:
         flags = {k: v for k, v in vars(args).items()
                  if v not in (None, False, "") and k not in ("output", "refresh", "no_plot",
-                                                             "background")}
+                                                             "background", "keep", "sweep",
+                                                             "compare")}
         return {"flags": flags, "model_name": args.model}
 
     def _resolve_objects(self, args) -> dict:

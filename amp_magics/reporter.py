@@ -55,6 +55,7 @@ class ConsoleReporter:
         self._alarms_shown = 0
 
     def on_start(self, run):
+        self._alarms_shown = 0  # one reporter may follow several runs (a sweep)
         self._write_line(f"{run.name}: training on {run.device} in {run.precision} "
                          f"({run.precision_reason})")
 

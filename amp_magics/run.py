@@ -30,6 +30,35 @@ def register(run: "Run") -> None:
         _RUNS.append(run)
 
 
+def forget_runs() -> int:
+    """Forget every finished run (running ones stay); return how many were forgotten."""
+    with _RUNS_LOCK:
+        kept = [r for r in _RUNS if not r.done]
+        forgotten = len(_RUNS) - len(kept)
+        _RUNS[:] = kept
+    return forgotten
+
+
+class RunList(list):
+    """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory."""
+
+    def rows(self) -> list[dict]:
+        return [{"run": r.name, "model": r.config.get("model_name", r.model_label),
+                 "flags": " ".join(f"{k}={v}" for k, v in r.config.get("flags", {}).items()
+                                   if k not in ("model", "optimizer", "data")),
+                 "status": r.status, "steps": len(r.history),
+                 "final loss": r.summary["final_loss"], "time s": r.wall_time,
+                 "peak memory": r.summary["peak_memory"]} for r in self]
+
+    def _repr_html_(self) -> str:
+        from .tuning import comparison_table_html
+
+        return comparison_table_html(self.rows(), None, f"{len(self)} runs this session")
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(r) for r in self) or "no runs yet"
+
+
 def next_name() -> str:
     with _RUNS_LOCK:
         taken = {r.name for r in _RUNS}

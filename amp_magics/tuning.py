@@ -1,0 +1,332 @@
+"""Sweeps and precision showdowns: several runs from one captured starting state.
+
+Every run starts from the same model, optimizer, scheduler, loss-scaler and RNG state, so
+differences between runs come from the setting alone. No IPython, no widgets.
+"""
+from __future__ import annotations
+
+import copy
+import html
+import itertools
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from . import engine
+from .checkpoint import capture_rng, restore_rng
+from .errors import AmpUsageError
+from .precision import CHOICES, resolve
+
+ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
+
+
+# -- parsing ------------------------------------------------------------------------------
+def parse_sweep(spec: str, optimizer, number=float) -> list[dict]:
+    """"lr=1e-3,1e-2; weight_decay=0,0.01" -> the grid of settings, in order."""
+    axes = {}
+    for part in filter(str.strip, spec.split(";")):
+        key, sep, values = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise AmpUsageError(f"--sweep part {part.strip()!r} is not KEY=V1,V2,...: "
+                                'write e.g. --sweep "lr=1e-4,3e-4,1e-3"')
+        if key in axes:
+            raise AmpUsageError(f"--sweep names {key!r} twice")
+        raw = [v.strip() for v in values.split(",") if v.strip()]
+        if not raw:
+            raise AmpUsageError(f"--sweep {key}= has no values: give at least one, e.g. {key}=0.1")
+        axes[key] = [_parse_value(key, v, optimizer, number) for v in raw]
+    if not axes:
+        raise AmpUsageError('--sweep is empty: write e.g. --sweep "lr=1e-4,3e-4,1e-3"')
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _parse_value(key, text, optimizer, number):
+    hyper = optimizer.param_groups[0]
+    if key == "dtype":
+        if text not in CHOICES:
+            raise AmpUsageError(f"--sweep dtype={text}: choose from {', '.join(CHOICES)}")
+        return text
+    if key in ENGINE_KEYS:
+        kind = ENGINE_KEYS[key]
+    elif key in hyper and isinstance(hyper[key], (int, float)) and not isinstance(hyper[key], bool):
+        kind = float
+    else:
+        tunable = sorted(k for k, v in hyper.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise AmpUsageError(f"--sweep cannot set {key!r}: use an optimizer hyperparameter of "
+                            f"{type(optimizer).__name__} ({', '.join(tunable)}) or one of "
+                            f"{', '.join(sorted(ENGINE_KEYS))}")
+    try:
+        value = number(text)
+    except ValueError:
+        raise AmpUsageError(f"--sweep {key}={text}: not a number") from None
+    if kind is int:
+        if value != int(value):
+            raise AmpUsageError(f"--sweep {key}={text}: must be a whole number")
+        value = int(value)
+    return value
+
+
+def parse_compare(spec: str, device) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if len(names) < 2:
+        raise AmpUsageError("--compare needs at least two precisions, e.g. --compare fp32,bf16")
+    for name in names:
+        if name not in ("fp32", "fp16", "bf16"):
+            raise AmpUsageError(f"--compare {name}: choose from fp32, fp16, bf16")
+        resolve(name, device)  # a dtype the device lacks raises PrecisionError here
+    if len(set(names)) != len(names):
+        raise AmpUsageError("--compare names a precision twice")
+    return names
+
+
+# -- the shared starting state ----------------------------------------------------------------
+class StartingState:
+    """Model, optimizers, scheduler, persistent scaler and RNG, as they were at capture."""
+
+    def __init__(self, model, optimizers, scheduler=None):
+        self.model, self.optimizers, self.scheduler = model, list(optimizers), scheduler
+        self.model_state = _clone(model.state_dict())
+        self.optimizer_states = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        self.scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler else None
+        self.scaler_entry = engine.scaler_entry(self.optimizers[0])
+        self.rng = capture_rng()
+
+    def restore(self):
+        self.model.load_state_dict(self.model_state)
+        for opt, state in zip(self.optimizers, self.optimizer_states):
+            opt.load_state_dict(copy.deepcopy(state))
+            opt.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(self.scheduler_state))
+        engine.restore_scaler_entry(self.optimizers[0], self.scaler_entry)
+        restore_rng(self.rng)
+
+
+def _clone(state):
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def apply_hyperparameters(setting: dict, optimizers, scheduler) -> None:
+    """Set optimizer hyperparameters (the engine's own keys are passed as options instead)."""
+    for key, value in setting.items():
+        if key in ENGINE_KEYS:
+            continue
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group[key] = value
+                if key == "lr" and "initial_lr" in group:
+                    group["initial_lr"] = value
+        if key == "lr" and scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [value] * len(scheduler.base_lrs)
+
+
+# -- sweeps -------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    settings: list[dict]
+    runs: list = field(default_factory=list)
+    best: int | None = None  # index into runs
+    criterion: str = "final train loss"
+
+    def rows(self) -> list[dict]:
+        out = []
+        for setting, run in zip(self.settings, self.runs):
+            s = run.summary
+            out.append({**setting, "run": run.name, "status": run.status,
+                        "final loss": s["final_loss"], "best loss": s["best_loss"],
+                        "val loss": s["final_val_loss"], "steps/s": s["steps_per_s"],
+                        "peak memory": s["peak_memory"], "skipped": s["skipped_steps"]})
+        return out
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def _repr_html_(self) -> str:
+        return comparison_table_html(self.rows(), self.best,
+                                     f"best by {self.criterion} highlighted")
+
+    def __repr__(self) -> str:
+        best = self.runs[self.best].name if self.best is not None else "-"
+        return f"<Sweep of {len(self.runs)} runs, best {best} by {self.criterion}>"
+
+
+def score(run) -> float:
+    s = run.summary
+    value = s["final_val_loss"] if s["final_val_loss"] is not None else s["final_loss"]
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def sweep(step_fn, settings: list[dict], *, model, optimizer, scheduler=None, keep_best=False,
+          name="sweep", config=None, **options) -> Sweep:
+    """Train once per setting from the same starting state; return the Sweep.
+
+    The model ends in the starting state, or with `keep_best` in the best run's final state
+    (best by validation loss when `val` is given, else by final train loss). An exception or
+    an interrupt ends the sweep early; the model is restored all the same.
+    """
+    __tracebackhide__ = True
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    start = StartingState(model, optimizers, scheduler)
+    result = Sweep(settings, criterion="validation loss" if options.get("val") is not None
+                   else "final train loss")
+    best_state = None
+    try:
+        for i, setting in enumerate(settings):
+            start.restore()
+            apply_hyperparameters(setting, optimizers, scheduler)
+            engine_options = {k: v for k, v in setting.items() if k in ENGINE_KEYS}
+            label = " ".join(f"{k}={v}" for k, v in setting.items())
+            training = engine.prepare(step_fn, model=model, optimizer=optimizers,
+                                      scheduler=scheduler, name=f"{name}[{label}]",
+                                      config={**(config or {}), "sweep": setting},
+                                      **{**options, **engine_options})
+            result.runs.append(training.run)
+            training.execute()
+            if training.run.status != "finished":
+                break
+            if result.best is None or score(training.run) < score(result.runs[result.best]):
+                result.best = i
+                if keep_best:
+                    best_state = StartingState(model, optimizers, scheduler)
+    finally:
+        (best_state or start).restore()
+    return result
+
+
+# -- precision showdown ---------------------------------------------------------------------
+@dataclass
+class Showdown:
+    runs: dict  # precision name -> Run
+    warmup: int
+
+    def rows(self) -> list[dict]:
+        base = self.runs.get("fp32")
+        out = []
+        for precision, run in self.runs.items():
+            out.append({"precision": precision, "median step ms": self.step_ms(run),
+                        "peak memory": self.peak(run), "final loss": final_loss(run),
+                        "loss vs fp32": _relative(final_loss(run), final_loss(base))
+                        if base is not None else None,
+                        "skipped": run.summary["skipped_steps"]})
+        return out
+
+    def step_ms(self, run) -> float | None:
+        times = [r["time"] for r in run.history]
+        deltas = [b - a for a, b in zip(times, times[1:])][self.warmup:]
+        return statistics.median(deltas) * 1e3 if deltas else None
+
+    @staticmethod
+    def peak(run) -> float | None:
+        """CUDA: peak allocated. CPU: growth of resident memory during the run (approximate)."""
+        samples = run.memory
+        if not samples:
+            return None
+        if samples[-1].get("peak") is not None:
+            return max(m["peak"] for m in samples)
+        rss = [m["rss"] for m in samples if m.get("rss") is not None]
+        return max(rss) - rss[0] if rss else None
+
+    def verdicts(self) -> list[str]:
+        base = self.runs.get("fp32")
+        if base is None:
+            return []
+        base_ms, base_peak = self.step_ms(base), self.peak(base)
+        lines = []
+        for precision, run in self.runs.items():
+            if precision == "fp32":
+                continue
+            parts = []
+            ms = self.step_ms(run)
+            if ms and base_ms:
+                ratio = base_ms / ms
+                parts.append(f"{ratio:.2g}x faster" if ratio >= 1 else f"{1 / ratio:.2g}x slower")
+            peak = self.peak(run)
+            if peak is not None and base_peak:
+                change = 1 - peak / base_peak
+                parts.append(f"{abs(change):.0%} {'less' if change >= 0 else 'more'} memory")
+            gap = _relative(final_loss(run), final_loss(base))
+            if gap is not None:
+                parts.append(f"loss within {gap:.2%} of fp32" if math.isfinite(gap)
+                             else "loss not finite")
+            skipped = run.summary["skipped_steps"]
+            if skipped:
+                parts.append(f"{skipped} skipped steps")
+            lines.append(f"{precision}: " + ", ".join(parts))
+        return lines
+
+    def _repr_html_(self) -> str:
+        verdict = "".join(f"<li>{html.escape(v)}</li>" for v in self.verdicts())
+        return comparison_table_html(self.rows(), None, "") + f"<ul>{verdict}</ul>"
+
+    def __repr__(self) -> str:
+        return "\n".join(self.verdicts()) or f"<Showdown of {', '.join(self.runs)}>"
+
+
+def final_loss(run, last=5) -> float | None:
+    """Mean of the last few losses: a single step's loss is too noisy to compare."""
+    losses = [r["loss"] for r in run.history[-last:]]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _relative(value, reference):
+    if value is None or reference is None:
+        return None
+    if not (math.isfinite(value) and math.isfinite(reference)):
+        return math.inf
+    return abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None, steps=50,
+             name="compare", **options) -> Showdown:
+    """Run `steps` optimizer steps in each precision from the same starting state."""
+    __tracebackhide__ = True
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    start = StartingState(model, optimizers, scheduler)
+    result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
+    try:
+        for precision in precisions:
+            start.restore()
+            training = engine.prepare(step_fn, model=model, optimizer=optimizers,
+                                      scheduler=scheduler, dtype=precision, steps=steps,
+                                      name=f"{name}[{precision}]", sync_timing=True,
+                                      **options)
+            result.runs[precision] = training.run
+            training.execute()
+            if training.run.status != "finished":
+                break
+    finally:
+        start.restore()
+    return result
+
+
+def comparison_table_html(rows: list[dict], highlight: int | None, caption: str) -> str:
+    from .render import format_number
+    from .run import format_bytes
+
+    if not rows:
+        return "<p>no runs</p>"
+    header = "".join(f"<th style='text-align:right;padding:2px 10px'>{html.escape(str(k))}</th>"
+                     for k in rows[0])
+
+    def cell(key, value):
+        if key == "peak memory" and value is not None:
+            text = format_bytes(value)
+        elif isinstance(value, float):
+            text = format_number(value) if math.isfinite(value) else str(value)
+        else:
+            text = "-" if value is None else str(value)
+        return f"<td style='text-align:right;padding:2px 10px'>{html.escape(text)}</td>"
+
+    best = " style='font-weight:bold;background:rgba(51,136,238,.15)'"
+    body = "".join(f"<tr{best if i == highlight else ''}>"
+                   + "".join(cell(k, v) for k, v in row.items()) + "</tr>"
+                   for i, row in enumerate(rows))
+    caption = f"<caption style='caption-side:bottom;opacity:.7'>{html.escape(caption)}</caption>"
+    return f"<table class='amp-compare'>{caption}<thead><tr>{header}</tr></thead>{body}</table>"

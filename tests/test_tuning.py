@@ -1,0 +1,119 @@
+"""Sweeps, the precision showdown and the run registry."""
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+
+from recipes import assert_same_state, make_data, make_model
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
+
+
+@pytest.fixture
+def nb(ip):
+    model = make_model()
+    ip.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      train_loader=make_data(n=8, overflow_at=(3,)),
+                      val_loader=make_data(n=2, seed=7), F=F, torch=torch)
+    return ip
+
+
+def test_each_sweep_run_equals_an_independent_run_from_the_same_start(nb):
+    start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    nb.run('%%amp_train --dtype fp16 --seed 1 --sweep "lr=0.05,0.2; momentum=0,0.9" -o sw\n'
+           + BODY)
+    sweep = nb.user_ns["sw"]
+    assert [r.status for r in sweep.runs] == ["finished"] * 4
+    assert_same_state(nb.user_ns["model"].state_dict(), start)  # back to the start
+
+    for setting, run in zip(sweep.settings, sweep.runs):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=setting["momentum"])
+        nb.user_ns.update(model=model, optimizer=opt)
+        nb.run(f"%%amp_train --dtype fp16 --seed 1 -o alone\n{BODY}")
+        alone = nb.user_ns["alone"]
+        for key in ("loss", "scale", "skipped", "lr"):
+            mine, theirs = [r[key] for r in run.history], [r[key] for r in alone.history]
+            assert len(mine) == len(theirs) == 8
+            assert all(a == b or (a != a and b != b) for a, b in zip(mine, theirs)), key
+
+
+def test_sweep_table_and_keep_best(nb):
+    nb.run('%%amp_train --dtype fp32 --val val_loader --keep best '
+           '--sweep "lr=0.001,0.3; clip=0.5" -o sw\n' + BODY)
+    sweep = nb.user_ns["sw"]
+    scores = [r.val_history[-1]["val_loss"] for r in sweep.runs]
+    assert sweep.best == scores.index(min(scores)) and sweep.criterion == "validation loss"
+    frame = sweep.to_pandas()
+    assert list(frame["lr"]) == [0.001, 0.3] and list(frame["clip"]) == [0.5, 0.5]
+    page = sweep._repr_html_()
+    assert page.count("<tr") == 3 and "font-weight:bold" in page
+
+    # --keep best: the model holds the best run's final weights; re-running that setting from
+    # the same start reproduces them.
+    kept = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    model = make_model()
+    nb.user_ns.update(model=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=sweep.settings[sweep.best]["lr"]))
+    nb.run(f"%%amp_train --dtype fp32 --clip 0.5\n{BODY}")
+    assert_same_state(model.state_dict(), kept)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("betas=0.9", "cannot set 'betas'"),
+    ("nesterov=1", "cannot set 'nesterov'"),
+    ("colour=red", "cannot set 'colour'"),
+    ("lr=", "has no values"),
+    ("lr=abc", "lr=abc: not a number"),
+    ("accum=1.5", "must be a whole number"),
+    ("dtype=fp8", "choose from"),
+    ("lr", "is not KEY=V1,V2"),
+    ("lr=1; lr=2", "names 'lr' twice"),
+    (";", "--sweep is empty"),
+])
+def test_bad_sweep_specs(nb, spec, message):
+    start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    with pytest.raises(UsageError, match=message):
+        nb.run(f'%%amp_train --sweep "{spec}"\n{BODY}')
+    assert_same_state(nb.user_ns["model"].state_dict(), start)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fp32", "at least two"),
+    ("fp32,fp64", "choose from fp32, fp16, bf16"),
+    ("fp32,fp32", "twice"),
+])
+def test_bad_compare_specs(nb, spec, message):
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train --compare {spec} --steps 3\n{BODY}")
+    with pytest.raises(UsageError, match="--compare needs --steps"):
+        nb.run(f"%%amp_train --compare fp32,bf16\n{BODY}")
+
+
+def test_compare_reports_each_precision_and_restores_the_model(nb):
+    start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    nb.run(f"%%amp_train --compare fp32,bf16,fp16 --steps 8 -o cmp\n{BODY}")
+    showdown = nb.user_ns["cmp"]
+    rows = showdown.rows()
+    assert [r["precision"] for r in rows] == ["fp32", "bf16", "fp16"]
+    assert all(r["median step ms"] > 0 for r in rows)
+    assert rows[0]["loss vs fp32"] == 0.0 and rows[2]["skipped"] == 1
+    verdicts = showdown.verdicts()
+    assert verdicts[0].startswith("bf16: ") and ("faster" in verdicts[0] or "slower" in verdicts[0])
+    assert "of fp32" in verdicts[0] and "1 skipped steps" in verdicts[1]
+    assert_same_state(nb.user_ns["model"].state_dict(), start)
+
+
+def test_amp_runs_lists_plots_and_clears(nb):
+    nb.run(f"%%amp_train --dtype fp32 --name first\n{BODY}")
+    nb.run(f"%%amp_train --dtype fp32 --name '<i>second</i>'\n{BODY}")
+    table = nb.run("%amp_runs")
+    names = [row["run"] for row in table.rows()]
+    assert names[-2:] == ["first", "<i>second</i>"]
+    assert "&lt;i&gt;second" in table._repr_html_() and "<i>second" not in table._repr_html_()
+    overlay = nb.run("%amp_runs --plot first '<i>second</i>'")
+    assert "<svg" in overlay.data and "&lt;i&gt;second&lt;/i&gt;" in overlay.data
+    with pytest.raises(UsageError, match="no run named 'nope'"):
+        nb.run("%amp_runs --plot nope")
+    nb.run("%amp_runs --clear")
+    assert nb.run("%amp_runs").rows() == []
