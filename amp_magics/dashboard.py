@@ -69,8 +69,9 @@ MEMORY_LABELS = {"allocated": "allocated", "reserved": "reserved", "peak": "peak
 
 
 def _as_numpy(values: array) -> np.ndarray:
-    # A zero-copy view of the growing array: no per-refresh conversion of the whole history.
-    return np.frombuffer(values, dtype=np.float64) if len(values) else np.empty(0)
+    # One memcpy (0.1 ms per 100k steps), not a per-element conversion. A copy, not a view:
+    # a live view would make the next append() fail with BufferError.
+    return np.array(values, dtype=np.float64)
 
 
 def _nan(value) -> float:
@@ -194,14 +195,16 @@ class Dashboard:
 
     def finish(self):
         """Replace the live widgets by a static snapshot of the last run."""
-        from IPython.display import HTML
+        from .reporter import end_lines
 
         if self._box is None:
             return
-        snapshot = self._render(self._columns.run, final=True)
+        run = self._columns.run
+        snapshot = self._render(run, final=True)
         self._html.value = snapshot
         if self._handle is not None:
-            self._handle.update(HTML(snapshot))
+            text = "\n".join(end_lines(run) + [f"ALARM: {a}" for a in run.alarms])
+            self._handle.update({"text/html": snapshot, "text/plain": text}, raw=True)
         self._box.close()  # the snapshot replaces the widgets; free their comms
         self._box = None
 

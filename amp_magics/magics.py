@@ -285,11 +285,8 @@ class AmpMagics(Magics):
         if missing:
             raise UsageError(f"no run named {', '.join(map(repr, missing))}; runs this "
                              f"session: {', '.join(known) or 'none'}")
-        from IPython.display import HTML
-
-        from .dashboard import overlay_html
-
-        return HTML(overlay_html([known[n] for n in args.plot]))
+        first, *others = (known[n] for n in args.plot)
+        return first.plot(*others)
 
     @classmethod
     def stop_background_runs(cls, wait=10.0):

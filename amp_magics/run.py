@@ -217,6 +217,12 @@ class Run:
         rows += [("note", n) for n in self.notes]
         return rows
 
+    def plot(self, *others: "Run") -> "Picture":
+        """A static picture of this run's dashboard, `others` drawn faded underneath."""
+        from .dashboard import overlay_html
+
+        return Picture(overlay_html([self, *others]))
+
     def __repr__(self) -> str:
         s = self.summary
         return (f"<Run {self.name!r} {self.status}: {s['steps']} steps, "
@@ -232,6 +238,16 @@ class Run:
             for k, v in self.summary_rows()
         )
         return f"<table class='amp-run-summary'>{cells}</table>"
+
+
+class Picture:
+    """HTML that notebooks display as it is (nbconvert and GitHub show it too)."""
+
+    def __init__(self, html_text: str):
+        self.html = html_text
+
+    def _repr_html_(self) -> str:
+        return self.html
 
 
 def _fmt(x) -> str:

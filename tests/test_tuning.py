@@ -112,7 +112,7 @@ def test_amp_runs_lists_plots_and_clears(nb):
     assert names[-2:] == ["first", "<i>second</i>"]
     assert "&lt;i&gt;second" in table._repr_html_() and "<i>second" not in table._repr_html_()
     overlay = nb.run("%amp_runs --plot first '<i>second</i>'")
-    assert "<svg" in overlay.data and "&lt;i&gt;second&lt;/i&gt;" in overlay.data
+    assert "<svg" in overlay.html and "&lt;i&gt;second&lt;/i&gt;" in overlay.html
     with pytest.raises(UsageError, match="no run named 'nope'"):
         nb.run("%amp_runs --plot nope")
     nb.run("%amp_runs --clear")
