@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # `amp-magics status --json | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
+        return 0
 
 
 def _print_status(indices, as_json: bool, watching: bool) -> None:
@@ -75,5 +79,6 @@ def _check(parser: argparse.ArgumentParser, export: str | None) -> int:
             path = doctor.export_environment(export)
         except OSError as e:
             parser.error(f"cannot write {export}: {e}")
-        print(f"Wrote {path}; rebuild it elsewhere with: conda env create -f {path}")
+        print(f"Wrote {path}")
+        print(f"Rebuild it elsewhere with: conda env create -f {os.path.basename(path)}")
     return 0 if report.ok else 1

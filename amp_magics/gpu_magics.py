@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import threading
 
 from IPython.core.error import UsageError
@@ -122,5 +123,6 @@ class GpuMagics(Magics):
                 path = doctor.export_environment(args.export)
             except OSError as e:
                 raise UsageError(f"cannot write {args.export}: {e}") from None
-            print(f"Wrote {path}; rebuild it elsewhere with: conda env create -f {path}")
+            print(f"Wrote {path}")
+            print(f"Rebuild it elsewhere with: conda env create -f {os.path.basename(path)}")
         return report

@@ -58,9 +58,13 @@ def _fraction(used, total) -> float | None:
 
 
 def _torch_headline(mem) -> str:
-    where = f" = GPU {mem.gpu_index}" if mem.gpu_index is not None else ""
-    return (f"PyTorch in this kernel, {mem.device}{where}: allocated {_size(mem.allocated)}, "
-            f"reserved {_size(mem.reserved)}, peak {_size(mem.peak)}")
+    where = f" (GPU {mem.gpu_index})" if mem.gpu_index is not None else ""
+    return f"This kernel's PyTorch memory on {mem.device}{where}:"
+
+
+def _torch_held(mem) -> str:
+    return (f"allocated {_size(mem.allocated)}, reserved {_size(mem.reserved)}, "
+            f"peak {_size(mem.peak)}")
 
 
 def _torch_gap(mem) -> str:
@@ -133,6 +137,7 @@ def status_text(status) -> str:
             lines += _gpu_text(gpu)
         for mem in status.torch_memory:
             lines += _fit(_torch_headline(mem))
+            lines += _fit(_torch_held(mem), indent="  ")
             lines += _fit(_torch_gap(mem), indent="  ")
         lines += _fit(_host_line(status.host))
     else:
@@ -218,7 +223,8 @@ def status_html(status) -> str:
         for gpu in status.gpus:
             parts.append(_processes_html(gpu))
         for mem in status.torch_memory:
-            parts.append(_line(_torch_headline(mem)))
+            parts.append(f"<div><b>{_esc(_torch_headline(mem))}</b></div>")
+            parts.append(_line(_torch_held(mem), "padding-left:16px"))
             parts.append(_line(_torch_gap(mem), "padding-left:16px"))
         parts.append(_line(_host_line(status.host), _MUTED))
     else:
@@ -246,7 +252,7 @@ def _processes_html(gpu) -> str:
     return "".join(out)
 
 
-_BADGE = {"pass": "#2e7d32", "warn": "#f9a825", "fail": "#c62828", "info": "#757575"}
+_BADGE = {"pass": "#2e7d32", "warn": "#e65100", "fail": "#c62828", "info": "#757575"}
 
 
 def checks_html(checks) -> str:

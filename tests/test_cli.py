@@ -1,0 +1,91 @@
+"""`python -m amp_magics status|check`: in-process through main(), and as a real subprocess."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fake_nvml import FakeNvml, h100
+
+from amp_magics import gpu
+from amp_magics.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args, timeout=60):
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "amp_magics", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    return done, time.perf_counter() - start
+
+
+def test_status_in_process_is_fast_and_fits_80_columns(monkeypatch, capsys):
+    monkeypatch.setattr(gpu, "_nvml_state", None)  # include NVML's start-up in the timing
+    start = time.perf_counter()
+    assert main(["status"]) == 0
+    assert time.perf_counter() - start < 1.0
+    out = capsys.readouterr().out
+    assert "Recommendation: --dtype auto picks" in out
+    assert max(map(len, out.splitlines())) <= 80
+
+
+def test_status_json_and_selection(monkeypatch, capsys):
+    monkeypatch.setattr(gpu, "_nvml_state", (FakeNvml([h100(uuid=f"GPU-{i}") for i in range(8)]), None))
+    assert main(["status", "--json", "-i", "0,2"]) == 0
+    assert [g["index"] for g in json.loads(capsys.readouterr().out)["gpus"]] == [0, 2]
+    assert main(["status"]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 80
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["status", "-i", "9"], "no GPU 9: this machine has 8"),
+    (["status", "-i", "a,b"], "GPU indices must be integers"),
+    (["status", "--watch", "0"], "--watch needs a positive number"),
+    (["bogus"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_exit_2_with_a_message(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(gpu, "_nvml_state", (FakeNvml([h100(uuid=f"GPU-{i}") for i in range(8)]), None))
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_subprocess_status_text_and_json():
+    done, seconds = run_module("status")
+    print(f"python -m amp_magics status: {seconds:.3f} s")
+    assert done.returncode == 0, done.stderr
+    assert max(map(len, done.stdout.splitlines())) <= 80
+    assert seconds < 3.0  # interpreter start-up included; the probe itself is tested < 1 s above
+    done, _ = run_module("status", "--json")
+    assert done.returncode == 0 and "recommendation" in json.loads(done.stdout)
+
+
+def test_subprocess_check_passes_its_smoke_test(tmp_path):
+    path = tmp_path / "environment.yml"
+    done, seconds = run_module("check", "--export", str(path), timeout=120)
+    print(f"python -m amp_magics check: {seconds:.3f} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS  AMP smoke test: 2 steps of" in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines() if not line.startswith("Wrote ")) <= 80
+    assert "torch==" in path.read_text()
+
+
+def test_subprocess_watch_redraws_until_ctrl_c():
+    proc = subprocess.Popen([sys.executable, "-m", "amp_magics", "status", "--watch", "0.05", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        frames = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        assert frames[1]["taken_at"] > frames[0]["taken_at"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

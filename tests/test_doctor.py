@@ -1,0 +1,181 @@
+"""doctor.py and %amp_check on this machine: a CPU-only torch build, no NVIDIA driver."""
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from amp_magics import doctor
+from amp_magics.gpu_magics import GpuMagics
+from amp_magics.status_render import checks_html, checks_text
+
+REQUIRED = ["Python", "torch", "CUDA available", "cuDNN", "GPU", "Tensor Cores", "bf16", "driver / CUDA",
+            "AMP smoke test", "nvidia-ml-py", "deprecated pynvml", "ipywidgets", "conda"]
+
+
+@pytest.fixture(scope="module")
+def shell():
+    shell = InteractiveShell.instance()
+    shell.register_magics(GpuMagics(shell))
+    return shell
+
+
+@pytest.fixture(scope="module")
+def report(shell):
+    return shell.run_line_magic("amp_check", "")
+
+
+def by_name(report, name):
+    return next(c for c in report.checks if c.name == name)
+
+
+def test_amp_check_runs_every_check(report):
+    assert [c.name for c in report.checks] == REQUIRED
+    assert all(c.status in ("pass", "warn", "fail", "info") for c in report.checks)
+    assert all(c.fix for c in report.checks if c.status in ("warn", "fail"))
+
+
+def test_cpu_smoke_test_really_trains_in_bf16(report):
+    smoke = by_name(report, "AMP smoke test")
+    assert smoke.status == "pass", smoke
+    loss_before, loss_after = map(float, re.findall(r"\d+\.\d+", smoke.detail))
+    assert smoke.detail.startswith("2 steps of bf16 autocast on cpu") and loss_after < loss_before
+
+
+def test_this_cpu_only_machine_is_reported_as_such(report):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert by_name(report, "torch").detail.endswith("(CPU-only build)")
+    cuda = by_name(report, "CUDA available")
+    assert cuda.status == "warn" and "NVML library not found" in cuda.detail
+    assert by_name(report, "nvidia-ml-py").status == "pass"
+    assert by_name(report, "deprecated pynvml").status == "pass"
+    assert by_name(report, "ipywidgets").status == "pass"
+    assert report.ok
+
+
+def test_smoke_test_leaves_the_random_state_alone():
+    state = torch.random.get_rng_state()
+    doctor.amp_smoke_test(torch)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_smoke_test_failure_is_a_finding(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(torch, "autocast", broken)
+    check = doctor.amp_smoke_test(torch)
+    assert check.status == "fail" and "no kernel image is available" in check.detail and check.fix
+
+
+def test_report_renders_in_80_columns_and_escapes_html(report):
+    text = checks_text(report.checks)
+    assert max(map(len, text.splitlines())) <= 80
+    hostile = [doctor.Check("GPU", "fail", "<img src=x onerror=alert(1)>", "<script>")]
+    html = checks_html(hostile)
+    assert "<img" not in html and "<script>" not in html and "&lt;img" in html
+    assert report._repr_html_().startswith('<div class="amp-check"')
+
+
+def test_deprecated_pynvml_is_found_by_its_distribution(monkeypatch):
+    versions = {"pynvml": "11.5.0"}
+    monkeypatch.setattr(doctor, "_distribution_version", versions.get)
+    check = doctor._no_deprecated_pynvml()
+    assert check.status == "warn" and "pynvml 11.5.0" in check.detail and "pip uninstall" in check.fix
+
+
+def test_conda_environment(monkeypatch):
+    monkeypatch.setenv("CONDA_DEFAULT_ENV", "amp")
+    monkeypatch.setenv("CONDA_PREFIX", sys.prefix)
+    check = doctor._conda()
+    assert check.status == "info" and "'amp'" in check.detail and sys.prefix in check.detail
+    monkeypatch.setenv("CONDA_PREFIX", "/opt/conda/envs/other")
+    check = doctor._conda()
+    assert check.status == "warn" and "ipykernel install" in check.fix
+    monkeypatch.delenv("CONDA_PREFIX")
+    assert "not in a conda environment" in doctor._conda().detail
+
+
+@pytest.mark.parametrize("capability, generation", [
+    ((6, 1), None), ((7, 0), "Volta"), ((7, 5), "Turing"), ((8, 0), "Ampere"), ((8, 6), "Ampere"),
+    ((8, 9), "Ada Lovelace"), ((9, 0), "Hopper"), ((12, 0), "Blackwell"),
+])
+def test_tensor_core_generations(capability, generation):
+    found = doctor.tensor_core_generation(*capability)
+    assert (found is None) if generation is None else generation in found
+
+
+def test_gpu_side_checks_from_capability():
+    assert doctor._tensor_cores((9, 0)).detail.endswith("fp16, bf16, tf32, fp8")
+    assert doctor._tensor_cores((6, 1)).status == "warn"
+    assert doctor._bf16((8, 0)).status == "pass"
+    assert doctor._bf16((7, 5)).status == "warn" and "fp16" in doctor._bf16((7, 5)).fix
+    assert (doctor._cudnn_version(8902), doctor._cudnn_version(90100)) == ("8.9.2", "9.1.0")
+
+
+@pytest.mark.parametrize("driver_cuda, runtime, status", [
+    ("12.4", "12.4", "pass"), ("12.6", "12.1", "pass"), ("12.2", "12.4", "warn"), ("11.8", "12.4", "fail"),
+])
+def test_driver_against_torch_cuda_runtime(driver_cuda, runtime, status):
+    probe = SimpleNamespace(driver_version="550.54.15", cuda_driver_version=driver_cuda, no_gpu_reason=None)
+    built_for = SimpleNamespace(version=SimpleNamespace(cuda=runtime))
+    check = doctor._driver(built_for, probe)
+    assert check.status == status and f"supports CUDA up to {driver_cuda}" in check.detail
+
+
+def test_cpu_torch_on_a_gpu_machine_fails_with_a_fix():
+    probe = SimpleNamespace(gpus=[object()], cuda_driver_version="12.4", no_gpu_reason=None)
+    cpu_build = SimpleNamespace(__version__="2.5.1+cpu", version=SimpleNamespace(cuda=None, hip=None))
+    check = doctor._torch_build(cpu_build, probe)
+    assert check.status == "fail" and "CUDA 12.4 or older" in check.fix
+
+
+def parse_environment_yml(text):
+    """The YAML subset the export writes: top-level keys, `- item` lists, and one nested `- pip:` list."""
+    doc, key = {}, None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            key, _, value = line.partition(":")
+            doc[key] = value.strip() or []
+        elif line.startswith("  - pip:"):
+            doc[key].append({"pip": []})
+        elif line.startswith("      - "):
+            doc[key][-1]["pip"].append(line[8:])
+        elif line.startswith("  - "):
+            doc[key].append(line[4:])
+        else:
+            raise AssertionError(f"unexpected line {line!r}")
+    return doc
+
+
+def test_export_writes_a_conda_environment(shell, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONDA_DEFAULT_ENV", "base")  # `conda env create` refuses that name
+    path = tmp_path / "environment.yml"
+    report = shell.run_line_magic("amp_check", f"--export {path}")
+    assert isinstance(report, doctor.Report) and f"Wrote {path}" in capsys.readouterr().out
+    doc = parse_environment_yml(path.read_text())
+    assert doc["name"] == '"amp-magics"'
+    assert doc["channels"] == ["pytorch", "conda-forge", "defaults"]
+    python, pip, nested = doc["dependencies"]
+    assert python == f"python={sys.version_info.major}.{sys.version_info.minor}" and pip == "pip"
+    pins = nested["pip"]
+    assert f"torch=={torch.__version__}" in pins
+    assert any(p.startswith("nvidia-ml-py==") for p in pins) and any(p.startswith("amp_magics==") for p in pins)
+    if "+" in torch.__version__:
+        local = torch.__version__.split("+")[1]
+        assert pins.index(f"--extra-index-url https://download.pytorch.org/whl/{local}") < pins.index(
+            f"torch=={torch.__version__}")
+
+
+def test_amp_check_bad_flags(shell, tmp_path):
+    with pytest.raises(UsageError):
+        shell.run_line_magic("amp_check", "--bogus")
+    with pytest.raises(UsageError, match="cannot write"):
+        shell.run_line_magic("amp_check", f"--export {tmp_path}/missing/dir/environment.yml")
+
