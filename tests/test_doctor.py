@@ -179,3 +179,13 @@ def test_amp_check_bad_flags(shell, tmp_path):
     with pytest.raises(UsageError, match="cannot write"):
         shell.run_line_magic("amp_check", f"--export {tmp_path}/missing/dir/environment.yml")
 
+
+
+def test_export_is_valid_yaml(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "environment.yml"
+    doctor.export_environment(path)
+    env = yaml.safe_load(path.read_text())
+    assert env["name"] and env["channels"] == ["pytorch", "conda-forge", "defaults"]
+    assert env["dependencies"][:2] == [f"python={sys.version_info.major}.{sys.version_info.minor}", "pip"]
+    assert f"torch=={torch.__version__}" in env["dependencies"][2]["pip"]

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -29,6 +30,12 @@ def nvml(monkeypatch):
         monkeypatch.setattr(gpu, "_nvml_state", (fake, None))
         return fake
     return install
+
+
+@pytest.fixture(autouse=True)
+def no_watch_left_running():
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "amp_magics-gpu-watch"]
 
 
 @pytest.fixture(scope="module")
