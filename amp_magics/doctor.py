@@ -77,8 +77,20 @@ def run_checks() -> Report:
     return Report(checks + [_nvidia_ml_py(), _no_deprecated_pynvml(), _ipywidgets(), _conda()])
 
 
+def short_path(path: str) -> str:
+    """A path as a person would type it here: relative when close by, else with ~ for home."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        relative = path
+    if not relative.startswith(os.path.join(os.pardir, os.pardir, os.pardir)):
+        return relative
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home != "/" and path.startswith(home + os.sep) else path
+
+
 def _python() -> Check:
-    return Check("Python", "info", f"{platform.python_version()} at {sys.executable}")
+    return Check("Python", "info", f"{platform.python_version()} at {short_path(sys.executable)}")
 
 
 def _torch_build(torch, status) -> Check:
@@ -282,7 +294,7 @@ def _no_deprecated_pynvml() -> Check:
 
 def _ipywidgets() -> Check:
     if importlib.util.find_spec("ipywidgets") is None:
-        return Check("ipywidgets", "warn", f"not installed for this kernel's Python ({sys.executable}): "
+        return Check("ipywidgets", "warn", f"not installed for this kernel's Python ({short_path(sys.executable)}): "
                      "no progress widgets, no --watch", f"{sys.executable} -m pip install ipywidgets")
     return Check("ipywidgets", "pass", f"{_distribution_version('ipywidgets') or 'installed'} in this kernel")
 
@@ -290,10 +302,11 @@ def _ipywidgets() -> Check:
 def _conda() -> Check:
     env, prefix = os.environ.get("CONDA_DEFAULT_ENV"), os.environ.get("CONDA_PREFIX")
     if not prefix:
-        return Check("conda", "info", f"not in a conda environment (Python prefix {sys.prefix})")
+        return Check("conda", "info", f"not in a conda environment (Python prefix "
+                                      f"{short_path(sys.prefix)})")
     if os.path.realpath(prefix) != os.path.realpath(sys.prefix):
         return Check("conda", "warn", f"conda environment {env!r} ({prefix}) is active, but this Python "
-                     f"runs from {sys.prefix}: the kernel is not that environment's",
+                     f"runs from {short_path(sys.prefix)}: the kernel is not that environment's",
                      f"in that environment: conda install ipykernel && python -m ipykernel install "
                      f"--user --name {env}; then choose that kernel")
     return Check("conda", "info", f"environment {env!r} at {prefix}")
