@@ -31,6 +31,7 @@ from .errors import AmpUsageError
 from .run import Run, format_bytes, next_name, register
 from .telemetry import StepRecorder, memory_snapshot, reset_peak
 
+MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow
 SCALER_DEFAULTS = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
                    "growth_interval": 2000}
 
@@ -75,6 +76,8 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
     """
     optimizers = _check_inputs(model, optimizer, data, val, scheduler, scaler)
     epochs, steps, accum, clip = _check_counts(epochs, steps, accum, clip, refresh_seconds)
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise AmpUsageError(f"--seed must be a whole number from 0 to 2**64-1, got {seed!r}")
     if every is not None and (checkpoint is None or not isinstance(every, int) or every < 1):
         raise AmpUsageError("--every N needs --checkpoint PATH and a positive number of steps")
     if resume is not None and not os.path.isfile(resume):
@@ -364,10 +367,18 @@ class Training:
             raise AmpUsageError("`loss` has no grad_fn, so backward() cannot reach the model: "
                                 "was it computed under torch.no_grad(), detached, or without "
                                 "the model's parameters?")
-        missing = [n for n in self.log_names if n not in logs]
-        if missing:
-            raise AmpUsageError(f"--log names {', '.join(missing)} but the step never "
-                                "assigned it: assign it in the cell body or drop it from --log")
+        for name in self.log_names:
+            if name not in logs:
+                raise AmpUsageError(f"--log names {name} but the step never assigned it: "
+                                    "assign it in the cell body or drop it from --log")
+            value = logs[name]
+            scalar = (value.numel() == 1 if isinstance(value, torch.Tensor)
+                      else isinstance(value, (int, float)))
+            if not scalar:
+                shape = (f"a tensor of shape {tuple(value.shape)}"
+                         if isinstance(value, torch.Tensor) else f"a {type(value).__name__}")
+                raise AmpUsageError(f"--log {name}: a logged value must be a number or a "
+                                    f"one-element tensor, got {shape}")
         return loss, logs
 
     # -- epoch end -----------------------------------------------------------------
@@ -578,8 +589,9 @@ def _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor)
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("init_scale", 1) <= 0:
         raise AmpUsageError("--init-scale must be positive, e.g. 2**14")
-    if given.get("growth_interval", 1) < 1:
-        raise AmpUsageError("--growth-interval must be a positive number of steps")
+    if not 1 <= given.get("growth_interval", 1) <= MAX_COUNT:
+        raise AmpUsageError(f"--growth-interval must be a positive number of steps up to "
+                            f"{MAX_COUNT}")
     if given.get("growth_factor", 2) <= 1:
         raise AmpUsageError("--growth-factor must be greater than 1, e.g. 2.0")
     if not 0 < given.get("backoff_factor", 0.5) < 1:
@@ -647,8 +659,9 @@ def _check_inputs(model, optimizer, data, val, scheduler, scaler):
 
 def _check_counts(epochs, steps, accum, clip, refresh_seconds):
     for label, value in (("epochs", epochs), ("steps", steps), ("accum", accum)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise AmpUsageError(f"--{label} must be a positive whole number, got {value!r}")
+        if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_COUNT):
+            raise AmpUsageError(f"--{label} must be a positive whole number up to {MAX_COUNT}, "
+                                f"got {value!r}")
     if clip is not None and not clip >= 0:
         raise AmpUsageError(f"--clip must be a non-negative max gradient norm, got {clip!r}")
     if not refresh_seconds > 0:

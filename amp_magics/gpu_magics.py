@@ -9,9 +9,10 @@ import threading
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from . import doctor, gpu
+from .magic_args import parse
 from .status_render import status_html
 
 
@@ -85,7 +86,7 @@ class GpuMagics(Magics):
         Returns the Status (`.to_dict()`); with --watch, the running StatusWatch (`.stop()`);
         with --json, prints JSON and returns nothing.
         """
-        args = parse_argstring(self.gpu_status, line)
+        args = parse(self.gpu_status, line)
         if args.watch is not None and args.json:
             raise UsageError("--watch and --json do not combine; use `python -m amp_magics status "
                              "--watch S --json` for a JSON stream")
@@ -116,7 +117,7 @@ class GpuMagics(Magics):
         Each check says pass/warn/fail with a concrete fix; the AMP smoke test runs two real
         training steps on the active device. Returns the Report (`.checks`, `.ok`, `.to_dict()`).
         """
-        args = parse_argstring(self.amp_check, line)
+        args = parse(self.amp_check, line)
         report = doctor.run_checks()
         if args.export:
             try:

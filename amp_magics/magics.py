@@ -6,52 +6,18 @@ IPython's own pipeline, picks the view (live dashboard or text line) and hands o
 """
 from __future__ import annotations
 
-import ast
-import operator
 import sys
 import threading
 from collections.abc import Iterable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Enum, Float
 
 from . import precision
 from .errors import AmpUsageError
-
-
-def number(text: str) -> float:
-    """A positive number written as a literal or simple arithmetic: 65536, 2**14, 2.**16, 1e4."""
-    ops = {ast.Pow: operator.pow, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Add: operator.add, ast.Sub: operator.sub}
-
-    def evaluate(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            left, right = evaluate(node.left), evaluate(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 1024:
-                raise ValueError("exponent too large")
-            return ops[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -evaluate(node.operand)
-        raise ValueError(f"not a number: {text!r}")
-
-    try:
-        return evaluate(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, OverflowError, ZeroDivisionError) as e:
-        raise ValueError(str(e)) from None
-
-
-def _unquote(value):
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
-
-
-def names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
+from .magic_args import names, number, parse
 
 
 class CellStep:
@@ -154,7 +120,7 @@ class AmpMagics(Magics):
         __tracebackhide__ = True
         from .engine import prepare
 
-        args = self._parse(self.amp_train, line)
+        args = parse(self.amp_train, line)
         log_names = names(args.log)
         options = self._resolve_objects(args)
         step = CellStep(self.shell, cell, log_names)
@@ -251,7 +217,7 @@ class AmpMagics(Magics):
     @line_magic
     def amp_stop(self, line):
         """Stop background %%amp_train runs cleanly after their current optimizer step."""
-        args = self._parse(self.amp_stop, line)
+        args = parse(self.amp_stop, line)
         targets = [(r, t) for r, t in list(AmpMagics._background.items())
                    if args.name in (None, r.name)]
         if not targets:
@@ -274,7 +240,7 @@ class AmpMagics(Magics):
         """This session's runs as a table; --plot overlays chosen runs; --clear forgets them."""
         from .run import RunList, forget_runs, runs
 
-        args = self._parse(self.amp_runs, line)
+        args = parse(self.amp_runs, line)
         if args.clear:
             print(f"forgot {forget_runs()} run(s)")
             return None
@@ -296,20 +262,6 @@ class AmpMagics(Magics):
             thread.join(wait)
 
     # -- helpers ----------------------------------------------------------------------
-    @staticmethod
-    def _parse(magic, line):
-        try:
-            args = parse_argstring(magic, line)
-        except UsageError as e:
-            raise UsageError(f"{e}\n{magic.parser.format_usage()}") from None
-        # IPython splits flags without removing quotes: --sweep "lr=1e-3; clip=1" keeps them.
-        for key, value in vars(args).items():
-            if isinstance(value, list):
-                setattr(args, key, [_unquote(v) for v in value])
-            else:
-                setattr(args, key, _unquote(value))
-        return args
-
     def _view(self, args, several=False):
         from .reporter import ConsoleReporter
 
