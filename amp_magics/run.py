@@ -230,8 +230,10 @@ class Run:
 
     def _repr_html_(self) -> str:
         if self.status == "running":
-            return (f"<p>Run <b>{html.escape(self.name)}</b> is running: its history grows "
-                    "live; stop it with <code>%amp_stop</code> or the Stop button.</p>")
+            started = time.strftime("%H:%M:%S", time.localtime(self.started))
+            return (f"<p>Run <b>{html.escape(self.name)}</b> started at {started}; the dashboard "
+                    "shows it live and keeps its final picture. Stop it with "
+                    "<code>%amp_stop</code> or the Stop button.</p>")
         cells = "".join(
             f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
             f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
