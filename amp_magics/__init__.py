@@ -20,11 +20,13 @@ def __getattr__(name):
 
 
 def load_ipython_extension(ipython):
+    from .diagnose_magics import DiagnoseMagics
     from .gpu_magics import GpuMagics
     from .magics import AmpMagics
 
     ipython.register_magics(AmpMagics(ipython))
     ipython.register_magics(GpuMagics(ipython))
+    ipython.register_magics(DiagnoseMagics(ipython))
 
 
 def unload_ipython_extension(ipython):

@@ -1,0 +1,235 @@
+"""Which module makes a mixed-precision step go inf/NaN: forward first, then backward.
+
+`locate_nonfinite` re-runs one batch under the same autocast precision with hooks on every
+submodule. Forward: the first module (in execution order) whose output is non-finite or beyond
+the dtype's range. Backward: the first module (in backward order) whose parameter gradient or
+input gradient is non-finite, with the loss multiplied by the loss scale as GradScaler does.
+Tensor hooks are used rather than full backward hooks, which break modules that modify their
+input in place (nn.ReLU(inplace=True)). No IPython here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .engine import SCALER_DEFAULTS, _as_step, _model_device, to_device
+from .memory import forward_loss, html_table, preserved, tensors_in
+from .precision import resolve
+
+
+@dataclass
+class Finding:
+    phase: str  # "forward" | "backward"
+    module: str  # qualified name, "(model)" for the model itself
+    kind: str  # the module's class
+    tensor: str  # "output", "input gradient", "gradient of weight"...
+    problem: str  # "inf", "NaN", "values up to 7e+04, beyond float16's max 65504"
+    values: tuple | None  # (min, max) |finite values| of that tensor
+    inputs: tuple | None = None  # forward: (min, max) |finite values| of the module's inputs
+    inputs_nonfinite: bool = False
+
+    def describe(self) -> str:
+        text = f"`{self.module}` ({self.kind}): {self.tensor} {self.problem}"
+        if self.values:
+            text += f"; finite |values| {_span(self.values)}"
+        if self.phase == "forward":
+            text += (f"; input |x| {_span(self.inputs)}" if self.inputs else "; no float input")
+            if self.inputs_nonfinite:
+                text += " (the input already had inf/NaN)"
+        return text
+
+
+@dataclass
+class Diagnosis:
+    precision: str
+    device: str
+    loss: float | None
+    loss_scale: float
+    modules: int  # modules watched
+    forward: Finding | None = None
+    backward: Finding | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.forward is not None or self.backward is not None
+
+    @property
+    def advice(self) -> str:
+        f, b, p = self.forward, self.backward, self.precision
+        if f is not None and f.inputs_nonfinite:
+            return (f"The input of `{f.module}` already contained inf/NaN, so {p} is not the "
+                    "cause: check the batch (and any code between modules) for inf/NaN values.")
+        if f is not None:
+            fix = (f"keep `{f.module}` ({f.kind}) in fp32: call it inside "
+                   f"`with torch.autocast('{self.device.split(':')[0]}', enabled=False):` on a "
+                   f"`.float()` input")
+            if p == "fp16":
+                return (f"`{f.module}` ({f.kind}) overflows fp16 in the forward pass. Either "
+                        f"{fix}; or use --dtype bf16 (fp32's range); or keep its input smaller "
+                        "(normalisation, lower learning rate).")
+            return (f"`{f.module}` ({f.kind}) produces {f.problem} in {p} too, which has fp32's "
+                    "range: this is a numerical problem, not a precision one. Check its input, "
+                    "lower the learning rate, or clip gradients (--clip 1.0).")
+        if b is not None:
+            if self.loss_scale > 1:
+                return (f"The forward pass is finite, but gradients overflow at `{b.module}` "
+                        f"({b.kind}) with loss scale {self.loss_scale:g}. GradScaler skips such "
+                        "steps and lowers the scale by itself; if steps keep being skipped, start "
+                        "lower (--init-scale 2**14), clip (--clip 1.0), or keep "
+                        f"`{b.module}` in fp32.")
+            return (f"Gradients go inf/NaN at `{b.module}` ({b.kind}) without loss scaling: lower "
+                    "the learning rate or clip gradients (--clip 1.0).")
+        if self.loss is not None and not math.isfinite(self.loss):
+            return ("No module output is inf/NaN, but the loss is: the overflow is in the step "
+                    "body outside modules. Compute the loss in fp32, e.g. "
+                    "`loss = F.cross_entropy(out.float(), y)`.")
+        return (f"No inf/NaN in the {p} forward or backward pass for this batch "
+                f"(loss scale {self.loss_scale:g}). If training still skips steps, try the batch "
+                "where it happened with --batch NAME.")
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("precision", f"{self.precision} on {self.device}"),
+                ("loss", f"{self.loss:.6g}" if self.loss is not None else "-"),
+                ("loss scale", f"{self.loss_scale:g}"),
+                ("modules watched", str(self.modules)),
+                ("forward", self.forward.describe() if self.forward else "finite"),
+                ("backward", self.backward.describe() if self.backward else "finite")]
+        rows += [("note", n) for n in self.notes]
+        return rows + [("advice", self.advice)]
+
+    def __repr__(self) -> str:
+        return "\n".join(["Diagnosis"] + [f"  {k:<16}{v}" for k, v in self.rows()])
+
+    def _repr_html_(self) -> str:
+        return html_table(["", ""], self.rows(), "amp_doctor diagnosis")
+
+
+def locate_nonfinite(step_fn, model, batch, precision="fp16", scale=None) -> Diagnosis:
+    """Re-run `batch` with hooks and name the first module that goes inf/NaN, forward and back.
+
+    `scale` multiplies the loss before backward (default: GradScaler's initial 2**16 when the
+    precision uses a scaler, else 1). Hooks are removed and the model's grads, buffers and the
+    RNG restored afterwards; the optimizer is never stepped.
+    """
+    device = _model_device(model)
+    chosen = resolve(precision, device) if isinstance(precision, str) else precision
+    if scale is None:
+        scale = SCALER_DEFAULTS["init_scale"] if chosen.needs_scaler else 1.0
+    watcher = _Watcher(model, chosen)
+    step = _as_step(step_fn)
+    batch = to_device(batch, device)
+    diagnosis = Diagnosis(chosen.name, str(device), None, float(scale), len(watcher.names))
+    with preserved(model):
+        try:
+            watcher.attach()
+            loss = forward_loss(step, batch, chosen)
+            diagnosis.loss = loss.detach().float().item()
+            (loss.float() * scale).backward()
+        finally:
+            watcher.detach()
+    diagnosis.forward, diagnosis.backward = watcher.forward, watcher.backward
+    if diagnosis.forward and diagnosis.backward:
+        diagnosis.notes.append("gradients of a non-finite forward pass are non-finite too: "
+                               "fix the forward pass first")
+    return diagnosis
+
+
+class _Watcher:
+    def __init__(self, model, chosen):
+        self.names = {m: name or "(model)" for name, m in model.named_modules()}
+        self.limit = torch.finfo(chosen.dtype).max
+        self.dtype = chosen.name
+        self.forward = self.backward = None
+        self.handles = []
+        self.inputs = {}  # id(tensor) -> (tensor, [modules taking it]) while the step runs
+
+    def attach(self):
+        for module, name in self.names.items():
+            self.handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._after, with_kwargs=True))
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self.handles.append(p.register_hook(
+                        partial(self._param_grad, module, f"gradient of {pname}")))
+
+    def detach(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.inputs.clear()
+
+    def _before(self, module, args, kwargs):
+        # A hook on each input gives the gradient this module's backward produces. An input
+        # shared by a container and its first child gets one hook; the innermost module wins.
+        for t in tensors_in((args, kwargs)):
+            if not (t.requires_grad and t.is_floating_point()):
+                continue
+            entry = self.inputs.get(id(t))
+            if entry is not None and entry[0] is t:
+                entry[1].append(module)
+                continue
+            consumers = [module]
+            self.inputs[id(t)] = (t, consumers)
+            self.handles.append(t.register_hook(partial(self._input_grad, consumers)))
+
+    def _after(self, module, args, kwargs, output):
+        if self.forward is not None:
+            return
+        problem, values = self._check(tensors_in(output))
+        if problem:
+            inputs = [t for t in tensors_in((args, kwargs)) if t.is_floating_point()]
+            self.forward = Finding("forward", self.names[module], type(module).__name__,
+                                   "output", problem, values, finite_range(inputs),
+                                   any(not bool(torch.isfinite(t).all()) for t in inputs))
+
+    def _input_grad(self, consumers, grad):
+        self._grad(consumers[-1], "input gradient", grad)
+
+    def _param_grad(self, module, label, grad):
+        self._grad(module, label, grad)
+
+    def _grad(self, module, label, grad):
+        if self.backward is not None:
+            return
+        problem, values = self._check([grad], limit=math.inf)
+        if problem:
+            self.backward = Finding("backward", self.names[module], type(module).__name__, label,
+                                    problem, values)
+
+    def _check(self, tensors, limit=None):
+        """(problem, finite range) of the first bad float tensor, or (None, None)."""
+        limit = self.limit if limit is None else limit
+        for t in tensors:
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            t = t.detach()
+            top = t.abs().amax().float().item()  # NaN if any NaN, inf if any inf: one sync
+            if math.isfinite(top) and top <= limit:
+                continue
+            kinds = [k for k, bad in (("NaN", torch.isnan(t).any()), ("inf", torch.isinf(t).any()))
+                     if bool(bad)]
+            problem = (" and ".join(kinds) if kinds else
+                       f"values up to {top:.3g}, beyond {self.dtype}'s max {self.limit:g}")
+            return problem, finite_range([t])
+        return None, None
+
+
+def finite_range(tensors) -> tuple | None:
+    """(min, max) of |x| over the finite values of float tensors; None if there are none."""
+    lo = hi = None
+    for t in tensors:
+        a = t.detach().abs().float()
+        a = a[torch.isfinite(a)]
+        if a.numel():
+            lo = a.min().item() if lo is None else min(lo, a.min().item())
+            hi = a.max().item() if hi is None else max(hi, a.max().item())
+    return None if lo is None else (lo, hi)
+
+
+def _span(r) -> str:
+    return f"{r[0]:.3g} .. {r[1]:.3g}"
+
