@@ -30,6 +30,8 @@ def load_ipython_extension(ipython):
 
 
 def unload_ipython_extension(ipython):
+    from .diagnose_magics import stop_memory_tracking
     from .magics import AmpMagics
 
     AmpMagics.stop_background_runs()
+    stop_memory_tracking(ipython)

@@ -68,7 +68,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
             growth_interval=None, growth_factor=None, backoff_factor=None, seed=None, log=(),
             move=True, name=None, progress=True, observers=(), refresh_seconds=0.5,
             handle_sigint=True, checkpoint=None, every=None, resume=None, sync_timing=False,
-            config=None) -> "Training":
+            diagnose=False, config=None) -> "Training":
     """Check everything and register the Run, without training yet: `.execute()` trains.
 
     Bad input raises AmpUsageError before anything changes; `resume` loads its checkpoint
@@ -128,7 +128,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
                     val=val, move=move, log_names=tuple(log), observers=observers,
                     refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint,
                     checkpoint_path=checkpoint, every=every, resumed=resumed,
-                    sync_timing=sync_timing and device.type == "cuda")
+                    sync_timing=sync_timing and device.type == "cuda", diagnose=diagnose)
 
 
 class Training:
@@ -137,7 +137,7 @@ class Training:
     def __init__(self, run, step, model, optimizers, data, chosen, scaler, device, *, epochs,
                  steps, accum, clip, scheduler, val, move, log_names, observers,
                  refresh_seconds, seed, handle_sigint, checkpoint_path, every, resumed,
-                 sync_timing):
+                 sync_timing, diagnose):
         self.run = run
         self.step_fn = step
         self.model = model
@@ -164,6 +164,10 @@ class Training:
         self.autocast = (torch.autocast(device.type, dtype=chosen.dtype)
                          if chosen.autocast_enabled else contextlib.nullcontext())
         self.sync_timing = sync_timing  # measurements (--compare) only: a sync per step
+        self.chosen = chosen
+        # --diagnose: a sync per step until the first overflow, which is then re-run with hooks.
+        self.diagnose = diagnose
+        self.window_batches = []
         self.checkpoint_path = checkpoint_path
         self.every = every
         self.resumed = resumed
@@ -291,6 +295,10 @@ class Training:
                 opt.zero_grad(set_to_none=True)
         if self.move:
             batch = to_device(batch, self.device)
+        if self.diagnose:
+            if self.micro == 0:
+                self.window_batches = []
+            self.window_batches.append(batch)
         self.last_batch_size = batch_size(batch)
         self.samples += self.last_batch_size
         with self.autocast:
@@ -339,6 +347,8 @@ class Training:
                              micro=self.micro, scale=scale, found_inf=found_inf,
                              grad_norm=grad_norm, lr=lr, time=now - self.t0,
                              samples=self.samples, logs=self.log_sums)
+        if self.diagnose:
+            self._diagnose_if_overflowed(scale, found_inf)
         self.step += 1
         self.micro = 0
         self.samples = 0
@@ -380,6 +390,24 @@ class Training:
                 raise AmpUsageError(f"--log {name}: a logged value must be a number or a "
                                     f"one-element tensor, got {shape}")
         return loss, logs
+
+    def _diagnose_if_overflowed(self, scale, found_inf):
+        __tracebackhide__ = True
+        skipped = found_inf is not None and found_inf.item() > 0
+        if not skipped and math.isfinite(self.loss_sum.item()):
+            return
+        from .overflow import locate_nonfinite
+
+        self.diagnose = False  # once per run: the first overflow is the informative one
+        used_scale = scale.item() if scale is not None else None
+        for batch in self.window_batches:
+            diagnosis = locate_nonfinite(self.step_fn, self.model, batch, self.chosen,
+                                         scale=used_scale)
+            if diagnosis.found:
+                break
+        self.run.diagnosis = diagnosis
+        what = "skipped" if skipped else "had a non-finite loss"
+        self.run.notes.append(f"--diagnose: step {self.step} {what}. {diagnosis.advice}")
 
     # -- epoch end -----------------------------------------------------------------
     def _validate(self, epoch):
@@ -587,12 +615,12 @@ def _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor)
     given = {"init_scale": init_scale, "growth_interval": growth_interval,
              "growth_factor": growth_factor, "backoff_factor": backoff_factor}
     given = {k: v for k, v in given.items() if v is not None}
-    if given.get("init_scale", 1) <= 0:
-        raise AmpUsageError("--init-scale must be positive, e.g. 2**14")
+    if not 0 < given.get("init_scale", 1) < math.inf:
+        raise AmpUsageError("--init-scale must be positive and finite, e.g. 2**14")
     if not 1 <= given.get("growth_interval", 1) <= MAX_COUNT:
         raise AmpUsageError(f"--growth-interval must be a positive number of steps up to "
                             f"{MAX_COUNT}")
-    if given.get("growth_factor", 2) <= 1:
+    if not 1 < given.get("growth_factor", 2) < math.inf:
         raise AmpUsageError("--growth-factor must be greater than 1, e.g. 2.0")
     if not 0 < given.get("backoff_factor", 0.5) < 1:
         raise AmpUsageError("--backoff-factor must be between 0 and 1, e.g. 0.5")

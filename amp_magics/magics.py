@@ -95,6 +95,9 @@ class AmpMagics(Magics):
     @argument("--every", type=int, metavar="N",
               help="checkpoint every N optimizer steps (default: at each epoch end)")
     @argument("--resume", metavar="PATH", help="continue from a --checkpoint file")
+    @argument("--diagnose", action="store_true",
+              help="at the first skipped step or non-finite loss, re-run that batch with hooks "
+                   "and name the module that overflows (costs one sync per step until then)")
     @argument("--name", help="name of this run (default run1, run2, ...)")
     @argument("-o", "--output", help="store the Run in this notebook variable")
     @argument("--refresh", type=float, help="seconds between view refreshes (default 0.5)")
@@ -121,6 +124,8 @@ class AmpMagics(Magics):
         from .engine import prepare
 
         args = parse(self.amp_train, line)
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o {args.output}: not a valid Python name, e.g. -o run")
         log_names = names(args.log)
         options = self._resolve_objects(args)
         step = CellStep(self.shell, cell, log_names)
@@ -136,7 +141,8 @@ class AmpMagics(Magics):
         try:
             training = prepare(step, dtype=args.dtype, name=args.name,
                                checkpoint=args.checkpoint, every=args.every,
-                               resume=args.resume, observers=[self._view(args)], **options)
+                               resume=args.resume, diagnose=args.diagnose,
+                               observers=[self._view(args)], **options)
         except AmpUsageError as e:
             raise UsageError(str(e)) from None
         run = training.run

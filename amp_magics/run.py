@@ -104,6 +104,7 @@ class Run:
         self.wall_time = 0.0
         self.epoch = 0
         self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
+        self.diagnosis = None  # --diagnose: the overflow.Diagnosis of the first bad step
         self._stop = threading.Event()
 
     # -- control -------------------------------------------------------------------

@@ -308,3 +308,23 @@ def test_out_of_memory_keeps_the_kernel_usable(nb):
     assert "a batch of 2 with --accum 2" in note
     nb.run(f"%%amp_train --dtype fp32 -o again\n{BODY}")
     assert nb.user_ns["again"].status == "finished"
+
+
+def test_diagnose_names_the_overflowing_module(nb):
+    class Blowup(torch.nn.Module):
+        def forward(self, x):
+            return x * 1e5  # beyond fp16's 65504 for |x| > 0.65
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), Blowup(), torch.nn.Linear(16, 3))
+    nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    nb.run(f"%%amp_train --dtype fp16 --diagnose --steps 3 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.history[0]["skipped"]
+    assert run.diagnosis.forward.module == "1"
+    assert any(n.startswith("--diagnose: step 0 skipped. `1` (Blowup)") for n in run.notes)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_output_name_must_be_a_python_name(nb):
+    with pytest.raises(UsageError, match="not a valid Python name"):
+        nb.run(f"%%amp_train -o 1x\n{BODY}")
