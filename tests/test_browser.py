@@ -3,7 +3,8 @@
 A notebook runs `%%amp_train --background`; the test waits for the dashboard, checks that its
 charts are drawn and grow while the run trains, clicks the dashboard's Stop button, sees the
 live widgets replaced by the static snapshot of an interrupted run, and saves a screenshot of
-the cell to docs/dashboard.png (the picture in the README).
+the cell (to the test's tmp folder; with UPDATE_SCREENSHOT=1 to docs/dashboard.png, the
+picture in the README, so a plain test run leaves the repository untouched).
 
 Needs Debian's Chromium at /usr/bin/chromium plus the `playwright` and `jupyterlab` packages
 (the `test` extra); the test skips only when one of those is missing. Playwright's own browser
@@ -35,7 +36,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 NOTEBOOK = "amp_dashboard.ipynb"
 VIEWPORT = {"width": 1280, "height": 1000}
 
@@ -259,7 +260,9 @@ def test_dashboard_live_in_jupyterlab_and_stop_button(tmp_path):
             try:
                 page = browser.new_page(viewport=VIEWPORT)
                 try:
-                    _drive(page, lab, session, clock)
+                    screenshot = (README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT")
+                                  else tmp_path / "dashboard.png")
+                    _drive(page, lab, session, clock, screenshot)
                 except BaseException:
                     try:
                         page.screenshot(path=str(failure_png))
@@ -357,7 +360,7 @@ def _run_all(page, lab: Lab, cells, train):
                         page.locator(".jp-Cell .jp-InputPrompt, .jp-OutputArea").all_inner_texts()))
 
 
-def _drive(page, lab: Lab, session: dict, clock: Clock):
+def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     from playwright.sync_api import expect
 
     tracker = lab.api("GET", "/lab/api/settings/@jupyterlab/notebook-extension:tracker")
@@ -429,7 +432,7 @@ def _drive(page, lab: Lab, session: dict, clock: Clock):
     assert page.locator(".jp-Dialog").count() == 0
     clock.mark(f"stopped at step {steps_done}, snapshot shown")
 
-    _screenshot(page, cells, train)
+    _screenshot(page, cells, train, screenshot)
     clock.mark("screenshot")
 
 def _close_left_sidebar(page):
@@ -448,7 +451,7 @@ def _dismiss_dialog(page):
         dialog.wait_for(state="detached")
 
 
-def _screenshot(page, cells, cell):
+def _screenshot(page, cells, cell, path):
     """The training cell (the magic and the final dashboard), for the README: no toast, no
     hover or active-cell highlight on it."""
     for close in page.locator(".Toastify__toast .Toastify__close-button").all():
@@ -460,7 +463,7 @@ def _screenshot(page, cells, cell):
         expect_inactive = cell.evaluate("c => !c.classList.contains('jp-mod-active')")
         assert expect_inactive
     page.mouse.move(1, 1)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cell.scroll_into_view_if_needed()
-    cell.screenshot(path=str(SCREENSHOT), animations="disabled")
-    assert SCREENSHOT.stat().st_size > 10_000
+    cell.screenshot(path=str(path), animations="disabled")
+    assert path.stat().st_size > 10_000
