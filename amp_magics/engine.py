@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -471,7 +470,7 @@ class Training:
 
     def _release_memory(self, error):
         """Out of memory: free the failed step's tensors and say what would fit."""
-        traceback.clear_frames(error.__traceback__)  # the step's locals hold its activations
+        _clear_user_frames(error.__traceback__)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -525,6 +524,18 @@ class Training:
 
 
 # -- helpers -----------------------------------------------------------------------------
+def _clear_user_frames(tb) -> None:
+    """Drop the locals of the failed step's frames (they hold its activations), keeping the
+    traceback printable. Our own frames keep theirs: __tracebackhide__ lives there."""
+    while tb is not None:
+        if not tb.tb_frame.f_globals.get("__name__", "").startswith(__package__):
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # a frame still executing
+                pass
+        tb = tb.tb_next
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, the CPU allocator's failure, or Python's MemoryError."""
     if isinstance(error, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):

@@ -1,6 +1,6 @@
 """Overhead of amp_magics against a bare hand-written AMP loop, measured in one process.
 
-    python benchmarks/overhead.py [--steps 150] [--rounds 5] [--dtype auto]
+    python benchmarks/overhead.py [--steps 300] [--rounds 7] [--dtype auto] [--threads N]
 
 Each round runs, in alternating order, the bare recipe loop, `amp_magics.train`, the
 `%%amp_train` magic with text progress, and the magic with the live dashboard, on the same
@@ -70,10 +70,15 @@ def magic_runner(shell, plot):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's choice); 1 leaves a core for the "
+                             "rest of the machine, which steadies the ratios on a busy host")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     chosen = resolve(args.dtype, "cpu")
     torch.manual_seed(1)

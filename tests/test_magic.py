@@ -294,11 +294,13 @@ def test_resume_of_a_missing_or_foreign_file(nb, tmp_path):
         nb.run(f"%%amp_train --every 3\n{BODY}")
 
 
-def test_out_of_memory_keeps_the_kernel_usable(nb):
+def test_out_of_memory_keeps_the_kernel_usable(nb, capsys):
     """A real allocator failure at step 5: run failed, state as after step 5, advice given."""
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         nb.run("%%amp_train --dtype fp32 -o run\n" + BODY +
                "if step == 5:\n    big = torch.empty(2**60, dtype=torch.uint8)\n")
+    shown = capsys.readouterr().out
+    assert "big = torch.empty" in shown and "engine.py" not in shown  # freed, still hidden
     run = nb.user_ns["run"]
     assert run.status == "failed" and len(run.history) == 5
     assert_same_state(nb.user_ns["model"].state_dict(), reference_after(5).state_dict())

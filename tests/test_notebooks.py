@@ -20,7 +20,8 @@ def test_demo_notebook_runs(path, tmp_path):
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     elapsed = time.perf_counter() - started
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"
+              and "raises-exception" not in c.metadata.get("tags", [])]  # shown on purpose
     assert not errors, errors[0]
     assert elapsed < 120, f"{path.name} took {elapsed:.0f} s; notebooks must stay under 2 min"
 
