@@ -81,7 +81,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
         raise AmpUsageError("--every N needs --checkpoint PATH and a positive number of steps")
     if resume is not None and not os.path.isfile(resume):
         raise AmpUsageError(f"--resume {resume}: no such checkpoint file")
-    device = _model_device(model)
+    device = model_device(model)
     chosen = precision_policy.resolve(dtype, device)
     settings = _scaler_settings(init_scale, growth_interval, growth_factor, backoff_factor)
     if scaler is not None and settings:
@@ -122,7 +122,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
         from .reporter import ConsoleReporter
 
         observers.append(ConsoleReporter())
-    return Training(run, _as_step(step_fn), model, optimizers, data, chosen, scaler, device,
+    return Training(run, as_step(step_fn), model, optimizers, data, chosen, scaler, device,
                     epochs=epochs, steps=steps, accum=accum, clip=clip, scheduler=scheduler,
                     val=val, move=move, log_names=tuple(log), observers=observers,
                     refresh_seconds=refresh_seconds, seed=seed, handle_sigint=handle_sigint,
@@ -647,7 +647,7 @@ def _describe_scaler(scaler):
             "growth_interval": scaler.get_growth_interval(), "enabled": scaler.is_enabled()}
 
 
-def _as_step(step_fn):
+def as_step(step_fn):
     """Accept step_fn(batch) or step_fn(batch, step, epoch); call it as the latter."""
     if not callable(step_fn):
         raise AmpUsageError("step_fn must be a function: step_fn(batch) -> loss")
@@ -710,7 +710,7 @@ def _check_counts(epochs, steps, accum, clip, refresh_seconds):
     return epochs, steps, accum, clip
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():

@@ -184,10 +184,9 @@ class AmpMagics(Magics):
             else:
                 if args.steps is None:
                     raise UsageError("--compare needs --steps N, e.g. --steps 50")
-                model = options["model"]
-                device = next(iter(model.parameters()), None)
-                precisions = tuning.parse_compare(args.compare,
-                                                  device.device if device is not None else "cpu")
+                from .engine import model_device
+
+                precisions = tuning.parse_compare(args.compare, model_device(options["model"]))
                 options = {k: v for k, v in options.items() if k not in ("steps", "epochs")}
                 result = tuning.showdown(step, precisions, steps=args.steps, name=name,
                                          observers=[view], **options)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import _as_step, _model_device, to_device
+from .engine import as_step, model_device, to_device
 from .errors import AmpUsageError
 from .precision import Precision, resolve
 from .run import format_bytes
@@ -331,9 +331,9 @@ def step_activation_memory(step_fn, model, batch, precision="auto") -> Activatio
     highest memory above the start, gradients included, as after zero_grad(set_to_none=True).
     The optimizer is never stepped; parameters, grads, buffers and the RNG end as they were.
     """
-    device = _model_device(model)
+    device = model_device(model)
     chosen = resolve(precision, device) if isinstance(precision, str) else precision
-    step = _as_step(step_fn)
+    step = as_step(step_fn)
     batch = to_device(batch, device)
     fp32 = Precision("fp32", device.type, "reference")
     runs = [fp32] if chosen.name == "fp32" else [fp32, chosen]

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from .engine import SCALER_DEFAULTS, _as_step, _model_device, to_device
+from .engine import SCALER_DEFAULTS, as_step, model_device, to_device
 from .memory import forward_loss, html_table, preserved, tensors_in
 from .precision import resolve
 
@@ -115,12 +115,12 @@ def locate_nonfinite(step_fn, model, batch, precision="fp16", scale=None) -> Dia
     precision uses a scaler, else 1). Hooks are removed and the model's grads, buffers and the
     RNG restored afterwards; the optimizer is never stepped.
     """
-    device = _model_device(model)
+    device = model_device(model)
     chosen = resolve(precision, device) if isinstance(precision, str) else precision
     if scale is None:
         scale = SCALER_DEFAULTS["init_scale"] if chosen.needs_scaler else 1.0
     watcher = _Watcher(model, chosen)
-    step = _as_step(step_fn)
+    step = as_step(step_fn)
     batch = to_device(batch, device)
     diagnosis = Diagnosis(chosen.name, str(device), None, float(scale), len(watcher.names))
     with preserved(model):

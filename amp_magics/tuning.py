@@ -205,13 +205,15 @@ def sweep(step_fn, settings: list[dict], *, model, optimizer, scheduler=None, ke
 class Showdown:
     runs: dict  # precision name -> Run
     warmup: int
+    peaks: dict = field(default_factory=dict)  # precision -> bytes above the starting state
+    peak_method: str = ""
 
     def rows(self) -> list[dict]:
         base = self.runs.get("fp32")
         out = []
         for precision, run in self.runs.items():
             out.append({"precision": precision, "median step ms": self.step_ms(run),
-                        "peak memory": self.peak(run), "final loss": final_loss(run),
+                        "peak memory": self.peaks.get(precision), "final loss": final_loss(run),
                         "loss vs fp32": _relative(final_loss(run), final_loss(base))
                         if base is not None else None,
                         "skipped": run.summary["skipped_steps"]})
@@ -222,22 +224,11 @@ class Showdown:
         deltas = [b - a for a, b in zip(times, times[1:])][self.warmup:]
         return statistics.median(deltas) * 1e3 if deltas else None
 
-    @staticmethod
-    def peak(run) -> float | None:
-        """CUDA: peak allocated. CPU: growth of resident memory during the run (approximate)."""
-        samples = run.memory
-        if not samples:
-            return None
-        if samples[-1].get("peak") is not None:
-            return max(m["peak"] for m in samples)
-        rss = [m["rss"] for m in samples if m.get("rss") is not None]
-        return max(rss) - rss[0] if rss else None
-
     def verdicts(self) -> list[str]:
         base = self.runs.get("fp32")
         if base is None:
             return []
-        base_ms, base_peak = self.step_ms(base), self.peak(base)
+        base_ms, base_peak = self.step_ms(base), self.peaks.get("fp32")
         lines = []
         for precision, run in self.runs.items():
             if precision == "fp32":
@@ -247,7 +238,7 @@ class Showdown:
             if ms and base_ms:
                 ratio = base_ms / ms
                 parts.append(f"{ratio:.2g}x faster" if ratio >= 1 else f"{1 / ratio:.2g}x slower")
-            peak = self.peak(run)
+            peak = self.peaks.get(precision)
             if peak is not None and base_peak:
                 change = 1 - peak / base_peak
                 parts.append(f"{abs(change):.0%} {'less' if change >= 0 else 'more'} memory")
@@ -263,7 +254,8 @@ class Showdown:
 
     def _repr_html_(self) -> str:
         verdict = "".join(f"<li>{html.escape(v)}</li>" for v in self.verdicts())
-        return comparison_table_html(self.rows(), None, "") + f"<ul>{verdict}</ul>"
+        caption = f"memory: {self.peak_method}"
+        return comparison_table_html(self.rows(), None, caption) + f"<ul>{verdict}</ul>"
 
     def __repr__(self) -> str:
         return "\n".join(self.verdicts()) or f"<Showdown of {', '.join(self.runs)}>"
@@ -285,12 +277,28 @@ def _relative(value, reference):
 
 def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None, steps=50,
              name="compare", **options) -> Showdown:
-    """Run `steps` optimizer steps in each precision from the same starting state."""
+    """Run `steps` optimizer steps in each precision from the same starting state.
+
+    Step times are medians after warm-up (synchronised on CUDA). Memory: on CUDA the allocator
+    peak above the starting state over the run; elsewhere the exact bytes one step keeps for
+    backward (process RSS is too coarse to compare precisions run one after another).
+    """
     __tracebackhide__ = True
+    from .memory import PeakMemory, step_activation_memory
+
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     start = StartingState(model, optimizers, scheduler)
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
+    device = engine.model_device(model)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    result.peak_method = ("CUDA allocator peak above the start, exact" if cuda else
+                          "memory one step keeps for backward, first batch, exact")
     try:
+        if not cuda:
+            batch = next(iter(options["data"]))
+            for precision in precisions:
+                report = step_activation_memory(step_fn, model, batch, precision)
+                result.peaks[precision] = report.steps[-1].saved
         for precision in precisions:
             start.restore()
             training = engine.prepare(step_fn, model=model, optimizer=optimizers,
@@ -298,7 +306,12 @@ def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None
                                       name=f"{name}[{precision}]", sync_timing=True,
                                       **options)
             result.runs[precision] = training.run
-            training.execute()
+            if cuda:
+                meter = PeakMemory(device).start()
+                training.execute()
+                result.peaks[precision] = meter.stop()["peak"]
+            else:
+                training.execute()
             if training.run.status != "finished":
                 break
     finally:

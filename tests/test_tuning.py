@@ -97,6 +97,7 @@ def test_compare_reports_each_precision_and_restores_the_model(nb):
     rows = showdown.rows()
     assert [r["precision"] for r in rows] == ["fp32", "bf16", "fp16"]
     assert all(r["median step ms"] > 0 for r in rows)
+    assert all(r["peak memory"] > 0 for r in rows) and "exact" in showdown.peak_method
     assert rows[0]["loss vs fp32"] == 0.0 and rows[2]["skipped"] == 1
     verdicts = showdown.verdicts()
     assert verdicts[0].startswith("bf16: ") and ("faster" in verdicts[0] or "slower" in verdicts[0])
