@@ -27,7 +27,8 @@ import torch
 from . import alarms, precision as precision_policy
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .errors import AmpUsageError
-from .run import Run, format_bytes, next_name, register
+from .render import format_bytes
+from .run import Run, next_name, register
 from .telemetry import StepRecorder, memory_snapshot, reset_peak
 
 MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow

@@ -20,7 +20,7 @@ import torch
 from .engine import as_step, model_device, to_device
 from .errors import AmpUsageError
 from .precision import Precision, resolve
-from .run import format_bytes
+from .render import format_bytes, table_html
 from .telemetry import process_rss
 
 
@@ -89,7 +89,7 @@ class MemoryReport:
         return "\n".join([self.title()] + [f"  {c:<16}{b:>12}  {d}" for c, b, d in self.rows()])
 
     def _repr_html_(self) -> str:
-        return html_table(["", "bytes", "by dtype"], self.rows(), self.title())
+        return table_html(["", "bytes", "by dtype"], self.rows(), self.title())
 
 
 def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
@@ -318,7 +318,7 @@ class ActivationReport:
         return "\n".join(lines + ([f"  {self.note}"] if self.note else []))
 
     def _repr_html_(self) -> str:
-        table = html_table(["dtype", "kept for backward", "step peak", "time"], self.rows(),
+        table = table_html(["dtype", "kept for backward", "step peak", "time"], self.rows(),
                            self.title())
         return table + (f"<p>{html.escape(self.note)}</p>" if self.note else "")
 
@@ -389,7 +389,7 @@ class TopTensors(list):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        return html_table(["name", "shape", "dtype", "device", "bytes"], self.rows(),
+        return table_html(["name", "shape", "dtype", "device", "bytes"], self.rows(),
                           f"{len(self)} largest live tensors")
 
 
@@ -482,17 +482,6 @@ def _signed(n) -> str:
 
 
 # -- rendering -------------------------------------------------------------------------------
-def html_table(headers, rows, caption="") -> str:
-    """A small table; every string is escaped (names can be anything)."""
-    esc = html.escape
-    head = "".join(f"<th style='text-align:left;padding-right:1em'>{esc(str(h))}</th>"
-                   for h in headers)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left;padding-right:1em'>"
-                                    f"{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    cap = f"<caption style='text-align:left'>{esc(caption)}</caption>" if caption else ""
-    return f"<table class='amp-memory'>{cap}<tr>{head}</tr>{body}</table>"
-
-
 @dataclass
 class MemoryOverview:
     """What %amp_memory shows: any of the model report, one step's memory, the largest tensors."""

@@ -16,7 +16,8 @@ from functools import partial
 import torch
 
 from .engine import SCALER_DEFAULTS, as_step, model_device, to_device
-from .memory import forward_loss, html_table, preserved, tensors_in
+from .memory import forward_loss, preserved, tensors_in
+from .render import table_html
 from .precision import resolve
 
 
@@ -105,7 +106,7 @@ class Diagnosis:
         return "\n".join(["Diagnosis"] + [f"  {k:<16}{v}" for k, v in self.rows()])
 
     def _repr_html_(self) -> str:
-        return html_table(["", ""], self.rows(), "amp_doctor diagnosis")
+        return table_html(["", ""], self.rows(), "amp_doctor diagnosis")
 
 
 def locate_nonfinite(step_fn, model, batch, precision="fp16", scale=None) -> Diagnosis:

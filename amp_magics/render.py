@@ -584,6 +584,49 @@ def _memory_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
                           max_points=SMOOTH_POINTS)
 
 
+def table_html(headers: Sequence, rows: Sequence[Sequence], caption: str = "",
+               highlight: int | None = None) -> str:
+    """A plain table; every cell is escaped (names can be anything). Row `highlight` in bold."""
+    cell = "style='text-align:left;padding:1px 14px 1px 0'"
+    head = "".join(f"<th {cell}>{_e(h)}</th>" for h in headers)
+    best = " style='font-weight:bold;background:rgba(30,136,229,.15)'"
+    body = "".join(f"<tr{best if i == highlight else ''}>"
+                   + "".join(f"<td {cell}>{_e(c)}</td>" for c in row) + "</tr>"
+                   for i, row in enumerate(rows))
+    cap = (f"<caption style='caption-side:bottom;text-align:left;opacity:.7'>{_e(caption)}"
+           "</caption>" if caption else "")
+    return (f"<table class='amp-table' style='border-collapse:collapse;font-size:12px'>{cap}"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def records_html(records: Sequence[dict], caption: str = "", highlight: int | None = None,
+                 byte_columns=("peak memory",)) -> str:
+    """Dicts with the same keys as a table; numbers formatted, byte columns in KiB/MiB/GiB."""
+    if not records:
+        return "<p>nothing to show</p>"
+
+    def text(key, value):
+        if value is None:
+            return "-"
+        if key in byte_columns:
+            return format_bytes(value)
+        return format_number(value) if isinstance(value, float) else str(value)
+
+    rows = [[text(k, v) for k, v in record.items()] for record in records]
+    return table_html(list(records[0]), rows, caption, highlight)
+
+
+def format_bytes(n) -> str:
+    """1536 -> '1.5 KiB'; None -> '-'."""
+    if n is None:
+        return "-"
+    for unit in _BYTE_UNITS[:-1]:
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} {_BYTE_UNITS[-1]}"
+
+
 def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
     """The final summary as a two-column table (e.g. Run.summary_rows())."""
     cells = "".join(

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 
-from .run import format_bytes
+from .render import format_bytes
 
 
 def progress_line(run) -> str:

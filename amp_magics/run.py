@@ -13,6 +13,8 @@ import tempfile
 import threading
 import time
 
+from .render import format_bytes, records_html, summary_table_html
+
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 _RUNS: list = []
@@ -51,9 +53,7 @@ class RunList(list):
                  "peak memory": r.summary["peak_memory"]} for r in self]
 
     def _repr_html_(self) -> str:
-        from .tuning import comparison_table_html
-
-        return comparison_table_html(self.rows(), None, f"{len(self)} runs this session")
+        return records_html(self.rows(), f"{len(self)} runs this session")
 
     def __repr__(self) -> str:
         return "\n".join(repr(r) for r in self) or "no runs yet"
@@ -235,12 +235,7 @@ class Run:
             return (f"<p>Run <b>{html.escape(self.name)}</b> started at {started}; the dashboard "
                     "shows it live and keeps its final picture. Stop it with "
                     "<code>%amp_stop</code> or the Stop button.</p>")
-        cells = "".join(
-            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
-            for k, v in self.summary_rows()
-        )
-        return f"<table class='amp-run-summary'>{cells}</table>"
+        return summary_table_html(self.summary_rows())
 
 
 class Picture:
@@ -261,12 +256,3 @@ def _fmt(x) -> str:
             return str(x)
         return f"{x:.4g}"
     return str(x)
-
-
-def format_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

@@ -18,6 +18,7 @@ from . import engine
 from .checkpoint import capture_rng, restore_rng
 from .errors import AmpUsageError
 from .precision import CHOICES, resolve
+from .render import records_html
 
 ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
 
@@ -149,8 +150,7 @@ class Sweep:
         return pd.DataFrame(self.rows())
 
     def _repr_html_(self) -> str:
-        return comparison_table_html(self.rows(), self.best,
-                                     f"best by {self.criterion} highlighted")
+        return records_html(self.rows(), f"best by {self.criterion} highlighted", self.best)
 
     def __repr__(self) -> str:
         best = self.runs[self.best].name if self.best is not None else "-"
@@ -255,7 +255,7 @@ class Showdown:
     def _repr_html_(self) -> str:
         verdict = "".join(f"<li>{html.escape(v)}</li>" for v in self.verdicts())
         caption = f"memory: {self.peak_method}"
-        return comparison_table_html(self.rows(), None, caption) + f"<ul>{verdict}</ul>"
+        return records_html(self.rows(), caption) + f"<ul>{verdict}</ul>"
 
     def __repr__(self) -> str:
         return "\n".join(self.verdicts()) or f"<Showdown of {', '.join(self.runs)}>"
@@ -317,29 +317,3 @@ def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None
     finally:
         start.restore()
     return result
-
-
-def comparison_table_html(rows: list[dict], highlight: int | None, caption: str) -> str:
-    from .render import format_number
-    from .run import format_bytes
-
-    if not rows:
-        return "<p>no runs</p>"
-    header = "".join(f"<th style='text-align:right;padding:2px 10px'>{html.escape(str(k))}</th>"
-                     for k in rows[0])
-
-    def cell(key, value):
-        if key == "peak memory" and value is not None:
-            text = format_bytes(value)
-        elif isinstance(value, float):
-            text = format_number(value) if math.isfinite(value) else str(value)
-        else:
-            text = "-" if value is None else str(value)
-        return f"<td style='text-align:right;padding:2px 10px'>{html.escape(text)}</td>"
-
-    best = " style='font-weight:bold;background:rgba(51,136,238,.15)'"
-    body = "".join(f"<tr{best if i == highlight else ''}>"
-                   + "".join(cell(k, v) for k, v in row.items()) + "</tr>"
-                   for i, row in enumerate(rows))
-    caption = f"<caption style='caption-side:bottom;opacity:.7'>{html.escape(caption)}</caption>"
-    return f"<table class='amp-compare'>{caption}<thead><tr>{header}</tr></thead>{body}</table>"
