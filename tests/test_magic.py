@@ -225,12 +225,18 @@ def test_init_scale_expression_and_own_scaler(nb):
 
 
 def test_overflow_storm_raises_alarms(nb):
+    """A NaN storm: every step skipped, the model untouched, alarms raised, the kernel fine."""
     nb.user_ns["train_loader"] = make_data(overflow_at=range(12))
     nb.run(f"%%amp_train --dtype fp16 -o run\n{BODY}")
     run = nb.user_ns["run"]
-    assert all(r["skipped"] for r in run.history)
+    assert len(run.history) == 12 and all(r["skipped"] for r in run.history)
+    assert run.history[-1]["scale"] == 2.0**16 / 2**11  # halved at every skipped step
+    assert_same_state(nb.user_ns["model"].state_dict(), make_model().state_dict())
     text = " ".join(run.alarms)
-    assert "steps were skipped" in text and "--dtype bf16" in text
+    assert "loss is nan" in text and "steps were skipped" in text and "--dtype bf16" in text
+    nb.user_ns["train_loader"] = make_data()
+    nb.run(f"%%amp_train --dtype fp32 -o again\n{BODY}")
+    assert nb.user_ns["again"].status == "finished"
 
 
 def test_background_run_and_amp_stop(nb, capsys):
