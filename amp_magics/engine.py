@@ -668,10 +668,15 @@ def as_step(step_fn):
                         "step_fn(batch, step, epoch)")
 
 
+def as_optimizers(optimizer) -> list:
+    """One optimizer or several (a list or tuple) -> a list."""
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+
+
 def _check_inputs(model, optimizer, data, val, scheduler, scaler):
     if not isinstance(model, torch.nn.Module):
         raise AmpUsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    optimizers = as_optimizers(optimizer)
     if not optimizers:
         raise AmpUsageError("give at least one optimizer")
     for opt in optimizers:

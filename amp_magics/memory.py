@@ -21,7 +21,7 @@ from .engine import as_step, model_device, to_device
 from .errors import AmpUsageError
 from .precision import Precision, resolve
 from .render import format_bytes, table_html
-from .telemetry import process_rss
+from .gpu import process_rss
 
 
 # -- tensors and their storages ----------------------------------------------------------

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 
-from .render import format_bytes
+from .render import format_bytes, format_duration
 
 
 def progress_line(run) -> str:
@@ -31,14 +31,14 @@ def progress_line(run) -> str:
         rate = len(h) / run.wall_time
         parts.append(f"{rate:.3g} steps/s")
         if run.total_steps and run.status == "running":
-            parts.append(f"ETA {_duration((run.total_steps - len(h)) / rate)}")
+            parts.append(f"ETA {format_duration((run.total_steps - len(h)) / rate)}")
     return " | ".join(parts)
 
 
 def end_lines(run) -> list[str]:
     s = run.summary
     lines = [f"{run.name} {run.status}: {s['steps']} steps ({s['skipped_steps']} skipped) in "
-             f"{_duration(s['wall_time'])}, final loss {_num(s['final_loss'])}, "
+             f"{format_duration(s['wall_time'])}, final loss {_num(s['final_loss'])}, "
              f"best {_num(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"]
     lines += [f"note: {n}" for n in run.notes]
     if run.error:
@@ -96,12 +96,3 @@ def _log2(x) -> str:
 
 def _num(x) -> str:
     return "-" if x is None else f"{x:.4g}"
-
-
-def _duration(seconds) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -45,12 +45,17 @@ class RunList(list):
     """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory."""
 
     def rows(self) -> list[dict]:
-        return [{"run": r.name, "model": r.config.get("model_name", r.model_label),
-                 "flags": " ".join(f"{k}={v}" for k, v in r.config.get("flags", {}).items()
-                                   if k not in ("model", "optimizer", "data")),
-                 "status": r.status, "steps": len(r.history),
-                 "final loss": r.summary["final_loss"], "time s": r.wall_time,
-                 "peak memory": r.summary["peak_memory"]} for r in self]
+        return [self._row(r, r.summary) for r in self]
+
+    @staticmethod
+    def _row(run, summary) -> dict:
+        flags = run.config.get("flags", {})
+        return {"run": run.name, "model": run.config.get("model_name", run.model_label),
+                "flags": " ".join(f"{k}={v}" for k, v in flags.items()
+                                  if k not in ("model", "optimizer", "data")),
+                "status": run.status, "steps": len(run.history),
+                "final loss": summary["final_loss"], "time s": run.wall_time,
+                "peak memory": summary["peak_memory"]}
 
     def _repr_html_(self) -> str:
         return records_html(self.rows(), f"{len(self)} runs this session")

@@ -6,10 +6,9 @@ values (time, lr, epoch, batch size) are plain Python numbers.
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
+
+from .gpu import process_rss
 
 
 class StepRecorder:
@@ -91,25 +90,6 @@ def _to_floats(values: list) -> list:
         for (i, _), value in zip(items, stacked):
             out[i] = value
     return out
-
-
-def is_finite(x) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def process_rss() -> int | None:
-    """Resident memory of this process in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return None
 
 
 def memory_snapshot(device: torch.device) -> dict:

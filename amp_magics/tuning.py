@@ -172,7 +172,7 @@ def sweep(step_fn, settings: list[dict], *, model, optimizer, scheduler=None, ke
     an interrupt ends the sweep early; the model is restored all the same.
     """
     __tracebackhide__ = True
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    optimizers = engine.as_optimizers(optimizer)
     start = StartingState(model, optimizers, scheduler)
     result = Sweep(settings, criterion="validation loss" if options.get("val") is not None
                    else "final train loss")
@@ -286,7 +286,7 @@ def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None
     __tracebackhide__ = True
     from .memory import PeakMemory, step_activation_memory
 
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    optimizers = engine.as_optimizers(optimizer)
     start = StartingState(model, optimizers, scheduler)
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
     device = engine.model_device(model)
