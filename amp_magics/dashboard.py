@@ -90,14 +90,13 @@ def flags_that_differ(run, current) -> str:
     return " ".join(f"{k}={mine.get(k, '-')}" for k in keys)
 
 
-def status_line(run) -> str:
+def status_line(run, skipped: int) -> str:
     parts = [run.device, f"{run.precision} ({run.precision_reason})"]
     s = run.scaler_settings
     if s:
         parts.append(f"GradScaler init {render.format_number(s['init_scale'])}, "
                      f"×{s['growth_factor']:g} every {s['growth_interval']} steps, "
                      f"backoff ×{s['backoff_factor']:g}")
-        skipped = sum(r["skipped"] for r in run.history)
         parts.append(f"{skipped} skipped step{'s' * (skipped != 1)}")
     else:
         parts.append("no loss scaling")
@@ -118,7 +117,8 @@ def build_view(run, columns: _Columns, earlier: list, final: bool) -> render.Das
         eta = max(run.total_steps - len(h), 0) / steps_per_s
     epochs = run.config.get("epochs")
     return render.DashboardView(
-        current=columns.trace(), earlier=earlier, status=status_line(run),
+        current=columns.trace(), earlier=earlier,
+        status=status_line(run, skipped=len(columns.skipped)),
         scaler=run.scaler_settings is not None, step=len(h), total_steps=run.total_steps,
         epoch=run.epoch + 1, epochs=epochs, samples_per_s=samples_per_s,
         steps_per_s=steps_per_s, lr=h[-1]["lr"] if h else None, elapsed=run.wall_time,
