@@ -11,18 +11,18 @@ __all__ = ["train", "Run", "runs", "load_ipython_extension", "__version__"]
 def __getattr__(name):
     # Lazy so that `python -m amp_magics status` never pays for importing torch.
     if name == "train":
-        from .engine import train
+        from .training.engine import train
         return train
     if name in ("Run", "runs"):
-        from . import run
+        from .training import run
         return getattr(run, name)
     raise AttributeError(f"module 'amp_magics' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):
-    from .diagnose_magics import DiagnoseMagics
-    from .gpu_magics import GpuMagics
-    from .magics import AmpMagics
+    from .magics.diagnose import DiagnoseMagics
+    from .magics.gpu import GpuMagics
+    from .magics.train import AmpMagics
 
     ipython.register_magics(AmpMagics(ipython))
     ipython.register_magics(GpuMagics(ipython))
@@ -30,8 +30,8 @@ def load_ipython_extension(ipython):
 
 
 def unload_ipython_extension(ipython):
-    from .diagnose_magics import stop_memory_tracking
-    from .magics import AmpMagics
+    from .magics.diagnose import stop_memory_tracking
+    from .magics.train import AmpMagics
 
     AmpMagics.stop_background_runs()
     stop_memory_tracking(ipython)

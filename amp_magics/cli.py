@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from . import gpu
-from .status_render import checks_text, status_text
+from .system import gpu
+from .views.status import checks_text, status_text
 
 _CLEAR = "\x1b[H\x1b[2J"
 
@@ -70,7 +70,7 @@ def _print_status(indices, as_json: bool, watching: bool) -> None:
 
 
 def _check(parser: argparse.ArgumentParser, export: str | None) -> int:
-    from . import doctor  # imports torch only when asked to check
+    from .system import doctor  # imports torch only when asked to check
 
     report = doctor.run_checks()
     print(checks_text(report.checks))

@@ -96,8 +96,8 @@ def main(argv=None) -> int:
                         help="folder for the HTML pictures (default benchmarks/results)")
     args = parser.parse_args(argv)
 
-    from amp_magics import doctor, gpu
-    from amp_magics.status_render import checks_text, status_text
+    from amp_magics.system import doctor, gpu
+    from amp_magics.views.status import checks_text, status_text
 
     section("GPU status (python -m amp_magics status)")
     before = gpu.probe()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from amp_magics.render import DashboardView, RunTrace, dashboard_html
+from amp_magics.views.charts import DashboardView, RunTrace, dashboard_html
 
 GIB = 1 << 30
 

@@ -1,6 +1,6 @@
 """A thin stand-in for the `pynvml` module (nvidia-ml-py) at the binding boundary.
 
-It answers only the calls amp_magics.gpu makes, from per-GPU records with the values and units
+It answers only the calls amp_magics.system.gpu makes, from per-GPU records with the values and units
 NVML returns (bytes, mW, MHz; specification figures for these models). Errors are
 nvidia-ml-py's own classes, so `except pynvml.NVMLError_...` behaves as against a real driver.
 A record value that is an NVMLError class makes that query raise it.

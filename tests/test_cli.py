@@ -9,7 +9,7 @@ import time
 import pytest
 from fake_nvml import FakeNvml, h100
 
-from amp_magics import gpu
+from amp_magics.system import gpu
 from amp_magics.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

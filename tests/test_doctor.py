@@ -8,9 +8,9 @@ import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from amp_magics import doctor
-from amp_magics.gpu_magics import GpuMagics
-from amp_magics.status_render import checks_html, checks_text
+from amp_magics.system import doctor
+from amp_magics.magics.gpu import GpuMagics
+from amp_magics.views.status import checks_html, checks_text
 
 REQUIRED = ["Python", "torch", "CUDA available", "cuDNN", "GPU", "Tensor Cores", "bf16", "driver / CUDA",
             "AMP smoke test", "nvidia-ml-py", "deprecated pynvml", "ipywidgets", "conda"]

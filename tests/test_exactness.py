@@ -54,7 +54,7 @@ def test_plain_fp16_with_real_overflow(trainer):
 
     assert_same_state(model.state_dict(), ref_model.state_dict())
     assert_same_state(opt.state_dict(), ref_opt.state_dict())
-    from amp_magics.engine import _SCALERS
+    from amp_magics.training.engine import _SCALERS
     assert_same_state(_SCALERS[opt][1].state_dict(), ref_scaler.state_dict())
 
     assert run.status == "finished" and len(run.history) == 24

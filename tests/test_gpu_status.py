@@ -13,10 +13,10 @@ from fake_nvml import GIB, MIB, FakeNvml, a100, h100, t4
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from amp_magics import gpu
-from amp_magics.gpu_magics import GpuMagics
+from amp_magics.system import gpu
+from amp_magics.magics.gpu import GpuMagics
 from amp_magics.precision import auto_for_cpu
-from amp_magics.status_render import status_html, status_text
+from amp_magics.views.status import status_html, status_text
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 ME = os.getpid()
@@ -74,7 +74,8 @@ def test_real_nvml_without_gpu_says_why_and_shows_the_host(monkeypatch):
 
 
 def test_status_never_imports_torch():
-    code = ("import sys; from amp_magics import gpu, status_render; "
+    code = ("import sys; from amp_magics.system import gpu; "
+            "from amp_magics.views import status as status_render; "
             "status_render.status_html(gpu.probe()); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 

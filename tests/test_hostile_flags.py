@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
 
-from amp_magics.diagnose_magics import DiagnoseMagics, stop_memory_tracking
-from amp_magics.gpu_magics import GpuMagics, StatusWatch
-from amp_magics.magics import AmpMagics
-from amp_magics.run import runs
+from amp_magics.magics.diagnose import DiagnoseMagics, stop_memory_tracking
+from amp_magics.magics.gpu import GpuMagics, StatusWatch
+from amp_magics.magics.train import AmpMagics
+from amp_magics.training.run import runs
 from recipes import make_data, make_model
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from IPython.core.error import UsageError
 
-from amp_magics.diagnose_magics import stop_memory_tracking
-from amp_magics.memory import (PeakMemory, forward_sum_step, largest_tensors, model_memory,
+from amp_magics.magics.diagnose import stop_memory_tracking
+from amp_magics.diagnostics.memory import (PeakMemory, forward_sum_step, largest_tensors, model_memory,
                                step_activation_memory)
 from recipes import make_data, make_model
 
@@ -94,7 +94,7 @@ def test_cpu_step_peak_sees_a_large_activation():
 
 
 def test_rss_sampler_used_where_the_high_water_mark_cannot_be_reset(monkeypatch):
-    from amp_magics import memory
+    from amp_magics.diagnostics import memory
 
     monkeypatch.setattr(memory, "_reset_high_water_mark", lambda: False)
     memory._release_freed_memory()  # else the block may reuse heap memory that is resident

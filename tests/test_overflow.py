@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from IPython.core.error import UsageError
 
-from amp_magics.memory import largest_tensors
-from amp_magics.overflow import locate_nonfinite
+from amp_magics.diagnostics.memory import largest_tensors
+from amp_magics.diagnostics.overflow import locate_nonfinite
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from amp_magics.render import (
+from amp_magics.views.charts import (
     DashboardView,
     RunTrace,
     Series,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import amp_magics
-from amp_magics.engine import batch_size, to_device
+from amp_magics.tensors import batch_size, to_device
 from amp_magics.errors import AmpUsageError
 from amp_magics.precision import PrecisionError, resolve
-from amp_magics.run import Run
+from amp_magics.training.run import Run
 from recipes import make_data, make_model
 
 

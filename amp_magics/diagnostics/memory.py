@@ -7,7 +7,6 @@ are counted exactly on every device, by watching what autograd saves.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import html
@@ -17,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import as_step, model_device, to_device
-from .errors import AmpUsageError
-from .precision import Precision, resolve
-from .render import format_bytes, table_html
-from .gpu import process_rss
+from ..errors import AmpUsageError
+from ..precision import Precision, resolve
+from ..views.format import format_bytes, table_html
+from ..system.host import process_rss
+from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
+                       unpack_loss)
 
 
 # -- tensors and their storages ----------------------------------------------------------
@@ -38,18 +38,6 @@ def storage_of(t: torch.Tensor):
     if ptr == 0:
         return None, 0
     return (t.device, ptr), storage.nbytes()
-
-
-def tensors_in(obj):
-    """Tensors inside nested tuples, lists and dicts (and `obj` itself if it is one)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from tensors_in(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from tensors_in(o)
 
 
 def dtype_name(dtype) -> str:
@@ -123,47 +111,11 @@ def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
 
 
 # -- one training step ----------------------------------------------------------------------
-@contextlib.contextmanager
-def preserved(model: torch.nn.Module):
-    """Run something on `model` and leave it as found.
-
-    Inside, every .grad is None (as after zero_grad(set_to_none=True)); afterwards the original
-    .grad tensors are back, buffers (BatchNorm statistics) hold their old values and the RNG
-    is rewound, so a diagnosis does not change what training does next.
-    """
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        for p in params:
-            p.grad = None
-        yield
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
-        with torch.no_grad():
-            for b, old in buffers:
-                b.copy_(old)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
 def forward_loss(step, batch, chosen: Precision):
     """The loss of `step(batch, 0, 0)` under `chosen`'s autocast, checked like the engine does."""
-    autocast = (torch.autocast(chosen.device_type, dtype=chosen.dtype)
-                if chosen.autocast_enabled else contextlib.nullcontext())
-    with autocast:
+    with chosen.autocast():
         out = step(batch, 0, 0)
-    loss = out.get("loss") if isinstance(out, dict) else out
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise AmpUsageError("the step must produce a scalar tensor `loss`, e.g. "
-                            "`loss = F.cross_entropy(model(x), y)`")
-    if loss.grad_fn is None:
-        raise AmpUsageError("`loss` has no grad_fn, so backward() cannot reach the model")
-    return loss
+    return unpack_loss(out)[0]
 
 
 def forward_sum_step(model):

@@ -1,9 +1,9 @@
-"""The live view of a run in a notebook: core ipywidgets showing HTML drawn by render.py.
+"""The live view of a run in a notebook: core ipywidgets showing HTML drawn by charts.py.
 
 An engine observer: `on_refresh` runs on the training thread at the engine's refresh
 interval, never per step. History is turned into columns incrementally (only the records
 added since the last refresh), so a refresh costs the same after 100 or 100,000 steps apart
-from render.py's downsampling. When the run ends, the widget is replaced in the output by a
+from charts.py's downsampling. When the run ends, the widget is replaced in the output by a
 static HTML snapshot (a display_id update), which survives saving the notebook and shows
 without a kernel, in nbconvert and on GitHub.
 """
@@ -14,7 +14,8 @@ from array import array
 
 import numpy as np
 
-from . import render
+from . import charts
+from .format import format_number
 
 RATE_WINDOW = 50  # steps over which samples/s and steps/s are measured
 
@@ -53,9 +54,9 @@ class _Columns:
         seen[2] = len(run.memory)
         return self
 
-    def trace(self, flags="") -> render.RunTrace:
+    def trace(self, flags="") -> charts.RunTrace:
         memory = {MEMORY_LABELS[k]: _as_numpy(v) for k, v in self.memory.items()}
-        return render.RunTrace(
+        return charts.RunTrace(
             name=self.run.name, flags=flags, steps=_as_numpy(self.steps),
             loss=_as_numpy(self.loss),
             scale=_as_numpy(self.scale) if len(self.scale) == len(self.steps) else (),
@@ -94,7 +95,7 @@ def status_line(run, skipped: int) -> str:
     parts = [run.device, f"{run.precision} ({run.precision_reason})"]
     s = run.scaler_settings
     if s:
-        parts.append(f"GradScaler init {render.format_number(s['init_scale'])}, "
+        parts.append(f"GradScaler init {format_number(s['init_scale'])}, "
                      f"×{s['growth_factor']:g} every {s['growth_interval']} steps, "
                      f"backoff ×{s['backoff_factor']:g}")
         parts.append(f"{skipped} skipped step{'s' * (skipped != 1)}")
@@ -103,7 +104,7 @@ def status_line(run, skipped: int) -> str:
     return " · ".join(parts)
 
 
-def build_view(run, columns: _Columns, earlier: list, final: bool) -> render.DashboardView:
+def build_view(run, columns: _Columns, earlier: list, final: bool) -> charts.DashboardView:
     h = run.history
     steps_per_s = samples_per_s = None
     if len(h) >= 2:
@@ -116,7 +117,7 @@ def build_view(run, columns: _Columns, earlier: list, final: bool) -> render.Das
     if run.total_steps and steps_per_s and not final:
         eta = max(run.total_steps - len(h), 0) / steps_per_s
     epochs = run.config.get("epochs")
-    return render.DashboardView(
+    return charts.DashboardView(
         current=columns.trace(), earlier=earlier,
         status=status_line(run, skipped=len(columns.skipped)),
         scaler=run.scaler_settings is not None, step=len(h), total_steps=run.total_steps,
@@ -131,7 +132,7 @@ def overlay_html(runs) -> str:
     first, *others = runs
     columns = _Columns(first).update()
     earlier = [_Columns(r).update().trace(flags_that_differ(r, first)) for r in others]
-    return render.dashboard_html(build_view(first, columns, earlier, final=True))
+    return charts.dashboard_html(build_view(first, columns, earlier, final=True))
 
 
 class Dashboard:
@@ -210,7 +211,7 @@ class Dashboard:
 
     def _render(self, run, final):
         self._columns.update()
-        return render.dashboard_html(build_view(run, self._columns, self._earlier, final))
+        return charts.dashboard_html(build_view(run, self._columns, self._earlier, final))
 
     def _stop(self):
         self._columns.run.request_stop()

@@ -8,31 +8,13 @@ one at the boundary itself (so dropout and friends continue exactly).
 from __future__ import annotations
 
 import os
-import random
-import sys
 import tempfile
 
 import torch
 
+from ..tensors import capture_rng
+
 FORMAT = 1
-
-
-def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if "numpy" in sys.modules:
-        state["numpy"] = sys.modules["numpy"].random.get_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state and "numpy" in sys.modules:
-        sys.modules["numpy"].random.set_state(state["numpy"])
 
 
 def save_checkpoint(path, *, model, optimizers, scaler, scheduler, step, epoch, batches_in_epoch,

@@ -16,8 +16,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from . import __version__, gpu
-from .precision import cpu_has_native_bf16
+from .. import __version__
+from . import gpu
+from .host import cpu_has_native_bf16
 
 _GET_TORCH = "pick the build for your driver at https://pytorch.org/get-started/locally/"
 
@@ -43,12 +44,12 @@ class Report:
 
     # Rendered lazily so this module stays free of display code.
     def _repr_html_(self) -> str:
-        from .status_render import checks_html
+        from ..views.status import checks_html
 
         return checks_html(self.checks)
 
     def _repr_pretty_(self, printer, cycle) -> None:
-        from .status_render import checks_text
+        from ..views.status import checks_text
 
         printer.text(checks_text(self.checks))
 

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 
-from .render import format_bytes, format_duration
+from .format import format_bytes, format_duration
 
 
 def progress_line(run) -> str:

@@ -6,14 +6,13 @@ the caller has already imported it, so a status check stays well under a second.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
-from .precision import auto_for_capability, auto_for_cpu, cpu_has_native_bf16
+from ..precision import auto_for_capability, auto_for_cpu
+from .host import HostInfo, host_info
 
 _TENSOR_CORE_PRECISIONS = (("fp16", (7, 0)), ("bf16", (8, 0)), ("tf32", (8, 0)), ("fp8", (8, 9)))
 
@@ -67,19 +66,6 @@ class TorchMemory:
 
 
 @dataclass
-class HostInfo:
-    cpu_model: str
-    logical_cpus: int | None
-    usable_cpus: int | None  # this process's CPU affinity (containers and taskset narrow it)
-    native_bf16: bool
-    amx: bool | None  # None: not knowable on this OS
-    torch_threads: int | None  # None: torch is not imported in this process
-    ram_total: int | None  # bytes
-    ram_available: int | None
-    process_rss: int | None  # this process's resident memory
-
-
-@dataclass
 class Recommendation:
     dtype: str  # what `--dtype auto` picks
     device: str  # "GPU 0 (NVIDIA A100-SXM4-80GB)" or "CPU"
@@ -103,12 +89,12 @@ class Status:
 
     # Rich display without tying this module to IPython: the renderer loads on first display.
     def _repr_html_(self) -> str:
-        from .status_render import status_html
+        from ..views.status import status_html
 
         return status_html(self)
 
     def _repr_pretty_(self, printer, cycle) -> None:
-        from .status_render import status_text
+        from ..views.status import status_text
 
         printer.text(status_text(self))
 
@@ -358,85 +344,3 @@ def _recommend(gpus: list[GpuInfo]) -> Recommendation:
             return Recommendation(choice.name, f"GPU {gpu.index} ({gpu.name})", choice.reason)
     choice = auto_for_cpu()
     return Recommendation(choice.name, "CPU", choice.reason)
-
-
-# --- host ------------------------------------------------------------------------------------
-
-def host_info() -> HostInfo:
-    model, flags = _cpu_model_and_flags()
-    torch = sys.modules.get("torch")
-    get_threads = getattr(torch, "get_num_threads", None)
-    ram_total, ram_available, rss = _memory()
-    return HostInfo(
-        cpu_model=model,
-        logical_cpus=os.cpu_count(),
-        usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        native_bf16=cpu_has_native_bf16(),
-        amx=bool(flags & {"amx_bf16", "amx_tile"}) if flags is not None else None,
-        torch_threads=get_threads() if get_threads else None,
-        ram_total=ram_total,
-        ram_available=ram_available,
-        process_rss=rss,
-    )
-
-
-@lru_cache(maxsize=1)
-def _cpu_model_and_flags() -> tuple[str, frozenset | None]:
-    model, flags = None, None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key in ("flags", "Features") and flags is None:
-                    flags = frozenset(value.split())
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine() or "?", flags
-
-
-def process_rss() -> int | None:
-    """Resident memory of this process in bytes (None where it cannot be read).
-
-    Cheap enough to sample at kHz rates: one short read of /proc/self/statm on Linux.
-    """
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil  # optional: the fallback off Linux
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return None
-
-
-def _memory() -> tuple[int | None, int | None, int | None]:
-    """(RAM total, RAM available, this process's resident memory), in bytes."""
-    meminfo = _proc_kib("/proc/meminfo", ("MemTotal", "MemAvailable"))
-    if meminfo:
-        return meminfo.get("MemTotal"), meminfo.get("MemAvailable"), process_rss()
-    try:
-        import psutil  # optional: the fallback off Linux
-    except ImportError:
-        return None, None, process_rss()
-    memory = psutil.virtual_memory()
-    return memory.total, memory.available, process_rss()
-
-
-def _proc_kib(path: str, keys: tuple[str, ...]) -> dict[str, int]:
-    """Lines like 'MemTotal:  16384 kB' from a /proc file, in bytes."""
-    out = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in keys:
-                    out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out

@@ -12,10 +12,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from . import precision
-from .errors import AmpUsageError
-from .magic_args import names, number, parse
-from .magics import AmpMagics, CellStep
+from .. import precision
+from ..errors import AmpUsageError
+from .args import names, number, parse
+from .train import AmpMagics, CellStep
 
 # shell -> MemoryTracker whose pre/post_run_cell callbacks are registered on it
 _TRACKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -83,7 +83,7 @@ class DiagnoseMagics(Magics):
             raise UsageError(f"--top needs a positive number of tensors, got {args.top}")
         import torch
 
-        from . import memory
+        from ..diagnostics import memory
 
         overview = memory.MemoryOverview()
         model = self._optional(args.model, "model", "--model", torch.nn.Module, "an nn.Module",
@@ -107,7 +107,7 @@ class DiagnoseMagics(Magics):
         return overview
 
     def _track(self, on: bool):
-        from .memory import MemoryTracker
+        from ..diagnostics.memory import MemoryTracker
 
         stop_memory_tracking(self.shell)
         if on:
@@ -159,7 +159,7 @@ class DiagnoseMagics(Magics):
         args = parse(self.amp_doctor, line)
         import torch
 
-        from .overflow import locate_nonfinite
+        from ..diagnostics.overflow import locate_nonfinite
 
         if args.scale is not None and not (0 < args.scale < math.inf):
             raise UsageError(f"--scale must be a positive finite number, got {args.scale:g}")

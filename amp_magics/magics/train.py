@@ -15,9 +15,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Enum, Float
 
-from . import precision
-from .errors import AmpUsageError
-from .magic_args import names, number, parse
+from .. import precision
+from ..errors import AmpUsageError
+from .args import names, number, parse
 
 
 class CellStep:
@@ -121,7 +121,7 @@ class AmpMagics(Magics):
             loss = F.cross_entropy(net(x), y)
         """
         __tracebackhide__ = True
-        from .engine import prepare
+        from ..training.engine import prepare
 
         args = parse(self.amp_train, line)
         if args.output is not None and not args.output.isidentifier():
@@ -167,7 +167,7 @@ class AmpMagics(Magics):
     def _several_runs(self, args, step, options):
         """--sweep and --compare: several runs from one starting state, then a table."""
         __tracebackhide__ = True
-        from . import tuning
+        from ..training import sweeps as tuning
 
         conflicts = [flag for flag, given in (("--background", args.background),
                      ("--checkpoint", args.checkpoint), ("--resume", args.resume),
@@ -184,7 +184,7 @@ class AmpMagics(Magics):
             else:
                 if args.steps is None:
                     raise UsageError("--compare needs --steps N, e.g. --steps 50")
-                from .engine import model_device
+                from ..training.engine import model_device
 
                 precisions = tuning.parse_compare(args.compare, model_device(options["model"]))
                 options = {k: v for k, v in options.items() if k not in ("steps", "epochs")}
@@ -243,7 +243,7 @@ class AmpMagics(Magics):
     @line_magic
     def amp_runs(self, line):
         """This session's runs as a table; --plot overlays chosen runs; --clear forgets them."""
-        from .run import RunList, forget_runs, runs
+        from ..training.run import RunList, forget_runs, runs
 
         args = parse(self.amp_runs, line)
         if args.clear:
@@ -268,13 +268,13 @@ class AmpMagics(Magics):
 
     # -- helpers ----------------------------------------------------------------------
     def _view(self, args, several=False):
-        from .reporter import ConsoleReporter
+        from ..views.reporter import ConsoleReporter
 
         in_kernel = getattr(self.shell, "kernel", None) is not None
         if args.no_plot or self.view == "text" or (self.view == "auto" and not in_kernel):
             return ConsoleReporter(stream=sys.stdout, inline=True)
-        from .dashboard import Dashboard
-        from .run import runs
+        from ..views.dashboard import Dashboard
+        from ..training.run import runs
 
         if several:
             return Dashboard(several=True)

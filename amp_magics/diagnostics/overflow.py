@@ -15,10 +15,10 @@ from functools import partial
 
 import torch
 
-from .engine import SCALER_DEFAULTS, as_step, model_device, to_device
-from .memory import forward_loss, preserved, tensors_in
-from .render import table_html
-from .precision import resolve
+from ..tensors import as_step, model_device, preserved, tensors_in, to_device
+from .memory import forward_loss
+from ..views.format import table_html
+from ..precision import SCALER_DEFAULTS, resolve
 
 
 @dataclass

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine
-from .checkpoint import capture_rng, restore_rng
-from .errors import AmpUsageError
-from .precision import CHOICES, resolve
-from .render import records_html
+from ..tensors import capture_rng, restore_rng
+from ..errors import AmpUsageError
+from ..precision import CHOICES, resolve
+from ..views.format import records_html
 
 ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
 
@@ -284,7 +284,7 @@ def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None
     backward (process RSS is too coarse to compare precisions run one after another).
     """
     __tracebackhide__ = True
-    from .memory import PeakMemory, step_activation_memory
+    from ..diagnostics.memory import PeakMemory, step_activation_memory
 
     optimizers = engine.as_optimizers(optimizer)
     start = StartingState(model, optimizers, scheduler)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .gpu import process_rss
+from ..system.host import process_rss
 
 
 class StepRecorder:

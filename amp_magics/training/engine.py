@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import os
 import math
-import random
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -24,17 +21,18 @@ from collections.abc import Iterable
 
 import torch
 
-from . import alarms, precision as precision_policy
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .errors import AmpUsageError
-from .render import format_bytes
+from . import alarms
+from .. import precision as precision_policy
+from ..precision import SCALER_DEFAULTS
+from .checkpoint import load_checkpoint, save_checkpoint
+from ..errors import AmpUsageError
+from ..tensors import (as_step, batch_size, capture_rng, is_out_of_memory, model_device,
+                       restore_rng, seed_everything, to_device, unpack_loss)
+from ..views.format import format_bytes
 from .run import Run, next_name, register
 from .telemetry import StepRecorder, memory_snapshot, reset_peak
 
 MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow
-SCALER_DEFAULTS = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
-                   "growth_interval": 2000}
-
 # Scalers persist per (first) optimizer, so re-running a cell continues with the learned scale.
 _SCALERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -120,7 +118,7 @@ def prepare(step_fn, *, model, optimizer, data, dtype="auto", epochs=None, steps
     register(run)
     observers = list(observers)
     if progress and not observers:
-        from .reporter import ConsoleReporter
+        from ..views.reporter import ConsoleReporter
 
         observers.append(ConsoleReporter())
     return Training(run, as_step(step_fn), model, optimizers, data, chosen, scaler, device,
@@ -161,8 +159,7 @@ class Training:
         self.recorder = StepRecorder(log_names)
         # One autocast object reused for every micro-batch; fp32 runs with no autocast at all,
         # exactly like the plain fp32 loop.
-        self.autocast = (torch.autocast(device.type, dtype=chosen.dtype)
-                         if chosen.autocast_enabled else contextlib.nullcontext())
+        self.autocast = chosen.autocast()
         self.sync_timing = sync_timing  # measurements (--compare) only: a sync per step
         self.chosen = chosen
         # --diagnose: a sync per step until the first overflow, which is then re-run with hooks.
@@ -360,23 +357,7 @@ class Training:
 
     def _unpack(self, out, training):
         __tracebackhide__ = True
-        logs = {}
-        if isinstance(out, dict):
-            if "loss" not in out:
-                raise AmpUsageError("the training step never assigned `loss`: end the cell "
-                                    "body with e.g. `loss = F.cross_entropy(model(x), y)`")
-            loss, logs = out["loss"], out
-        else:
-            loss = out
-        if not isinstance(loss, torch.Tensor):
-            raise AmpUsageError(f"`loss` must be a torch.Tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise AmpUsageError(f"`loss` must be a scalar, got shape {tuple(loss.shape)}: "
-                                "reduce it, e.g. loss = loss.mean()")
-        if training and loss.grad_fn is None:
-            raise AmpUsageError("`loss` has no grad_fn, so backward() cannot reach the model: "
-                                "was it computed under torch.no_grad(), detached, or without "
-                                "the model's parameters?")
+        loss, logs = unpack_loss(out, training=training)
         for name in self.log_names:
             if name not in logs:
                 raise AmpUsageError(f"--log names {name} but the step never assigned it: "
@@ -396,7 +377,7 @@ class Training:
         skipped = found_inf is not None and found_inf.item() > 0
         if not skipped and math.isfinite(self.loss_sum.item()):
             return
-        from .overflow import locate_nonfinite
+        from ..diagnostics.overflow import locate_nonfinite
 
         self.diagnose = False  # once per run: the first overflow is the informative one
         used_scale = scale.item() if scale is not None else None
@@ -537,48 +518,8 @@ def _clear_user_frames(tb) -> None:
         tb = tb.tb_next
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, the CPU allocator's failure, or Python's MemoryError."""
-    if isinstance(error, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text
-                                                or "out of memory" in text)
 
 
-def to_device(obj, device):
-    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple):
-        moved = [to_device(o, device) for o in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def batch_size(obj) -> int:
-    """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.shape[0] if obj.ndim else 1
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            n = batch_size(o)
-            if n:
-                return n
-    if isinstance(obj, dict):
-        return batch_size(list(obj.values()))
-    return 0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 def _detached(value):
@@ -648,25 +589,6 @@ def _describe_scaler(scaler):
             "growth_interval": scaler.get_growth_interval(), "enabled": scaler.is_enabled()}
 
 
-def as_step(step_fn):
-    """Accept step_fn(batch) or step_fn(batch, step, epoch); call it as the latter."""
-    if not callable(step_fn):
-        raise AmpUsageError("step_fn must be a function: step_fn(batch) -> loss")
-    try:
-        params = list(inspect.signature(step_fn).parameters.values())
-    except (TypeError, ValueError):
-        return step_fn
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 3:
-        return step_fn
-    if len(positional) >= 1:
-        def one_arg_step(batch, step, epoch):
-            __tracebackhide__ = True
-            return step_fn(batch)
-        return one_arg_step
-    raise AmpUsageError("step_fn must take the batch: step_fn(batch) or "
-                        "step_fn(batch, step, epoch)")
-
 
 def as_optimizers(optimizer) -> list:
     """One optimizer or several (a list or tuple) -> a list."""
@@ -715,13 +637,6 @@ def _check_counts(epochs, steps, accum, clip, refresh_seconds):
         epochs = 1
     return epochs, steps, accum, clip
 
-
-def model_device(model) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _steps_per_epoch(data, accum):

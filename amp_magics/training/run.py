@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 
-from .render import format_bytes, records_html, summary_table_html
+from ..views.format import format_bytes, records_html, summary_table_html
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -225,7 +225,7 @@ class Run:
 
     def plot(self, *others: "Run") -> "Picture":
         """A static picture of this run's dashboard, `others` drawn faded underneath."""
-        from .dashboard import overlay_html
+        from ..views.dashboard import overlay_html
 
         return Picture(overlay_html([self, *others]))
 

@@ -11,12 +11,13 @@ runs), since turning a list into an array costs ~3.5 ms per 100,000 values, on e
 """
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
+
+from .format import BYTE_UNITS, escape as _e, format_duration, format_number, summary_table_html
 
 # Paul Tol's "vibrant" scheme (its blue lightened): colour-blind safe and mid-luminance, so it
 # reads on light and dark themes.
@@ -31,7 +32,6 @@ _DASHES = {"line": None, "faint": None, "dashed": "6 3", "dotted": "1.5 3", "das
 STYLES = tuple(_DASHES)
 _MEMORY_STYLES = ("line", "dashed", "dotted", "dashdot")
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
-_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
                43200, 86400)
 
@@ -125,32 +125,7 @@ def smooth(xs, ys, max_points: int = SMOOTH_POINTS,
     return means_x, np.array(out)
 
 
-# --- formatting --------------------------------------------------------------------------------
-
-def format_duration(seconds) -> str:
-    """12s / 3m05s / 1h02m; "—" when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def format_number(v) -> str:
-    """3 significant digits, thousands separated: 1,234 / 12.3 / 0.00123 / 1.2e-05."""
-    if v is None:
-        return "—"
-    if not math.isfinite(v):
-        return str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
-        return f"{v:.2e}"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.3g}"
-
+# --- tick labels -------------------------------------------------------------------------------
 
 def _fmt_steps(v: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -168,10 +143,6 @@ def _fmt_seconds(v: float) -> str:
     if minutes:
         return f"{minutes}m{seconds:02d}s" if seconds else f"{minutes}m"
     return f"{seconds}s"
-
-
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
 
 
 # --- axes --------------------------------------------------------------------------------------
@@ -208,11 +179,11 @@ def _log_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 def _byte_ticks(hi: float, target: int = 4) -> tuple[list[float], str, float]:
     """Ticks from 0 in the largest binary unit below `hi`, e.g. 0, 0.5, 1, 1.5 GiB."""
     power = 0
-    while power < len(_BYTE_UNITS) - 1 and hi >= 1024 ** (power + 1):
+    while power < len(BYTE_UNITS) - 1 and hi >= 1024 ** (power + 1):
         power += 1
     unit = 1024 ** power
     ticks = _linear_ticks(0, hi / unit, target)
-    return [t * unit for t in ticks], _BYTE_UNITS[power], unit
+    return [t * unit for t in ticks], BYTE_UNITS[power], unit
 
 
 def _power_label(base: int, exponent: float) -> str:
@@ -582,60 +553,6 @@ def _memory_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
                for (label, values), style in zip(run.memory.items(), _MEMORY_STYLES)]
     return line_chart_svg("Memory", series, x_label="time", x_scale="seconds", y_scale="bytes",
                           max_points=SMOOTH_POINTS)
-
-
-def table_html(headers: Sequence, rows: Sequence[Sequence], caption: str = "",
-               highlight: int | None = None) -> str:
-    """A plain table; every cell is escaped (names can be anything). Row `highlight` in bold."""
-    cell = "style='text-align:left;padding:1px 14px 1px 0'"
-    head = "".join(f"<th {cell}>{_e(h)}</th>" for h in headers)
-    best = " style='font-weight:bold;background:rgba(30,136,229,.15)'"
-    body = "".join(f"<tr{best if i == highlight else ''}>"
-                   + "".join(f"<td {cell}>{_e(c)}</td>" for c in row) + "</tr>"
-                   for i, row in enumerate(rows))
-    cap = (f"<caption style='caption-side:bottom;text-align:left;opacity:.7'>{_e(caption)}"
-           "</caption>" if caption else "")
-    return (f"<table class='amp-table' style='border-collapse:collapse;font-size:12px'>{cap}"
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
-def records_html(records: Sequence[dict], caption: str = "", highlight: int | None = None,
-                 byte_columns=("peak memory",)) -> str:
-    """Dicts with the same keys as a table; numbers formatted, byte columns in KiB/MiB/GiB."""
-    if not records:
-        return "<p>nothing to show</p>"
-
-    def text(key, value):
-        if value is None:
-            return "-"
-        if key in byte_columns:
-            return format_bytes(value)
-        return format_number(value) if isinstance(value, float) else str(value)
-
-    rows = [[text(k, v) for k, v in record.items()] for record in records]
-    return table_html(list(records[0]), rows, caption, highlight)
-
-
-def format_bytes(n) -> str:
-    """1536 -> '1.5 KiB'; None -> '-'."""
-    if n is None:
-        return "-"
-    for unit in _BYTE_UNITS[:-1]:
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} {_BYTE_UNITS[-1]}"
-
-
-def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
-    """The final summary as a two-column table (e.g. Run.summary_rows())."""
-    cells = "".join(
-        f'<tr><th style="text-align:left;font-weight:600;padding:1px 16px 1px 0;'
-        f'white-space:nowrap;vertical-align:top">{_e(k)}</th>'
-        f'<td style="text-align:left;padding:1px 0">{_e(v)}</td></tr>'
-        for k, v in rows)
-    return (f'<table class="amp-summary" style="border-collapse:collapse;margin:8px 0 0 0;'
-            f'font-size:12px">{cells}</table>')
 
 
 def _runs_legend(view: DashboardView, colors: Sequence[str]) -> str:

@@ -11,9 +11,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from . import doctor, gpu
-from .magic_args import parse
-from .status_render import status_html
+from ..system import doctor
+from ..system import gpu
+from .args import parse
+from ..views.status import status_html
 
 
 def _indices(text: str) -> list[int]:

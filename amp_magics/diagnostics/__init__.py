@@ -1,0 +1,1 @@
+"""Measurements on a model: where its memory goes, which module overflows."""

@@ -1,0 +1,1 @@
+"""The machine: GPUs through NVML, host CPU and RAM, the environment check (%amp_check)."""

@@ -1,0 +1,186 @@
+"""General tensor plumbing shared by training and diagnostics.
+
+Moving batches to a device, counting their samples, finding a model's device, calling a step
+function, checking the loss it returns, capturing and restoring random state, and running
+something on a model while leaving it as it was found. Nothing here knows of runs or views.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .errors import AmpUsageError
+
+StepFn = Callable[[Any, int, int], Any]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        moved = [to_device(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def batch_size(obj: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.ndim else 1
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            n = batch_size(o)
+            if n:
+                return n
+    if isinstance(obj, dict):
+        return batch_size(list(obj.values()))
+    return 0
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Tensors inside nested tuples, lists and dicts (and `obj` itself if it is one)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from tensors_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from tensors_in(o)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+# -- the step function -----------------------------------------------------------------------
+def as_step(step_fn: Callable) -> StepFn:
+    """Accept step_fn(batch) or step_fn(batch, step, epoch); call it as the latter."""
+    if not callable(step_fn):
+        raise AmpUsageError("step_fn must be a function: step_fn(batch) -> loss")
+    try:
+        params = list(inspect.signature(step_fn).parameters.values())
+    except (TypeError, ValueError):
+        return step_fn
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 3:
+        return step_fn
+    if len(positional) >= 1:
+        def one_arg_step(batch, step, epoch):
+            __tracebackhide__ = True
+            return step_fn(batch)
+        return one_arg_step
+    raise AmpUsageError("step_fn must take the batch: step_fn(batch) or "
+                        "step_fn(batch, step, epoch)")
+
+
+def unpack_loss(out: Any, *, training: bool = True) -> tuple[torch.Tensor, dict]:
+    """(loss, logs) from what a step returned: a loss tensor, or a dict holding "loss".
+
+    The loss must be a one-element tensor, and in training reach the model (have a grad_fn).
+    """
+    logs: dict = {}
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise AmpUsageError("the training step never assigned `loss`: end the cell "
+                                "body with e.g. `loss = F.cross_entropy(model(x), y)`")
+        loss, logs = out["loss"], out
+    else:
+        loss = out
+    if not isinstance(loss, torch.Tensor):
+        raise AmpUsageError(f"`loss` must be a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise AmpUsageError(f"`loss` must be a scalar, got shape {tuple(loss.shape)}: "
+                            "reduce it, e.g. loss = loss.mean()")
+    if training and loss.grad_fn is None:
+        raise AmpUsageError("`loss` has no grad_fn, so backward() cannot reach the model: "
+                            "was it computed under torch.no_grad(), detached, or without "
+                            "the model's parameters?")
+    return loss, logs
+
+
+# -- random state ----------------------------------------------------------------------------
+def capture_rng() -> dict:
+    """The state of every random generator training draws from: torch, CUDA, random, numpy."""
+    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if torch.cuda.is_initialized():  # reading CUDA's state must not start CUDA
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        state["numpy"] = sys.modules["numpy"].random.get_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state and "numpy" in sys.modules:
+        sys.modules["numpy"].random.set_state(state["numpy"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Draw random numbers inside; afterwards every generator is where it was."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[None]:
+    """Run something on `model` and leave it as found.
+
+    Inside, every .grad is None (as after zero_grad(set_to_none=True)); afterwards the original
+    .grad tensors are back, buffers (BatchNorm statistics) hold their old values and the RNG
+    is rewound, so a diagnosis does not change what training does next.
+    """
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with rng_kept():
+            for p in params:
+                p.grad = None
+            yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, old in buffers:
+                b.copy_(old)
+
+
+# -- failures --------------------------------------------------------------------------------
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU allocator's failure, or Python's MemoryError."""
+    if isinstance(error, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text
+                                                or "out of memory" in text)

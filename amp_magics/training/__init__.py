@@ -1,0 +1,1 @@
+"""The training loop and what it produces: options, scaler, telemetry, checkpoints, alarms, runs, sweeps."""

@@ -1,0 +1,1 @@
+"""What a person sees: formatting, SVG charts, the live dashboard, the text line, GPU status."""

@@ -1,0 +1,107 @@
+"""Numbers, bytes, durations and HTML tables, formatted one way everywhere.
+
+A leaf: pure string functions with no imports from the rest of the package, so data objects
+(Run, memory reports) and every view can share them. Everything placed in HTML is escaped
+unless it is marked as already-built `Html`.
+"""
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+class Html(str):
+    """Markup built by our own code (already escaped): tables place it as it is."""
+
+
+def escape(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def format_duration(seconds: float | None) -> str:
+    """12s / 3m05s / 1h02m; "—" when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_number(v: float | None) -> str:
+    """3 significant digits, thousands separated: 1,234 / 12.3 / 0.00123 / 1.2e-05."""
+    if v is None:
+        return "—"
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
+        return f"{v:.2e}"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def format_bytes(n: float | None, missing: str = "-") -> str:
+    """1536 -> '1.5 KiB'; None -> `missing`."""
+    if n is None:
+        return missing
+    for unit in BYTE_UNITS[:-1]:
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} {BYTE_UNITS[-1]}"
+
+
+def _cell(value: object) -> str:
+    return value if isinstance(value, Html) else escape(value)
+
+
+def table_html(headers: Sequence, rows: Sequence[Sequence], caption: str = "",
+               highlight: int | None = None) -> str:
+    """A plain table; every cell is escaped (names can be anything) unless it is `Html`.
+
+    Row `highlight` is shown in bold.
+    """
+    cell = "style='text-align:left;padding:1px 14px 1px 0;vertical-align:middle'"
+    head = "".join(f"<th {cell}>{_cell(h)}</th>" for h in headers)
+    best = " style='font-weight:bold;background:rgba(30,136,229,.15)'"
+    body = "".join(f"<tr{best if i == highlight else ''}>"
+                   + "".join(f"<td {cell}>{_cell(c)}</td>" for c in row) + "</tr>"
+                   for i, row in enumerate(rows))
+    cap = (f"<caption style='caption-side:bottom;text-align:left;opacity:.7'>{escape(caption)}"
+           "</caption>" if caption else "")
+    return (f"<table class='amp-table' style='border-collapse:collapse;font-size:12px'>{cap}"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def records_html(records: Sequence[dict], caption: str = "", highlight: int | None = None,
+                 byte_columns: Sequence[str] = ("peak memory",)) -> str:
+    """Dicts with the same keys as a table; numbers formatted, byte columns in KiB/MiB/GiB."""
+    if not records:
+        return "<p>nothing to show</p>"
+
+    def text(key, value):
+        if value is None:
+            return "-"
+        if key in byte_columns:
+            return format_bytes(value)
+        return format_number(value) if isinstance(value, float) else str(value)
+
+    rows = [[text(k, v) for k, v in record.items()] for record in records]
+    return table_html(list(records[0]), rows, caption, highlight)
+
+
+def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
+    """A two-column table of label and value (e.g. Run.summary_rows())."""
+    cells = "".join(
+        f'<tr><th style="text-align:left;font-weight:600;padding:1px 16px 1px 0;'
+        f'white-space:nowrap;vertical-align:top">{escape(k)}</th>'
+        f'<td style="text-align:left;padding:1px 0">{escape(v)}</td></tr>'
+        for k, v in rows)
+    return (f'<table class="amp-summary" style="border-collapse:collapse;margin:8px 0 0 0;'
+            f'font-size:12px">{cells}</table>')
