@@ -5,17 +5,20 @@ is cheap: torch, IPython and ipywidgets load only when a feature needs them.
 """
 __version__ = "0.1.0"
 
-__all__ = ["train", "Run", "runs", "load_ipython_extension", "__version__"]
+__all__ = ["train", "Run", "runs", "View", "load_ipython_extension", "__version__"]
 
 
 def __getattr__(name):
     # Lazy so that `python -m amp_magics status` never pays for importing torch.
     if name == "train":
-        from .training.engine import train
+        from .api import train
         return train
     if name in ("Run", "runs"):
         from .training import run
         return getattr(run, name)
+    if name == "View":
+        from .training.view import View
+        return View
     raise AttributeError(f"module 'amp_magics' has no attribute {name!r}")
 
 

@@ -54,8 +54,8 @@ def test_plain_fp16_with_real_overflow(trainer):
 
     assert_same_state(model.state_dict(), ref_model.state_dict())
     assert_same_state(opt.state_dict(), ref_opt.state_dict())
-    from amp_magics.training.engine import _SCALERS
-    assert_same_state(_SCALERS[opt][1].state_dict(), ref_scaler.state_dict())
+    from amp_magics.training.scaler import scaler_for
+    assert_same_state(scaler_for(opt).state_dict(), ref_scaler.state_dict())
 
     assert run.status == "finished" and len(run.history) == 24
     skipped = [r["step"] for r in run.history if r["skipped"]]

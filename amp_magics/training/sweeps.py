@@ -12,12 +12,18 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 
-from . import engine
-from ..tensors import capture_rng, restore_rng
+from . import scaler as scalers
+from .engine import prepare
+from .options import TrainOptions
+from .view import View
 from ..errors import AmpUsageError
 from ..precision import CHOICES, resolve
+from ..tensors import capture_rng, model_device, restore_rng
 from ..views.format import records_html
 
 ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
@@ -94,7 +100,7 @@ class StartingState:
         self.model_state = _clone(model.state_dict())
         self.optimizer_states = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         self.scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler else None
-        self.scaler_entry = engine.scaler_entry(self.optimizers[0])
+        self.scaler_state = scalers.snapshot(self.optimizers[0])
         self.rng = capture_rng()
 
     def restore(self):
@@ -104,7 +110,7 @@ class StartingState:
             opt.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(copy.deepcopy(self.scheduler_state))
-        engine.restore_scaler_entry(self.optimizers[0], self.scaler_entry)
+        scalers.restore(self.optimizers[0], self.scaler_state)
         restore_rng(self.rng)
 
 
@@ -163,8 +169,8 @@ def score(run) -> float:
     return value if value is not None and math.isfinite(value) else math.inf
 
 
-def sweep(step_fn, settings: list[dict], *, model, optimizer, scheduler=None, keep_best=False,
-          name="sweep", config=None, **options) -> Sweep:
+def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[View] = (),
+          keep_best: bool = False) -> Sweep:
     """Train once per setting from the same starting state; return the Sweep.
 
     The model ends in the starting state, or with `keep_best` in the best run's final state
@@ -172,21 +178,21 @@ def sweep(step_fn, settings: list[dict], *, model, optimizer, scheduler=None, ke
     an interrupt ends the sweep early; the model is restored all the same.
     """
     __tracebackhide__ = True
-    optimizers = engine.as_optimizers(optimizer)
+    model, optimizers, scheduler = options.model, options.optimizers, options.scheduler
     start = StartingState(model, optimizers, scheduler)
-    result = Sweep(settings, criterion="validation loss" if options.get("val") is not None
+    result = Sweep(settings, criterion="validation loss" if options.val is not None
                    else "final train loss")
+    name = options.name or "sweep"
     best_state = None
     try:
         for i, setting in enumerate(settings):
             start.restore()
             apply_hyperparameters(setting, optimizers, scheduler)
-            engine_options = {k: v for k, v in setting.items() if k in ENGINE_KEYS}
             label = " ".join(f"{k}={v}" for k, v in setting.items())
-            training = engine.prepare(step_fn, model=model, optimizer=optimizers,
-                                      scheduler=scheduler, name=f"{name}[{label}]",
-                                      config={**(config or {}), "sweep": setting},
-                                      **{**options, **engine_options})
+            run_options = dataclasses.replace(
+                options, name=f"{name}[{label}]", config={**options.config, "sweep": setting},
+                **{k: v for k, v in setting.items() if k in ENGINE_KEYS})
+            training = prepare(step_fn, run_options, views)
             result.runs.append(training.run)
             training.execute()
             if training.run.status != "finished":
@@ -275,9 +281,9 @@ def _relative(value, reference):
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
-def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None, steps=50,
-             name="compare", **options) -> Showdown:
-    """Run `steps` optimizer steps in each precision from the same starting state.
+def showdown(step_fn, precisions: list[str], options: TrainOptions,
+             views: Sequence[View] = ()) -> Showdown:
+    """Run `options.steps` optimizer steps in each precision from the same starting state.
 
     Step times are medians after warm-up (synchronised on CUDA). Memory: on CUDA the allocator
     peak above the starting state over the run; elsewhere the exact bytes one step keeps for
@@ -286,25 +292,27 @@ def showdown(step_fn, precisions: list[str], *, model, optimizer, scheduler=None
     __tracebackhide__ = True
     from ..diagnostics.memory import PeakMemory, step_activation_memory
 
-    optimizers = engine.as_optimizers(optimizer)
-    start = StartingState(model, optimizers, scheduler)
+    model, optimizers, steps = options.model, options.optimizers, options.steps
+    if steps is None:
+        raise AmpUsageError("a precision comparison needs a number of steps, e.g. --steps 50")
+    start = StartingState(model, optimizers, options.scheduler)
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
-    device = engine.model_device(model)
+    device = model_device(model)
     cuda = device.type == "cuda" and torch.cuda.is_available()
     result.peak_method = ("CUDA allocator peak above the start, exact" if cuda else
                           "memory one step keeps for backward, first batch, exact")
+    name = options.name or "compare"
     try:
         if not cuda:
-            batch = next(iter(options["data"]))
+            batch = next(iter(options.data))
             for precision in precisions:
                 report = step_activation_memory(step_fn, model, batch, precision)
                 result.peaks[precision] = report.steps[-1].saved
         for precision in precisions:
             start.restore()
-            training = engine.prepare(step_fn, model=model, optimizer=optimizers,
-                                      scheduler=scheduler, dtype=precision, steps=steps,
-                                      name=f"{name}[{precision}]", sync_timing=True,
-                                      **options)
+            run_options = dataclasses.replace(options, dtype=precision, epochs=None,
+                                              name=f"{name}[{precision}]", sync_timing=True)
+            training = prepare(step_fn, run_options, views)
             result.runs[precision] = training.run
             if cuda:
                 meter = PeakMemory(device).start()

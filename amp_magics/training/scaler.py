@@ -1,0 +1,124 @@
+"""The loss scaler: one persistent GradScaler per optimizer, and every private access to it.
+
+Recording the scale and the skipped steps without a host-device sync needs two pieces of
+GradScaler's private state: `_scale` (a device tensor) and `_per_optimizer_states[...]
+["found_inf_per_device"]`. They are read here and nowhere else, checked once per process;
+where a torch version lacks them, a warning says so and the slower public path (one sync per
+step through `get_scale()`) keeps the skipped-step record correct.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+# Scalers persist per (first) optimizer, so re-running a cell continues with the learned scale.
+_PERSISTENT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+_private_state_ok: bool | None = None  # checked once per process, on the first recorded step
+
+
+def persistent_scaler(optimizer: torch.optim.Optimizer, device_type: str,
+                      settings: Mapping[str, float]) -> torch.amp.GradScaler:
+    """The scaler kept for `optimizer`, made anew when the device or settings changed."""
+    key = (device_type, tuple(sorted(settings.items())))
+    entry = _PERSISTENT.get(optimizer)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    scaler = torch.amp.GradScaler(device_type, **settings)
+    _PERSISTENT[optimizer] = (key, scaler)
+    return scaler
+
+
+def scaler_for(optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
+    """The persistent scaler trained with `optimizer`, if any."""
+    entry = _PERSISTENT.get(optimizer)
+    return None if entry is None else entry[1]
+
+
+def snapshot(optimizer: torch.optim.Optimizer) -> tuple | None:
+    """The persistent scaler of `optimizer` and a copy of its state, for `restore`."""
+    entry = _PERSISTENT.get(optimizer)
+    return None if entry is None else (entry[0], entry[1], entry[1].state_dict())
+
+
+def restore(optimizer: torch.optim.Optimizer, saved: tuple | None) -> None:
+    """Put the persistent scaler back as `snapshot` found it."""
+    if saved is None:
+        _PERSISTENT.pop(optimizer, None)
+        return
+    key, scaler, state = saved
+    scaler.load_state_dict(state)
+    _PERSISTENT[optimizer] = (key, scaler)
+
+
+def describe(scaler: torch.amp.GradScaler | None) -> dict | None:
+    """The scaler's settings as plain numbers (one sync for the scale, once per run)."""
+    if scaler is None:
+        return None
+    return {"init_scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "growth_factor": scaler.get_growth_factor(),
+            "backoff_factor": scaler.get_backoff_factor(),
+            "growth_interval": scaler.get_growth_interval(), "enabled": scaler.is_enabled()}
+
+
+class StepReading:
+    """Reads what a scaler did at one optimizer step: call `before_update`, then `update`.
+
+    Returns (scale used, found_inf) where found_inf > 0 means the step was skipped. Without a
+    sync these are device tensors, read back later in one transfer per refresh.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer]):
+        self.scaler = scaler
+        self.optimizers = optimizers
+        self.private: bool | None = None  # known after the first scaler.step()
+
+    def update(self) -> tuple[Any, Any]:
+        """`scaler.update()`, returning the scale that was used and whether inf/NaN was found."""
+        scaler = self.scaler
+        if not scaler.is_enabled():
+            scaler.update()
+            return None, None
+        if self.private is None:
+            self.private = _check_private_state(scaler, self.optimizers)
+        if self.private:
+            # Copy before update(): update() mutates the scale and consumes found_inf.
+            scale = scaler._scale
+            states = scaler._per_optimizer_states
+            found = [t.to(scale.device, non_blocking=True)  # as update() itself does
+                     for opt in self.optimizers if id(opt) in states
+                     for t in states[id(opt)]["found_inf_per_device"].values()]
+            used = scale.clone()
+            scaler.update()
+            return used, (sum(found) if found else None)
+        # Public path: a skip is the only thing that lowers the scale (backoff_factor < 1).
+        used = scaler.get_scale()
+        scaler.update()
+        return used, float(scaler.get_scale() < used)
+
+
+def forget_step(scaler: torch.amp.GradScaler | None) -> None:
+    """After an error between unscale_/step and update: let the next step unscale afresh."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.clear()
+
+
+def _check_private_state(scaler: torch.amp.GradScaler,
+                         optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Called after scaler.step(): is the private state where this torch version keeps it?"""
+    global _private_state_ok
+    if _private_state_ok is None:
+        states = getattr(scaler, "_per_optimizer_states", None)
+        _private_state_ok = (isinstance(getattr(scaler, "_scale", None), torch.Tensor)
+                             and isinstance(states, Mapping)
+                             and all("found_inf_per_device" in states.get(id(o), {})
+                                     for o in optimizers))
+        if not _private_state_ok:
+            warnings.warn(f"torch {torch.__version__} keeps GradScaler's state differently than "
+                          "amp_magics expects: the loss scale is read with get_scale(), one "
+                          "host-device sync per step", RuntimeWarning, stacklevel=4)
+    return bool(_private_state_ok)

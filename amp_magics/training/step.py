@@ -1,0 +1,156 @@
+"""One micro-batch and one optimizer step, exactly as PyTorch's "Automatic Mixed Precision
+examples" write them: autocast forward, scaled backward, optional unscale_ + clip, step,
+update, scheduler. Each step is recorded without a host-device sync.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import AmpUsageError
+from ..precision import Precision
+from ..tensors import StepFn, batch_size, to_device, unpack_loss
+from .scaler import StepReading, forget_step
+from .telemetry import StepRecorder
+
+
+class AmpStep:
+    """Runs the user's step function and the GradScaler sequence; knows nothing of epochs."""
+
+    def __init__(self, step_fn: StepFn, model: torch.nn.Module,
+                 optimizers: Sequence[torch.optim.Optimizer], chosen: Precision,
+                 scaler: torch.amp.GradScaler | None, device: torch.device, *, accum: int,
+                 clip: float | None, scheduler: Any, move: bool, log_names: Sequence[str],
+                 sync_timing: bool, keep_batches: bool):
+        self.step_fn = step_fn
+        self.model = model
+        self.optimizers = optimizers
+        self.chosen = chosen
+        self.scaler = scaler
+        self.reading = StepReading(scaler, optimizers) if scaler is not None else None
+        self.device = device
+        self.accum = accum
+        self.clip = clip
+        self.scheduler = scheduler
+        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.move = move
+        self.log_names = tuple(log_names)
+        self.sync_timing = sync_timing
+        self.keep_batches = keep_batches  # --diagnose re-runs the window's batches
+        self.recorder = StepRecorder(self.log_names)
+        # One autocast object reused for every micro-batch.
+        self.autocast = chosen.autocast()
+        self.window_batches: list = []
+        self.micro = 0  # micro-batches in the current accumulation window
+        self.in_update = False  # between unscale_/step and update: an exception here is costly
+        self.loss_sum = None
+        self.log_sums: dict = {}
+        self.samples = 0
+        self.last_batch_size = 0
+
+    def micro_step(self, batch: Any, step: int, epoch: int) -> None:
+        __tracebackhide__ = True
+        if self.micro == 0:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+        if self.move:
+            batch = to_device(batch, self.device)
+        if self.keep_batches:
+            if self.micro == 0:
+                self.window_batches = []
+            self.window_batches.append(batch)
+        self.last_batch_size = batch_size(batch)
+        self.samples += self.last_batch_size
+        with self.autocast:
+            loss, logs = self.unpack(self.step_fn(batch, step, epoch), training=True)
+            scaled = loss / self.accum if self.accum > 1 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        detached = loss.detach().float()
+        first = self.micro == 0
+        self.loss_sum = detached if first else self.loss_sum + detached
+        for name in self.log_names:
+            value = _detached(logs[name])
+            self.log_sums[name] = value if first else self.log_sums[name] + value
+        self.micro += 1
+
+    def optimizer_step(self, step: int, epoch: int, t0: float) -> tuple[Any, Any, float]:
+        """Step every optimizer and the scheduler; record the step. Returns (scale, found_inf,
+        the time it ended)."""
+        scaler = self.scaler
+        self.in_update = True
+        grad_norm = None
+        if self.clip is not None:
+            if scaler is not None:
+                for opt in self.optimizers:
+                    scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+        scale = found_inf = None
+        if scaler is not None:
+            for opt in self.optimizers:
+                scaler.step(opt)
+            scale, found_inf = self.reading.update()
+        else:
+            for opt in self.optimizers:
+                opt.step()
+        if self.scheduler is not None and not self.plateau:
+            self.scheduler.step()
+        self.in_update = False
+        if self.sync_timing:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.recorder.record(step=step, epoch=epoch, loss_sum=self.loss_sum, micro=self.micro,
+                             scale=scale, found_inf=found_inf, grad_norm=grad_norm, lr=lr,
+                             time=now - t0, samples=self.samples, logs=self.log_sums)
+        self.micro = 0
+        self.samples = 0
+        return scale, found_inf, now
+
+    def eval_loss(self, batch: Any, step: int, epoch: int) -> torch.Tensor:
+        """The step's loss on a validation batch (the caller holds no_grad and eval mode)."""
+        __tracebackhide__ = True
+        if self.move:
+            batch = to_device(batch, self.device)
+        with self.autocast:
+            loss, _ = self.unpack(self.step_fn(batch, step, epoch), training=False)
+        return loss.detach().float()
+
+    def abandon(self) -> bool:
+        """After an error mid-step: drop its partial gradients and the scaler's step state.
+        True when the error came inside the optimizer step (some parameters may have moved)."""
+        was_updating, self.in_update = self.in_update, False
+        self.micro = 0
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        forget_step(self.scaler)  # a fresh unscale_/step is allowed on the next run
+        return was_updating
+
+    def unpack(self, out: Any, training: bool) -> tuple[torch.Tensor, dict]:
+        __tracebackhide__ = True
+        loss, logs = unpack_loss(out, training=training)
+        for name in self.log_names:
+            if name not in logs:
+                raise AmpUsageError(f"--log names {name} but the step never assigned it: "
+                                    "assign it in the cell body or drop it from --log")
+            value = logs[name]
+            scalar = (value.numel() == 1 if isinstance(value, torch.Tensor)
+                      else isinstance(value, (int, float)))
+            if not scalar:
+                shape = (f"a tensor of shape {tuple(value.shape)}"
+                         if isinstance(value, torch.Tensor) else f"a {type(value).__name__}")
+                raise AmpUsageError(f"--log {name}: a logged value must be a number or a "
+                                    f"one-element tensor, got {shape}")
+        return loss, logs
+
+
+def _detached(value: Any):
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return float(value)
