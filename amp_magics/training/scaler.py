@@ -112,13 +112,17 @@ def _check_private_state(scaler: torch.amp.GradScaler,
     """Called after scaler.step(): is the private state where this torch version keeps it?"""
     global _private_state_ok
     if _private_state_ok is None:
-        states = getattr(scaler, "_per_optimizer_states", None)
-        _private_state_ok = (isinstance(getattr(scaler, "_scale", None), torch.Tensor)
-                             and isinstance(states, Mapping)
-                             and all("found_inf_per_device" in states.get(id(o), {})
-                                     for o in optimizers))
+        _private_state_ok = _keeps_private_state(scaler, optimizers)
         if not _private_state_ok:
             warnings.warn(f"torch {torch.__version__} keeps GradScaler's state differently than "
                           "amp_magics expects: the loss scale is read with get_scale(), one "
                           "host-device sync per step", RuntimeWarning, stacklevel=4)
-    return bool(_private_state_ok)
+    return _private_state_ok
+
+
+def _keeps_private_state(scaler: torch.amp.GradScaler,
+                         optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    states = getattr(scaler, "_per_optimizer_states", None)
+    return (isinstance(getattr(scaler, "_scale", None), torch.Tensor)
+            and isinstance(states, Mapping)
+            and all("found_inf_per_device" in states.get(id(o), {}) for o in optimizers))
