@@ -36,5 +36,8 @@ def unload_ipython_extension(ipython):
     from .magics.diagnose import stop_memory_tracking
     from .magics.train import AmpMagics
 
+    from .ownership import release_all
+
     AmpMagics.stop_background_runs()
+    release_all()  # a run still finishing its step lets go of its model here
     stop_memory_tracking(ipython)

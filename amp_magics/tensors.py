@@ -56,7 +56,7 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
         for o in obj:
             yield from tensors_in(o)
     elif isinstance(obj, dict):
-        for o in obj.values():
+        for o in list(obj.values()):  # one atomic copy: another thread may be adding keys
             yield from tensors_in(o)
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import html
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import ownership
 from ..errors import AmpUsageError
 from ..precision import Precision, resolve
-from ..views.format import format_bytes, table_html
+from ..views.format import escape, format_bytes, table_html
 from ..system.host import process_rss
 from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
                        unpack_loss)
@@ -55,6 +55,7 @@ class MemoryReport:
     model: str
     by_category: dict  # category -> {dtype name: bytes}
     optimizers: list = field(default_factory=list)
+    in_flux: str = ""  # the run writing gradients and optimizer state right now, if any
 
     def total(self, category=None) -> int:
         cats = [category] if category else CATEGORIES
@@ -65,6 +66,8 @@ class MemoryReport:
         for cat in CATEGORIES:
             parts = self.by_category[cat]
             detail = ", ".join(f"{d} {format_bytes(b)}" for d, b in sorted(parts.items())) or "none"
+            if self.in_flux and cat in ("gradients", "optimizer state"):
+                detail += f" (being written by {self.in_flux})"
             rows.append((cat, format_bytes(self.total(cat)), detail))
         rows.append(("total", format_bytes(self.total()), ""))
         return rows
@@ -81,9 +84,14 @@ class MemoryReport:
 
 
 def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
-    """Memory held by the model's parameters, their gradients, the optimizers' state and buffers."""
+    """Memory held by the model's parameters, their gradients, the optimizers' state and buffers.
+
+    Read-only and never blocks: while a run trains the model, gradients and optimizer state
+    are counted as they stand and marked as being written by that run.
+    """
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers = [optimizers]
+    owner = ownership.owner_of(ownership.owned_objects(model, optimizers))
     seen: set = set()
 
     def tally(tensors) -> dict:
@@ -103,11 +111,14 @@ def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
     by_category = {
         "parameters": tally(params),
         "gradients": tally(p.grad for p in params),
-        "optimizer state": tally(t for opt in optimizers for state in opt.state.values()
+        # list(): one atomic copy, as a training thread may add state meanwhile
+        "optimizer state": tally(t for opt in optimizers for state in list(opt.state.values())
                                  for t in tensors_in(state)),
         "buffers": tally(model.buffers()),
     }
-    return MemoryReport(type(model).__name__, by_category, [type(o).__name__ for o in optimizers])
+    in_flux = owner.describe() if owner is not None and owner.run is not None else ""
+    return MemoryReport(type(model).__name__, by_category, [type(o).__name__ for o in optimizers],
+                        in_flux)
 
 
 # -- one training step ----------------------------------------------------------------------
@@ -272,7 +283,7 @@ class ActivationReport:
     def _repr_html_(self) -> str:
         table = table_html(["dtype", "kept for backward", "step peak", "time"], self.rows(),
                            self.title())
-        return table + (f"<p>{html.escape(self.note)}</p>" if self.note else "")
+        return table + (f"<p>{escape(self.note)}</p>" if self.note else "")
 
 
 def step_activation_memory(step_fn, model, batch, precision="auto") -> ActivationReport:
@@ -283,6 +294,11 @@ def step_activation_memory(step_fn, model, batch, precision="auto") -> Activatio
     highest memory above the start, gradients included, as after zero_grad(set_to_none=True).
     The optimizer is never stepped; parameters, grads, buffers and the RNG end as they were.
     """
+    with ownership.at_step_boundary("%amp_memory", model):
+        return _step_activation_memory(step_fn, model, batch, precision)
+
+
+def _step_activation_memory(step_fn, model, batch, precision) -> ActivationReport:
     device = model_device(model)
     chosen = resolve(precision, device) if isinstance(precision, str) else precision
     step = as_step(step_fn)

@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 
+from .. import ownership
 from ..tensors import as_step, model_device, preserved, tensors_in, to_device
 from .memory import forward_loss
 from ..views.format import table_html
@@ -114,8 +115,14 @@ def locate_nonfinite(step_fn, model, batch, precision="fp16", scale=None) -> Dia
 
     `scale` multiplies the loss before backward (default: GradScaler's initial 2**16 when the
     precision uses a scaler, else 1). Hooks are removed and the model's grads, buffers and the
-    RNG restored afterwards; the optimizer is never stepped.
+    RNG restored afterwards; the optimizer is never stepped. While a run trains the model, this
+    waits for its step boundary and keeps it paused meanwhile.
     """
+    with ownership.at_step_boundary("%amp_doctor", model):
+        return _locate_nonfinite(step_fn, model, batch, precision, scale)
+
+
+def _locate_nonfinite(step_fn, model, batch, precision, scale) -> Diagnosis:
     device = model_device(model)
     chosen = resolve(precision, device) if isinstance(precision, str) else precision
     if scale is None:

@@ -13,9 +13,8 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import precision
-from ..errors import AmpUsageError
-from .args import names, number, parse
-from .train import AmpMagics, CellStep
+from .args import number, parse
+from .notebook import CellStep, lookup, lookup_optimizers, usage_errors
 
 # shell -> MemoryTracker whose pre/post_run_cell callbacks are registered on it
 _TRACKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -33,10 +32,6 @@ def stop_memory_tracking(ipython) -> bool:
 
 @magics_class
 class DiagnoseMagics(Magics):
-    # The same notebook lookups, with the same messages, as %%amp_train.
-    _lookup = AmpMagics._lookup
-    _candidates = AmpMagics._candidates
-
     # -- %amp_memory / %%amp_memory ------------------------------------------------------
     @magic_arguments()
     @argument("--model", help="nn.Module to inspect (default: model)")
@@ -89,19 +84,15 @@ class DiagnoseMagics(Magics):
         model = self._optional(args.model, "model", "--model", torch.nn.Module, "an nn.Module",
                                needed=args.top is None or cell is not None)
         if model is not None:
-            opts = [self._lookup(n, "--optimizer", torch.optim.Optimizer, "an optimizer")
-                    for n in self._optimizer_names(args.optimizer)]
-            overview.model = memory.model_memory(model, opts)
+            overview.model = memory.model_memory(model, self._optimizers(args.optimizer))
             data = self._optional(args.data, "train_loader", "--data", Iterable,
                                   "an iterable of batches", needed=cell is not None)
             if data is not None:
                 step = (CellStep(self.shell, cell) if cell is not None
                         else memory.forward_sum_step(model))
                 batch = _first_batch(data, args.data or "train_loader")
-                try:
+                with usage_errors():
                     overview.step = memory.step_activation_memory(step, model, batch, args.dtype)
-                except AmpUsageError as e:
-                    raise UsageError(str(e)) from None
         if args.top:
             overview.top = memory.largest_tensors(self.shell.user_ns, args.top)
         return overview
@@ -120,13 +111,10 @@ class DiagnoseMagics(Magics):
         else:
             print("amp_memory: per-cell tracking off")
 
-    def _optimizer_names(self, flag):
-        if flag is None:  # the default is optional: a model alone is a fine report
-            return ["optimizer"] if "optimizer" in self.shell.user_ns else []
-        found = names(flag)
-        if not found:
-            raise UsageError("--optimizer needs at least one name, e.g. --optimizer opt")
-        return found
+    def _optimizers(self, flag):
+        if flag is None and "optimizer" not in self.shell.user_ns:
+            return []  # the default is optional: a model alone is a fine report
+        return lookup_optimizers(self.shell.user_ns, "optimizer" if flag is None else flag)
 
     # -- %%amp_doctor ------------------------------------------------------------------
     @magic_arguments()
@@ -163,28 +151,27 @@ class DiagnoseMagics(Magics):
 
         if args.scale is not None and not (0 < args.scale < math.inf):
             raise UsageError(f"--scale must be a positive finite number, got {args.scale:g}")
-        model = self._lookup(args.model, "--model", torch.nn.Module, "an nn.Module")
+        ns = self.shell.user_ns
+        model = lookup(ns, args.model, "--model", torch.nn.Module, "an nn.Module")
         if args.batch:
             head = args.batch.split(".")[0]
-            if head not in self.shell.user_ns:
+            if head not in ns:
                 raise UsageError(f"--batch {args.batch}: no variable named {head!r} in the "
                                  "notebook")
-            batch = self._lookup(args.batch, "--batch", object, "a batch")
+            batch = lookup(ns, args.batch, "--batch", object, "a batch")
         else:
-            data = self._lookup(args.data, "--data", Iterable, "an iterable of batches")
+            data = lookup(ns, args.data, "--data", Iterable, "an iterable of batches")
             batch = _first_batch(data, args.data)
         step = CellStep(self.shell, cell)
-        try:
+        with usage_errors():
             return locate_nonfinite(step, model, batch, args.dtype, args.scale)
-        except AmpUsageError as e:
-            raise UsageError(str(e)) from None
 
     # -- helpers ----------------------------------------------------------------------
     def _optional(self, name, default, flag, kind, what, needed):
         """The object named by `flag`, or by its default name when that exists; else None."""
         if name is None and not needed and default not in self.shell.user_ns:
             return None
-        return self._lookup(name or default, flag, kind, what)
+        return lookup(self.shell.user_ns, name or default, flag, kind, what)
 
 
 def _first_batch(data, name):

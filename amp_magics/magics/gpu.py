@@ -1,7 +1,7 @@
-"""%gpu_status and %amp_check: a thin IPython adapter over gpu.py, doctor.py and status_render.py."""
+"""%gpu_status and %amp_check: a thin IPython adapter over system/gpu.py, system/doctor.py and
+views/status.py."""
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -15,20 +15,6 @@ from ..system import doctor
 from ..system import gpu
 from .args import parse
 from ..views.status import status_html
-
-
-def _indices(text: str) -> list[int]:
-    try:
-        return gpu.parse_indices(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _probe(indices):
-    try:
-        return gpu.probe(indices)
-    except ValueError as e:  # a GPU index that does not exist
-        raise UsageError(str(e)) from None
 
 
 class StatusWatch:
@@ -77,7 +63,7 @@ class GpuMagics(Magics):
               help="refresh in place every S seconds (default 1) from a background thread, with a "
                    "Stop button; the kernel stays free for other cells")
     @argument("--json", action="store_true", help="print the status as JSON instead")
-    @argument("-i", "--index", type=_indices, metavar="0,2",
+    @argument("-i", "--index", metavar="0,2",
               help="only these GPUs, numbered as nvidia-smi numbers them")
     @line_magic
     def gpu_status(self, line):
@@ -93,14 +79,18 @@ class GpuMagics(Magics):
                              "--watch S --json` for a JSON stream")
         if args.watch is not None and not args.watch > 0:
             raise UsageError(f"--watch needs a positive number of seconds, got {args.watch:g}")
-        status = _probe(args.index)
+        try:
+            indices = None if args.index is None else gpu.parse_indices(args.index)
+            status = gpu.probe(indices)
+        except ValueError as e:  # not indices like 0,2, or an index with no GPU
+            raise UsageError(str(e)) from None
         if args.json:
             print(json.dumps(status.to_dict(), indent=2))
             return None
         if args.watch is None:
             return status
         try:
-            watch = StatusWatch(args.index, args.watch, status)
+            watch = StatusWatch(indices, args.watch, status)
         except ImportError:
             raise UsageError("--watch needs ipywidgets in this kernel: pip install ipywidgets") from None
         from IPython.display import display

@@ -42,7 +42,8 @@ class Report:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # Rendered lazily so this module stays free of display code.
+    # Rendered lazily so this module stays free of display code. These two lazy imports of
+    # views/status.py are allowlisted data -> view imports, as in gpu.Status.
     def _repr_html_(self) -> str:
         from ..views.status import checks_html
 

@@ -88,6 +88,8 @@ class Status:
         return asdict(self)
 
     # Rich display without tying this module to IPython: the renderer loads on first display.
+    # These two lazy imports of views/status.py are allowlisted data -> view imports: they keep
+    # a Status rich wherever it is shown (with or without %load_ext amp_magics).
     def _repr_html_(self) -> str:
         from ..views.status import status_html
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import precision as precision_policy
+from .. import ownership, precision as precision_policy
 from ..errors import AmpUsageError
 from ..precision import SCALER_DEFAULTS
 from ..tensors import (StepFn, as_step, capture_rng, is_out_of_memory, model_device,
@@ -33,14 +33,17 @@ from .step import AmpStep
 from .telemetry import memory_snapshot, reset_peak
 from .view import View
 
-HOOKS = ("on_start", "on_refresh", "on_end")
+_END = object()  # the data ran out
 
 
-def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = ()) -> "Training":
-    """Check everything and register the Run, without training yet: `.execute()` trains.
+def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = (),
+            claim: ownership.Claim | None = None) -> "Training":
+    """Check everything, own the model and register the Run, without training yet:
+    `.execute()` trains and then lets the model go.
 
-    Bad input raises AmpUsageError before anything changes; `options.resume` loads its
-    checkpoint into the model, optimizers, scaler and scheduler here.
+    Bad input raises AmpUsageError before anything changes, and `ownership.Owned` when another
+    run is training the model. A sweep passes its own `claim` for all of its runs.
+    `options.resume` loads its checkpoint into the model, optimizers, scaler and scheduler here.
     """
     step_fn = as_step(step_fn)
     for view in views:
@@ -48,6 +51,20 @@ def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = ()) 
             raise AmpUsageError(f"observers must be amp_magics View objects (subclass "
                                 f"amp_magics.View), got {type(view).__name__}")
     o = options
+    own = claim is None
+    if own:
+        claim = ownership.claim(o.name or "a run", ownership.owned_objects(
+            o.model, [*o.optimizers, o.scaler, o.scheduler]))
+    try:
+        return _prepare(step_fn, o, list(views), claim, own)
+    except BaseException:
+        if own:
+            claim.release()
+        raise
+
+
+def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownership.Claim,
+             own: bool) -> "Training":
     device = model_device(o.model)
     chosen = precision_policy.resolve(o.dtype, device)
     scaler = o.scaler
@@ -81,21 +98,25 @@ def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = ()) 
         run.history, run.val_history = resumed["history"], resumed["val_history"]
         run.notes.append(f"resumed from {o.resume} at step {resumed['step']}")
     register(run)
+    claim.run = run
     amp = AmpStep(step_fn, o.model, o.optimizers, chosen, scaler, device, accum=o.accum,
                   clip=o.clip, scheduler=o.scheduler, move=o.move, log_names=o.log,
                   sync_timing=o.sync_timing and device.type == "cuda", keep_batches=o.diagnose)
-    return Training(run, amp, o, list(views), resumed)
+    return Training(run, amp, o, views, resumed, claim, own)
 
 
 class Training:
     """One run in progress; `execute()` drives it and always leaves a consistent Run behind."""
 
     def __init__(self, run: Run, amp: AmpStep, options: TrainOptions, views: list[View],
-                 resumed: dict | None):
+                 resumed: dict | None, claim: ownership.Claim, owns_claim: bool):
         self.run = run
         self.amp = amp
         self.options = options
         self.views = views
+        self.claim = claim
+        self.step_lock = claim.step_lock  # held around each optimizer step's work
+        self.owns_claim = owns_claim  # released when this run ends (a sweep keeps its own)
         self.diagnose = options.diagnose  # a sync per step until the first overflow
         self.resumed = resumed
         self.step = resumed["step"] if resumed else 0  # optimizer steps done (global on resume)
@@ -112,10 +133,18 @@ class Training:
     def execute(self) -> None:
         """Train until done, stopped or failed; re-raise the user's exception after recording."""
         __tracebackhide__ = True
-        if self.options.seed is not None and self.resumed is None:
-            seed_everything(self.options.seed)
-        with _stop_on_sigint(self.run, self.options.handle_sigint):
-            self._execute()
+        try:
+            if self.options.seed is not None and self.resumed is None:
+                seed_everything(self.options.seed)
+            with _stop_on_sigint(self.run, self.options.handle_sigint):
+                self._execute()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let the model go (also for a prepared run that will never execute)."""
+        if self.owns_claim:
+            self.claim.release()
 
     def _execute(self):
         __tracebackhide__ = True
@@ -128,7 +157,8 @@ class Training:
             self._train()
             status = "interrupted" if self.run.stop_requested else "finished"
             if self.options.checkpoint:
-                self._save_checkpoint()
+                with self.step_lock:
+                    self._save_checkpoint()
         except KeyboardInterrupt:
             status = "interrupted"
             self._abandon_step()
@@ -156,36 +186,48 @@ class Training:
                     f"the data was exhausted after {epoch} epoch(s): an iterator cannot be "
                     "re-read; pass a DataLoader or a list to train for several epochs")
                 break
-            val_loss = self._validate(epoch) if self.options.val is not None else None
+            with self.step_lock:
+                val_loss = self._validate(epoch) if self.options.val is not None else None
+                if self.amp.plateau:
+                    self.amp.scheduler.step(val_loss if val_loss is not None
+                                            else self._epoch_loss(epoch))
+                epoch += 1
+                self.position = (epoch, 0, None)
+                if self.options.checkpoint and self.options.every is None:
+                    self._save_checkpoint()
             self._refresh()
-            if self.amp.plateau:
-                self.amp.scheduler.step(val_loss if val_loss is not None
-                                        else self._epoch_loss(epoch))
-            epoch += 1
-            self.position = (epoch, 0, None)
-            if self.options.checkpoint and self.options.every is None:
-                self._save_checkpoint()
 
     def _train_epoch(self, epoch: int) -> int:
+        """One pass over the data: one optimizer step per window of `accum` batches, each
+        under the step lock (taken after the window's first batch is read)."""
         __tracebackhide__ = True
-        amp, accum = self.amp, self.options.accum
+        amp, accum, lock = self.amp, self.options.accum, self.step_lock
         it = self._epoch_iterator()
-        while True:
-            if amp.micro == 0 and self._should_stop():
+        while not self._should_stop():
+            batch = next(it, _END)
+            if batch is _END:
                 break
+            if not lock.acquire(blocking=False):
+                self._wait_at_boundary()
             try:
-                batch = next(it)
-            except StopIteration:
+                while True:
+                    self.batches_in_epoch += 1
+                    amp.micro_step(batch, self.step, epoch)
+                    if amp.micro == accum:
+                        break
+                    batch = next(it, _END)
+                    if batch is _END:  # a last, shorter window still gets its optimizer step
+                        break
+                now = self._optimizer_step(epoch)
+            finally:
+                lock.release()
+            if now >= self.next_refresh:
+                self._refresh()
+            if batch is _END:
                 break
-            self.batches_in_epoch += 1
-            amp.micro_step(batch, self.step, epoch)
-            if amp.micro == accum:
-                self._optimizer_step(epoch)
-        if amp.micro:  # a last, shorter accumulation window still gets its optimizer step
-            self._optimizer_step(epoch)
         return self.batches_in_epoch
 
-    def _optimizer_step(self, epoch: int) -> None:
+    def _optimizer_step(self, epoch: int) -> float:
         __tracebackhide__ = True
         scale, found_inf, now = self.amp.optimizer_step(self.step, epoch, self.t0)
         if self.diagnose:
@@ -195,8 +237,14 @@ class Training:
         every = self.options.every
         if every is not None and self.step % every == 0:
             self._save_checkpoint()
-        if now >= self.next_refresh:
-            self._refresh()
+        return now
+
+    def _wait_at_boundary(self) -> None:
+        """A measurement holds the step lock: show why the run pauses, then wait for it."""
+        self.run.paused_for = self.claim.paused_for or "a measurement"
+        self._refresh()
+        self.step_lock.acquire()
+        self.run.paused_for = None
 
     def _epoch_iterator(self) -> Iterator:
         """A fresh iterator over the data; on resume, positioned where the checkpoint was."""
@@ -317,7 +365,9 @@ class Training:
                               f"freeing the step: {held}. Try {smaller}{lower}.")
 
     def _abandon_step(self) -> None:
-        if self.amp.abandon():
+        with self.step_lock:
+            abandoned_update = self.amp.abandon()
+        if abandoned_update:
             self.run.notes.append("the error came during the optimizer step: some parameters "
                                   "may have been updated by it")
 

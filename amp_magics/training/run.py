@@ -5,7 +5,6 @@ can be saved as JSON, read back in another process, and compared across runs.
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -13,7 +12,8 @@ import tempfile
 import threading
 import time
 
-from ..views.format import format_bytes, records_html, summary_table_html
+# views/format.py is a leaf of pure string functions: the one views module data may import.
+from ..views.format import escape, format_bytes, format_value, records_html, summary_table_html
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -109,6 +109,7 @@ class Run:
         self.wall_time = 0.0
         self.epoch = 0
         self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
+        self.paused_for = None  # what holds the run at a step boundary (e.g. "%amp_memory")
         self.diagnosis = None  # --diagnose: the overflow.Diagnosis of the first bad step
         self._stop = threading.Event()
 
@@ -204,60 +205,45 @@ class Run:
             ("status", s["status"] + (f" ({self.error})" if self.error else "")),
             ("device / dtype", f"{s['device']} / {s['dtype']}"),
             ("steps", f"{s['steps']} ({s['skipped_steps']} skipped)"),
-            ("final loss", _fmt(s["final_loss"])),
-            ("best loss", _fmt(s["best_loss"])),
+            ("final loss", format_value(s["final_loss"])),
+            ("best loss", format_value(s["best_loss"])),
         ]
         if s["final_val_loss"] is not None:
             rows.append(("val loss (final / best)",
-                         f"{_fmt(s['final_val_loss'])} / {_fmt(s['best_val_loss'])}"))
+                         f"{format_value(s['final_val_loss'])} / "
+                         f"{format_value(s['best_val_loss'])}"))
         if s["final_scale"] is not None:
             scale = s["final_scale"]
             power = f" (2^{math.log2(scale):.0f})" if scale > 0 and math.log2(scale).is_integer() else ""
             rows.append(("final loss scale", f"{scale:g}{power}"))
         rows += [
             ("wall time", f"{s['wall_time']:.2f} s"),
-            ("throughput", f"{_fmt(s['samples_per_s'])} samples/s, {_fmt(s['steps_per_s'])} steps/s"),
+            ("throughput", f"{format_value(s['samples_per_s'])} samples/s, "
+                           f"{format_value(s['steps_per_s'])} steps/s"),
             ("peak memory", format_bytes(s["peak_memory"])),
         ]
         rows += [("alarm", a) for a in self.alarms]
         rows += [("note", n) for n in self.notes]
         return rows
 
-    def plot(self, *others: "Run") -> "Picture":
-        """A static picture of this run's dashboard, `others` drawn faded underneath."""
-        from ..views.dashboard import overlay_html
+    def plot(self, *others: "Run"):
+        """A static picture of this run's dashboard, `others` drawn faded underneath
+        (a views.dashboard.Picture, which notebooks display as HTML)."""
+        # The one import from this data module into a view beyond format.py (allowlisted in the
+        # architecture test): lazy, so loading a Run never loads numpy, the charts or widgets.
+        from ..views.dashboard import overlay_picture
 
-        return Picture(overlay_html([self, *others]))
+        return overlay_picture([self, *others])
 
     def __repr__(self) -> str:
         s = self.summary
         return (f"<Run {self.name!r} {self.status}: {s['steps']} steps, "
-                f"loss {_fmt(s['final_loss'])}, {self.precision} on {self.device}>")
+                f"loss {format_value(s['final_loss'])}, {self.precision} on {self.device}>")
 
     def _repr_html_(self) -> str:
         if self.status == "running":
             started = time.strftime("%H:%M:%S", time.localtime(self.started))
-            return (f"<p>Run <b>{html.escape(self.name)}</b> started at {started}; the dashboard "
+            return (f"<p>Run <b>{escape(self.name)}</b> started at {started}; the dashboard "
                     "shows it live and keeps its final picture. Stop it with "
                     "<code>%amp_stop</code> or the Stop button.</p>")
         return summary_table_html(self.summary_rows())
-
-
-class Picture:
-    """HTML that notebooks display as it is (nbconvert and GitHub show it too)."""
-
-    def __init__(self, html_text: str):
-        self.html = html_text
-
-    def _repr_html_(self) -> str:
-        return self.html
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return str(x)
-        return f"{x:.4g}"
-    return str(x)

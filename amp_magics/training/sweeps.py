@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from . import scaler as scalers
+from .. import ownership
 from .engine import prepare
 from .options import TrainOptions
 from .view import View
@@ -179,10 +180,11 @@ def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[
     """
     __tracebackhide__ = True
     model, optimizers, scheduler = options.model, options.optimizers, options.scheduler
+    name = options.name or "sweep"
+    claim = _claim(name, options)
     start = StartingState(model, optimizers, scheduler)
     result = Sweep(settings, criterion="validation loss" if options.val is not None
                    else "final train loss")
-    name = options.name or "sweep"
     best_state = None
     try:
         for i, setting in enumerate(settings):
@@ -192,7 +194,7 @@ def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[
             run_options = dataclasses.replace(
                 options, name=f"{name}[{label}]", config={**options.config, "sweep": setting},
                 **{k: v for k, v in setting.items() if k in ENGINE_KEYS})
-            training = prepare(step_fn, run_options, views)
+            training = prepare(step_fn, run_options, views, claim)
             result.runs.append(training.run)
             training.execute()
             if training.run.status != "finished":
@@ -203,6 +205,7 @@ def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[
                     best_state = StartingState(model, optimizers, scheduler)
     finally:
         (best_state or start).restore()
+        claim.release()
     return result
 
 
@@ -295,13 +298,14 @@ def showdown(step_fn, precisions: list[str], options: TrainOptions,
     model, optimizers, steps = options.model, options.optimizers, options.steps
     if steps is None:
         raise AmpUsageError("a precision comparison needs a number of steps, e.g. --steps 50")
+    name = options.name or "compare"
+    claim = _claim(name, options)
     start = StartingState(model, optimizers, options.scheduler)
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
     device = model_device(model)
     cuda = device.type == "cuda" and torch.cuda.is_available()
     result.peak_method = ("CUDA allocator peak above the start, exact" if cuda else
                           "memory one step keeps for backward, first batch, exact")
-    name = options.name or "compare"
     try:
         if not cuda:
             batch = next(iter(options.data))
@@ -312,7 +316,7 @@ def showdown(step_fn, precisions: list[str], options: TrainOptions,
             start.restore()
             run_options = dataclasses.replace(options, dtype=precision, epochs=None,
                                               name=f"{name}[{precision}]", sync_timing=True)
-            training = prepare(step_fn, run_options, views)
+            training = prepare(step_fn, run_options, views, claim)
             result.runs[precision] = training.run
             if cuda:
                 meter = PeakMemory(device).start()
@@ -324,4 +328,11 @@ def showdown(step_fn, precisions: list[str], options: TrainOptions,
                 break
     finally:
         start.restore()
+        claim.release()
     return result
+
+
+def _claim(name: str, options: TrainOptions) -> ownership.Claim:
+    """Own the model for the whole group of runs: its start is captured and restored too."""
+    return ownership.claim(name, ownership.owned_objects(
+        options.model, [*options.optimizers, options.scaler, options.scheduler]))

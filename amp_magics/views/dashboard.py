@@ -1,6 +1,6 @@
 """The live view of a run in a notebook: core ipywidgets showing HTML drawn by charts.py.
 
-An engine observer: `on_refresh` runs on the training thread at the engine's refresh
+A View (training/view.py): `on_refresh` runs on the training thread at the engine's refresh
 interval, never per step. History is turned into columns incrementally (only the records
 added since the last refresh), so a refresh costs the same after 100 or 100,000 steps apart
 from charts.py's downsampling. When the run ends, the widget is replaced in the output by a
@@ -14,6 +14,7 @@ from array import array
 
 import numpy as np
 
+from ..training.view import View
 from . import charts
 from .format import format_number
 
@@ -93,6 +94,8 @@ def flags_that_differ(run, current) -> str:
 
 def status_line(run, skipped: int) -> str:
     parts = [run.device, f"{run.precision} ({run.precision_reason})"]
+    if run.paused_for:
+        parts.insert(0, f"paused for {run.paused_for}")
     s = run.scaler_settings
     if s:
         parts.append(f"GradScaler init {format_number(s['init_scale'])}, "
@@ -135,7 +138,22 @@ def overlay_html(runs) -> str:
     return charts.dashboard_html(build_view(first, columns, earlier, final=True))
 
 
-class Dashboard:
+class Picture:
+    """HTML that notebooks display as it is (nbconvert and GitHub show it too): Run.plot()."""
+
+    def __init__(self, html_text: str):
+        self.html = html_text
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+
+def overlay_picture(runs) -> Picture:
+    """`overlay_html` as an object a notebook displays: what Run.plot() returns."""
+    return Picture(overlay_html(runs))
+
+
+class Dashboard(View):
     """Live widgets while the run trains; a static snapshot once it ends.
 
     earlier_runs: finished Runs to draw faded underneath (the same model's earlier runs).

@@ -46,6 +46,14 @@ def format_number(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def format_value(v: object, missing: str = "-") -> str:
+    """A measured float (a loss, a rate) to 4 significant digits: 0.6931 / 1.235e+05 / nan;
+    anything else as str(); `missing` for None."""
+    if v is None:
+        return missing
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def format_bytes(n: float | None, missing: str = "-") -> str:
     """1536 -> '1.5 KiB'; None -> `missing`."""
     if n is None:
@@ -61,13 +69,16 @@ def _cell(value: object) -> str:
     return value if isinstance(value, Html) else escape(value)
 
 
+_CELL_STYLE = "text-align:left;padding:1px 14px 1px 0;vertical-align:middle"
+
+
 def table_html(headers: Sequence, rows: Sequence[Sequence], caption: str = "",
-               highlight: int | None = None) -> str:
+               highlight: int | None = None, cell_style: str = _CELL_STYLE) -> str:
     """A plain table; every cell is escaped (names can be anything) unless it is `Html`.
 
-    Row `highlight` is shown in bold.
+    Row `highlight` is shown in bold; `cell_style` is the inline CSS of every th and td.
     """
-    cell = "style='text-align:left;padding:1px 14px 1px 0;vertical-align:middle'"
+    cell = f"style='{escape(cell_style)}'"
     head = "".join(f"<th {cell}>{_cell(h)}</th>" for h in headers)
     best = " style='font-weight:bold;background:rgba(30,136,229,.15)'"
     body = "".join(f"<tr{best if i == highlight else ''}>"

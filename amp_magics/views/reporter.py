@@ -9,7 +9,8 @@ import math
 import sys
 import time
 
-from .format import format_bytes, format_duration
+from ..training.view import View
+from .format import format_bytes, format_duration, format_value
 
 
 def progress_line(run) -> str:
@@ -18,6 +19,8 @@ def progress_line(run) -> str:
     total = f"/{run.total_steps}" if run.total_steps else ""
     parts.append(f"step {len(h)}{total}")
     parts.append(f"epoch {run.epoch + 1}")
+    if run.paused_for:
+        parts.append(f"paused for {run.paused_for}")
     if h:
         parts.append(f"loss {h[-1]['loss']:.4g}")
         if h[-1]["scale"] is not None:
@@ -38,15 +41,17 @@ def progress_line(run) -> str:
 def end_lines(run) -> list[str]:
     s = run.summary
     lines = [f"{run.name} {run.status}: {s['steps']} steps ({s['skipped_steps']} skipped) in "
-             f"{format_duration(s['wall_time'])}, final loss {_num(s['final_loss'])}, "
-             f"best {_num(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"]
+             f"{format_duration(s['wall_time'])}, final loss {format_value(s['final_loss'])}, "
+             f"best {format_value(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"]
     lines += [f"note: {n}" for n in run.notes]
     if run.error:
         lines.append(f"error: {run.error}")
     return lines
 
 
-class ConsoleReporter:
+class ConsoleReporter(View):
+    """The run as text: a progress line, alarms as they come, and a summary at the end."""
+
     def __init__(self, stream=None, inline=None, log_every=10.0):
         self.stream = stream or sys.stderr
         self.inline = inline if inline is not None else _isatty(self.stream)
@@ -92,7 +97,3 @@ def _isatty(stream) -> bool:
 
 def _log2(x) -> str:
     return f"{math.log2(x):.0f}" if x and x > 0 and math.isfinite(x) else str(x)
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4g}"

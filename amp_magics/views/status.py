@@ -6,43 +6,38 @@ shared server are chosen by other users.
 """
 from __future__ import annotations
 
-import html
 import textwrap
 import time
 
+from .format import Html, escape, format_bytes, table_html
+
 WIDTH = 80
+NA = "n/a"
 _GIB = 1 << 30
-_MIB = 1 << 20
 
 
 # --- shared formatting -----------------------------------------------------------------------
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / _GIB:.1f} GiB" if abs(n) >= _GIB else f"{n / _MIB:.0f} MiB"
-
-
 def _sizes(used: int | None, total: int | None) -> str:
     if used is None or total is None:
-        return "n/a"
+        return NA
     return f"{used / _GIB:.1f} / {total / _GIB:.1f} GiB"
 
 
 def _or_na(value, fmt: str = "{}") -> str:
-    return "n/a" if value is None else fmt.format(value)
+    return NA if value is None else fmt.format(value)
 
 
 def _power(gpu) -> str:
     if gpu.power_draw is None:
-        return "n/a"
+        return NA
     limit = f" / {gpu.power_limit:.0f}" if gpu.power_limit is not None else ""
     return f"{gpu.power_draw:.0f}{limit} W"
 
 
 def _mig(gpu) -> str:
     if gpu.mig_enabled is None:
-        return "n/a"
+        return NA
     mode = "on" if gpu.mig_enabled else "off"
     if gpu.mig_pending != gpu.mig_enabled:
         mode += f" ({'on' if gpu.mig_pending else 'off'} after reset)"
@@ -50,7 +45,7 @@ def _mig(gpu) -> str:
 
 
 def _capability(gpu) -> str:
-    return "{}.{}".format(*gpu.capability) if gpu.capability else "n/a"
+    return "{}.{}".format(*gpu.capability) if gpu.capability else NA
 
 
 def _fraction(used, total) -> float | None:
@@ -63,14 +58,15 @@ def _torch_headline(mem) -> str:
 
 
 def _torch_held(mem) -> str:
-    return (f"allocated {_size(mem.allocated)}, reserved {_size(mem.reserved)}, "
-            f"peak {_size(mem.peak)}")
+    return (f"allocated {format_bytes(mem.allocated, NA)}, "
+            f"reserved {format_bytes(mem.reserved, NA)}, peak {format_bytes(mem.peak, NA)}")
 
 
 def _torch_gap(mem) -> str:
     if mem.other_memory is None:
         return mem.other_label
-    return f"+ {_size(mem.other_memory)} {mem.other_label} (NVML counts {_size(mem.nvml_used)})"
+    return (f"+ {format_bytes(mem.other_memory, NA)} {mem.other_label} "
+            f"(NVML counts {format_bytes(mem.nvml_used, NA)})")
 
 
 def _recommendation(rec) -> str:
@@ -81,8 +77,8 @@ def _host_facts(host) -> list[tuple[str, str]]:
     usable = f", {host.usable_cpus} usable here" if host.usable_cpus not in (None, host.logical_cpus) else ""
     bf16 = ("native (AVX512-BF16/AMX/Arm BF16)" if host.native_bf16
             else "not native: bf16 autocast is emulated, slower than fp32")
-    ram = (f"{_size(host.ram_available)} available of {_size(host.ram_total)}"
-           if host.ram_total is not None else "n/a")
+    ram = (f"{format_bytes(host.ram_available, NA)} available of {format_bytes(host.ram_total, NA)}"
+           if host.ram_total is not None else NA)
     return [
         ("CPU", f"{host.cpu_model} ({_or_na(host.logical_cpus)} logical CPUs{usable})"),
         ("bf16", bf16),
@@ -90,14 +86,14 @@ def _host_facts(host) -> list[tuple[str, str]]:
         ("torch", f"{host.torch_threads} threads" if host.torch_threads is not None
          else "not imported in this process"),
         ("RAM", ram),
-        ("process", f"{_size(host.process_rss)} resident"),
+        ("process", f"{format_bytes(host.process_rss, NA)} resident"),
     ]
 
 
 def _host_line(host) -> str:
     return (f"Host: {host.cpu_model}, {_or_na(host.logical_cpus)} CPUs, RAM "
-            f"{_size(host.ram_available)} free of {_size(host.ram_total)}, "
-            f"this process {_size(host.process_rss)}")
+            f"{format_bytes(host.ram_available, NA)} free of {format_bytes(host.ram_total, NA)}, "
+            f"this process {format_bytes(host.process_rss, NA)}")
 
 
 def _clock(status) -> str:
@@ -160,7 +156,7 @@ def _gpu_text(gpu) -> list[str]:
                  f"SM {_or_na(gpu.sm_clock, '{} MHz')}   MIG {_mig(gpu)}")
     for p in gpu.processes:
         mark = "  <- this kernel" if p.is_self else ""
-        head = f"    {p.pid:>8}  {p.kind:<3} {_size(p.used_memory):>9}  "
+        head = f"    {p.pid:>8}  {p.kind:<3} {format_bytes(p.used_memory, NA):>9}  "
         lines.append(head + _clip(p.name, WIDTH - len(head) - len(mark)) + mark)
     if not gpu.processes and not gpu.process_error:
         lines.append("    no processes")
@@ -180,18 +176,14 @@ def checks_text(checks) -> str:
 
 # --- HTML ------------------------------------------------------------------------------------
 
-_esc = html.escape
 _STYLE = "font-family:var(--jp-code-font-family,monospace);font-size:12px;line-height:1.5"
 _CELL = "padding:2px 8px;text-align:left;vertical-align:middle;white-space:nowrap"
 _MUTED = "opacity:.7"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """A table from already-escaped cells."""
-    head = "".join(f'<th style="{_CELL}">{_esc(h)}</th>' for h in header)
-    body = "".join("<tr>" + "".join(f'<td style="{_CELL}">{c}</td>' for c in row) + "</tr>"
-                   for row in rows)
-    return f'<table style="border-collapse:collapse;margin:4px 0"><tr>{head}</tr>{body}</table>'
+def _table(header: list[str], rows: list[list]) -> str:
+    """format.table_html in the status look; cells are escaped there unless they are `Html`."""
+    return f'<div style="margin:4px 0">{table_html(header, rows, cell_style=_CELL)}</div>'
 
 
 def _bar_html(fraction: float | None) -> str:
@@ -205,7 +197,15 @@ def _bar_html(fraction: float | None) -> str:
 
 
 def _line(text: str, style: str = "") -> str:
-    return f'<div style="{style}">{_esc(text)}</div>'
+    return f'<div style="{style}">{escape(text)}</div>'
+
+
+def _gpu_row(g) -> list:
+    memory = Html(_bar_html(_fraction(g.memory_used, g.memory_total))
+                  + escape(_sizes(g.memory_used, g.memory_total)))
+    return [g.index, g.name, _capability(g), " ".join(g.precisions) or "none", memory,
+            _or_na(g.utilization, "{}%"), _or_na(g.temperature, "{} °C"), _power(g),
+            _or_na(g.sm_clock, "{} MHz"), _mig(g)]
 
 
 def status_html(status) -> str:
@@ -215,35 +215,32 @@ def status_html(status) -> str:
                            f"{_or_na(status.cuda_driver_version)}, updated {_clock(status)}", _MUTED))
         parts.append(_table(
             ["GPU", "Name", "CC", "AMP", "Memory", "Util", "Temp", "Power", "SM", "MIG"],
-            [[_esc(str(g.index)), _esc(g.name), _esc(_capability(g)), _esc(" ".join(g.precisions) or "none"),
-              _bar_html(_fraction(g.memory_used, g.memory_total)) + _esc(_sizes(g.memory_used, g.memory_total)),
-              _esc(_or_na(g.utilization, "{}%")), _esc(_or_na(g.temperature, "{} °C")), _esc(_power(g)),
-              _esc(_or_na(g.sm_clock, "{} MHz")), _esc(_mig(g))]
-             for g in status.gpus]))
+            [_gpu_row(g) for g in status.gpus]))
         for gpu in status.gpus:
             parts.append(_processes_html(gpu))
         for mem in status.torch_memory:
-            parts.append(f"<div><b>{_esc(_torch_headline(mem))}</b></div>")
+            parts.append(f"<div><b>{escape(_torch_headline(mem))}</b></div>")
             parts.append(_line(_torch_held(mem), "padding-left:16px"))
             parts.append(_line(_torch_gap(mem), "padding-left:16px"))
         parts.append(_line(_host_line(status.host), _MUTED))
     else:
         parts.append(_line(f"No GPU: {status.no_gpu_reason}", "font-weight:bold"))
-        parts.append(_table(["", ""], [[_esc(k), _esc(v)] for k, v in _host_facts(status.host)]))
-    parts.append(f"<div><b>Recommendation:</b> --dtype auto picks <b>{_esc(status.recommendation.dtype)}</b>"
-                 f" on {_esc(status.recommendation.device)}: {_esc(status.recommendation.reason)}</div>")
+        parts.append(_table(["", ""], _host_facts(status.host)))
+    rec = status.recommendation
+    parts.append(f"<div><b>Recommendation:</b> --dtype auto picks <b>{escape(rec.dtype)}</b>"
+                 f" on {escape(rec.device)}: {escape(rec.reason)}</div>")
     parts += [_line(f"Note: {note}", _MUTED) for note in status.notes]
     return f'<div class="amp-gpu-status" style="{_STYLE}">{"".join(parts)}</div>'
 
 
 def _processes_html(gpu) -> str:
     title = f"Processes on GPU {gpu.index}"
-    out = [f'<div style="margin-top:6px"><b>{_esc(title)}</b></div>']
+    out = [f'<div style="margin-top:6px"><b>{escape(title)}</b></div>']
     if gpu.processes:
         rows = []
         for p in gpu.processes:
-            name = _esc(p.name) + (" <b>(this kernel)</b>" if p.is_self else "")
-            rows.append([_esc(str(p.pid)), _esc(p.kind), name, _esc(_size(p.used_memory))])
+            name = Html(escape(p.name) + (" <b>(this kernel)</b>" if p.is_self else ""))
+            rows.append([p.pid, p.kind, name, format_bytes(p.used_memory, NA)])
         out.append(_table(["PID", "Type", "Name", "Memory"], rows))
     elif not gpu.process_error:
         out.append(_line("no processes", _MUTED))
@@ -258,8 +255,10 @@ _BADGE = {"pass": "#2e7d32", "warn": "#e65100", "fail": "#c62828", "info": "#757
 def checks_html(checks) -> str:
     rows = []
     for check in checks:
-        badge = (f'<span style="display:inline-block;min-width:3.5em;text-align:center;color:#fff;'
-                 f'border-radius:3px;background:{_BADGE[check.status]}">{_esc(check.status.upper())}</span>')
-        fix = f'<div style="{_MUTED}">fix: {_esc(check.fix)}</div>' if check.fix else ""
-        rows.append([badge, _esc(check.name), f'<div style="white-space:normal">{_esc(check.detail)}{fix}</div>'])
+        badge = Html(f'<span style="display:inline-block;min-width:3.5em;text-align:center;'
+                     f'color:#fff;border-radius:3px;background:{_BADGE[check.status]}">'
+                     f"{escape(check.status.upper())}</span>")
+        fix = f'<div style="{_MUTED}">fix: {escape(check.fix)}</div>' if check.fix else ""
+        result = Html(f'<div style="white-space:normal">{escape(check.detail)}{fix}</div>')
+        rows.append([badge, check.name, result])
     return f'<div class="amp-check" style="{_STYLE}">{_table(["", "Check", "Result"], rows)}</div>'

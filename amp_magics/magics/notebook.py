@@ -1,0 +1,105 @@
+"""The notebook side shared by every magic: the cell body as a step, and objects found by name.
+
+torch loads only when a lookup needs it, so %load_ext stays cheap.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from IPython.core.error import UsageError
+
+from ..errors import AmpUsageError
+from .args import names
+
+
+class CellStep:
+    """The cell body compiled once; called as step(batch, step, epoch) for every batch.
+
+    It runs in a private copy of the notebook's namespace, so names it assigns do not leak
+    into the notebook (the magic copies back only the names given to --log). Line numbers
+    in tracebacks are the cell's own: line 1 is the %%amp_train line.
+    """
+
+    def __init__(self, shell, cell: str, log_names=()):
+        source = "\n" + shell.transform_cell(cell)
+        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        self.code = shell.compile(source, filename, "exec")
+        self.namespace = dict(shell.user_ns)
+        self.log_names = tuple(log_names)
+
+    def __call__(self, batch, step, epoch):
+        __tracebackhide__ = True
+        ns = self.namespace
+        ns["batch"], ns["step"], ns["epoch"] = batch, step, epoch
+        ns.pop("loss", None)
+        exec(self.code, ns)
+        if "loss" not in ns:
+            raise AmpUsageError("the cell body never assigned `loss`: end it with e.g. "
+                                "`loss = F.cross_entropy(model(x), y)`")
+        if not self.log_names:
+            return ns["loss"]
+        return {"loss": ns["loss"], **{n: ns[n] for n in self.log_names if n in ns}}
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Turn AmpUsageError ("the request is wrong") into IPython's UsageError, without traceback."""
+    try:
+        yield
+    except AmpUsageError as e:
+        raise UsageError(str(e)) from None
+
+
+def lookup(user_ns, name: str, flag: str, kind, what: str):
+    """The notebook object `name` (dotted names reach attributes), checked against `kind`.
+
+    `what` says what `kind` is in words, with its article ("an nn.Module"); every problem is a
+    UsageError that names `flag` and the notebook's objects of the right kind.
+    """
+    head, *attrs = name.split(".")
+    if head not in user_ns:
+        raise UsageError(f"{flag} {name}: no variable named {head!r} in the notebook. "
+                         f"{candidates(user_ns, kind, what)} Pass the right one with "
+                         f"{flag} NAME.")
+    obj = user_ns[head]
+    for attr in attrs:
+        if not hasattr(obj, attr):
+            raise UsageError(f"{flag} {name}: {type(obj).__name__} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    if (kind is Iterable and isinstance(obj, (str, bytes))) or not isinstance(obj, kind):
+        raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not {what}. "
+                         f"{candidates(user_ns, kind, what)}")
+    return obj
+
+
+def candidates(user_ns, kind, what: str) -> str:
+    """A sentence naming the notebook's objects of `kind` (DataLoaders for any iterable)."""
+    label = what.split(" ", 1)[1]  # "an nn.Module" -> "nn.Module"
+    if kind is Iterable:
+        import torch
+
+        kind = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
+        label = "DataLoader"
+    found = sorted(k for k, v in user_ns.items() if not k.startswith("_") and isinstance(v, kind))
+    return (f"{label} objects in the notebook: {', '.join(found)}."
+            if found else f"No {label} is defined in the notebook yet.")
+
+
+def lookup_optimizers(user_ns, text: str) -> list:
+    """The optimizers named by --optimizer's comma-separated `text`."""
+    import torch
+
+    found = names(text)
+    if not found:
+        raise UsageError("--optimizer needs at least one name, e.g. --optimizer opt")
+    return [lookup(user_ns, n, "--optimizer", torch.optim.Optimizer, "an optimizer")
+            for n in found]
+
+
+def scheduler_types() -> tuple:
+    """The classes an LR scheduler is an instance of, for lookup(..., "--scheduler", ...)."""
+    from torch.optim import lr_scheduler
+
+    return tuple(t for t in (getattr(lr_scheduler, "LRScheduler", None),
+                             lr_scheduler.ReduceLROnPlateau) if t is not None)
