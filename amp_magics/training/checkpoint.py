@@ -8,11 +8,12 @@ one at the boundary itself (so dropout and friends continue exactly).
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..tensors import capture_rng
+from ..files import atomic_write
+from ..tensors import capture_rng, restore_rng
 
 FORMAT = 1
 
@@ -34,17 +35,7 @@ def save_checkpoint(path, *, model, optimizers, scaler, scheduler, step, epoch, 
         "history": history,
         "val_history": val_history,
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".amp_ckpt_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f), binary=True, prefix=".amp_ckpt_")
 
 
 def load_checkpoint(path, *, model, optimizers, scaler, scheduler) -> dict:
@@ -64,3 +55,24 @@ def load_checkpoint(path, *, model, optimizers, scaler, scheduler) -> dict:
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
     return payload
+
+
+def open_epoch(data: Iterable, resumed: dict | None,
+               keep_rng: bool) -> tuple[Iterator, dict | None, int]:
+    """A fresh iterator over `data`, the RNG state its epoch started from (kept only when
+    checkpoints need it) and the batches already read: none, or on resume as many as the
+    checkpoint had read, so training continues exactly where it stood."""
+    __tracebackhide__ = True
+    if resumed is None or resumed["batches_in_epoch"] == 0:
+        if resumed is not None:
+            restore_rng(resumed["rng"])
+        epoch_rng = capture_rng() if keep_rng else None  # before iter(): a loader draws its order
+        return iter(data), epoch_rng, 0
+    # Replay the epoch's start so a shuffled loader yields the same order, skip what was
+    # already trained on, then continue from the RNG state at the checkpoint itself.
+    restore_rng(resumed["epoch_rng"])
+    it = iter(data)
+    for _ in range(resumed["batches_in_epoch"]):
+        next(it, None)
+    restore_rng(resumed["rng"])
+    return it, resumed["epoch_rng"], resumed["batches_in_epoch"]

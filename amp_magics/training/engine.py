@@ -8,7 +8,6 @@ its views are told. It knows nothing of IPython or widgets.
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import signal
 import threading
@@ -22,11 +21,10 @@ import torch
 from .. import ownership, precision as precision_policy
 from ..errors import AmpUsageError
 from ..precision import SCALER_DEFAULTS
-from ..tensors import (StepFn, as_step, capture_rng, is_out_of_memory, model_device,
-                       restore_rng, seed_everything)
-from ..views.format import format_bytes
+from ..tensors import StepFn, as_step, is_out_of_memory, model_device, seed_everything
 from . import alarms, scaler as scalers
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
+from .failures import release_memory
 from .options import TrainOptions
 from .run import Run, next_name, register
 from .step import AmpStep
@@ -166,7 +164,9 @@ class Training:
             status, error = "failed", e
             self._abandon_step()
             if is_out_of_memory(e):
-                self._release_memory(e)
+                self.run.notes.append(release_memory(
+                    e, self.amp.device, batch_size=self.amp.last_batch_size,
+                    accum=self.options.accum, step=self.step, precision=self.run.precision))
         self._finish(status, error)
         if error is not None:
             raise error
@@ -202,7 +202,9 @@ class Training:
         under the step lock (taken after the window's first batch is read)."""
         __tracebackhide__ = True
         amp, accum, lock = self.amp, self.options.accum, self.step_lock
-        it = self._epoch_iterator()
+        resumed, self.resumed = self.resumed, None
+        it, self.epoch_rng, self.batches_in_epoch = open_epoch(
+            self.options.data, resumed, keep_rng=bool(self.options.checkpoint))
         while not self._should_stop():
             batch = next(it, _END)
             if batch is _END:
@@ -246,28 +248,6 @@ class Training:
         self.step_lock.acquire()
         self.run.paused_for = None
 
-    def _epoch_iterator(self) -> Iterator:
-        """A fresh iterator over the data; on resume, positioned where the checkpoint was."""
-        __tracebackhide__ = True
-        data = self.options.data
-        resumed, self.resumed = self.resumed, None
-        if resumed is None or resumed["batches_in_epoch"] == 0:
-            if resumed is not None:
-                restore_rng(resumed["rng"])
-            self.epoch_rng = capture_rng() if self.options.checkpoint else None
-            self.batches_in_epoch = 0
-            return iter(data)
-        # Replay the epoch's start so a shuffled loader yields the same order, skip what was
-        # already trained on, then continue from the RNG state at the checkpoint itself.
-        self.epoch_rng = resumed["epoch_rng"]
-        restore_rng(self.epoch_rng)
-        it = iter(data)
-        for _ in range(resumed["batches_in_epoch"]):
-            next(it, None)
-        restore_rng(resumed["rng"])
-        self.batches_in_epoch = resumed["batches_in_epoch"]
-        return it
-
     def _should_stop(self) -> bool:
         steps = self.options.steps
         return self.run.stop_requested or (steps is not None and self.step >= steps)
@@ -293,24 +273,11 @@ class Training:
     # -- epoch end -----------------------------------------------------------------------
     def _validate(self, epoch: int) -> float | None:
         __tracebackhide__ = True
-        model = self.options.model
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        total, batches = None, 0
-        try:
-            with torch.no_grad():
-                for batch in self.options.val:
-                    value = self.amp.eval_loss(batch, self.step, epoch)
-                    total = value if total is None else total + value
-                    batches += 1
-        finally:
-            for module, mode in modes:
-                module.training = mode
-        if batches == 0:
+        val_loss = self.amp.validate(self.options.val, self.step, epoch)
+        if val_loss is None:
             self.run.notes.append("--val produced no batches: no validation loss")
-            return None
-        val_loss = (total / batches).item()  # one sync per epoch
-        self.run.val_history.append({"epoch": epoch, "step": self.step, "val_loss": val_loss})
+        else:
+            self.run.val_history.append({"epoch": epoch, "step": self.step, "val_loss": val_loss})
         return val_loss
 
     def _epoch_loss(self, epoch: int) -> float:
@@ -347,23 +314,6 @@ class Training:
                         epoch=epoch, batches_in_epoch=batches, epoch_rng=epoch_rng,
                         history=self.run.history, val_history=self.run.val_history)
 
-    def _release_memory(self, error: BaseException) -> None:
-        """Out of memory: free the failed step's tensors and say what would fit."""
-        _clear_user_frames(error.__traceback__)
-        gc.collect()
-        device = self.amp.device
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        snap = memory_snapshot(device)
-        held = ", ".join(f"{k} {format_bytes(v)}" for k, v in snap.items() if v is not None)
-        size, accum = self.amp.last_batch_size, self.options.accum
-        smaller = (f"a batch of {max(size // 2, 1)} with --accum {accum * 2} (the same "
-                   f"effective batch of {size * accum})" if size > 1 else "a smaller model")
-        lower = ("" if self.run.precision in ("bf16", "fp16")
-                 else ", or --dtype bf16/fp16 (roughly halves activation memory)")
-        self.run.notes.append(f"out of memory at step {self.step} with a batch of {size}; after "
-                              f"freeing the step: {held}. Try {smaller}{lower}.")
-
     def _abandon_step(self) -> None:
         with self.step_lock:
             abandoned_update = self.amp.abandon()
@@ -396,19 +346,6 @@ class Training:
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _clear_user_frames(tb) -> None:
-    """Drop the locals of the failed step's frames (they hold its activations), keeping the
-    traceback printable. Our own frames keep theirs: __tracebackhide__ lives there."""
-    ours = __name__.split(".")[0]
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] != ours:
-            try:
-                tb.tb_frame.clear()
-            except RuntimeError:  # a frame still executing
-                pass
-        tb = tb.tb_next
-
-
 def _steps_per_epoch(data, accum: int) -> int | None:
     try:
         return math.ceil(len(data) / accum)

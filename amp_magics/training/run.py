@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import threading
 import time
 
 # views/format.py is a leaf of pure string functions: the one views module data may import.
+from ..files import atomic_write
 from ..views.format import escape, format_bytes, format_value, records_html, summary_table_html
 
 STATUSES = ("running", "finished", "interrupted", "failed")
@@ -173,17 +172,8 @@ class Run:
 
     def save(self, path) -> str:
         """Write the run as JSON, atomically (a crash never leaves a half-written file)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".amp_run_", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"amp_magics_run": 1, **self.to_dict()}, f, default=str)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: json.dump({"amp_magics_run": 1, **self.to_dict()},
+                                                      f, default=str), prefix=".amp_run_")
 
     @classmethod
     def load(cls, path) -> "Run":

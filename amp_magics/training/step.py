@@ -5,7 +5,7 @@ update, scheduler. Each step is recorded without a host-device sync.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -113,14 +113,27 @@ class AmpStep:
         self.samples = 0
         return scale, found_inf, now
 
-    def eval_loss(self, batch: Any, step: int, epoch: int) -> torch.Tensor:
-        """The step's loss on a validation batch (the caller holds no_grad and eval mode)."""
+    def validate(self, val: Iterable, step: int, epoch: int) -> float | None:
+        """The step's mean loss over `val` under no_grad and eval(), every module's mode put
+        back afterwards; None when `val` has no batches. One sync, at the end."""
         __tracebackhide__ = True
-        if self.move:
-            batch = to_device(batch, self.device)
-        with self.autocast:
-            loss, _ = self.unpack(self.step_fn(batch, step, epoch), training=False)
-        return loss.detach().float()
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        total, batches = None, 0
+        try:
+            with torch.no_grad():
+                for batch in val:
+                    if self.move:
+                        batch = to_device(batch, self.device)
+                    with self.autocast:
+                        loss, _ = self.unpack(self.step_fn(batch, step, epoch), training=False)
+                    value = loss.detach().float()
+                    total = value if total is None else total + value
+                    batches += 1
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        return None if batches == 0 else (total / batches).item()
 
     def abandon(self) -> bool:
         """After an error mid-step: drop its partial gradients and the scaler's step state.
