@@ -1,10 +1,22 @@
 import gc
+import os
 
 import pytest
 import torch
 
 # Bit-exactness on CPU needs a fixed thread count (reduction order depends on it).
 torch.set_num_threads(1)
+
+try:
+    from hypothesis import settings
+except ImportError:  # only tests/test_hostile_flags.py needs it (the `test` extra)
+    pass
+else:
+    # The same inputs on every run, so CI fails only when the code changed. Bugs the search
+    # found are pinned as regression tests; HYPOTHESIS_PROFILE=explore searches afresh.
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

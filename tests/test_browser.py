@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -229,6 +228,8 @@ def _step(state: dict) -> int:
 
 
 def _write_notebook(path: Path):
+    import nbformat  # here, not at the top: `pytest -m "not browser"` must collect without it
+
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",

@@ -1,7 +1,11 @@
 """The README and environment.yml keep the promises the package makes."""
 import re
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
 
 import yaml
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+import readme_flags
 from fake_nvml import GIB, MIB, FakeNvml, a100, h100, t4
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
@@ -53,13 +54,10 @@ def assert_fits_80_columns(text):
 
 def test_real_nvml_without_gpu_says_why_and_shows_the_host(monkeypatch):
     monkeypatch.setattr(gpu, "_nvml_state", None)  # initialise the real nvidia-ml-py afresh
-    start = time.perf_counter()
     status = gpu.probe()
-    elapsed = time.perf_counter() - start
     if status.gpus:
         pytest.skip("this machine has an NVIDIA GPU")
     assert status.no_gpu_reason.startswith("NVML library not found")
-    assert elapsed < 1.0
     host = status.host
     assert host.cpu_model and host.logical_cpus >= 1
     assert host.ram_total > host.ram_available > 0 and host.process_rss > 0
@@ -245,19 +243,20 @@ def test_torch_memory_of_a_gpu_not_shown_is_not_matched(nvml, torch_holding_memo
 
 def test_magic_returns_status_with_html(shell, nvml):
     nvml([a100()])
-    start = time.perf_counter()
     status = shell.run_line_magic("gpu_status", "")
-    assert time.perf_counter() - start < 1.0
     assert isinstance(status, gpu.Status) and status.to_dict()["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
     assert status._repr_html_().startswith('<div class="amp-gpu-status"')
 
 
-def test_magic_without_gpu_is_fast(shell, monkeypatch):
-    monkeypatch.setattr(gpu, "_nvml_state", None)
-    start = time.perf_counter()
+def test_magic_without_gpu_says_why(shell, monkeypatch):
+    monkeypatch.setattr(gpu, "_nvml_state", None)  # the real nvidia-ml-py, started afresh
     status = shell.run_line_magic("gpu_status", "")
-    assert time.perf_counter() - start < 1.0
-    assert status.gpus or status.no_gpu_reason
+    if status.gpus:
+        pytest.skip("this machine has an NVIDIA GPU")
+    assert status.gpus == [] and status.torch_memory == []
+    assert status.no_gpu_reason.startswith("NVML library not found")
+    assert status.recommendation.device == "CPU"
+    assert "NVML library not found" in status._repr_html_()
 
 
 def test_magic_json_and_selection(shell, nvml, capsys):
@@ -276,9 +275,22 @@ def test_magic_bad_flags_are_usage_errors(shell, nvml, line):
         shell.run_line_magic("gpu_status", line)
 
 
-def test_magic_help_lists_the_flags(shell):
-    doc = shell.find_line_magic("gpu_status").__doc__
-    assert all(flag in doc for flag in ("--watch", "--json", "--index"))
+@pytest.mark.parametrize("name, at_least", [("gpu_status", 4), ("amp_check", 1)])
+def test_every_flag_the_readme_documents_is_accepted(name, at_least):
+    magic = getattr(GpuMagics, GpuMagics.magics["line"][name])
+    readme_flags.assert_accepted(magic, name, at_least)
+
+
+def test_readme_flag_values_reach_the_magic(shell, nvml, capsys):
+    """`--watch` alone means every second; `-i 0,2` and `--index 0,2` select those GPUs."""
+    from amp_magics.magics.args import parse
+
+    assert parse(GpuMagics.gpu_status, "--watch").watch == 1.0
+    assert parse(GpuMagics.gpu_status, "--watch 0.5").watch == 0.5
+    nvml([h100(uuid=f"GPU-{i}") for i in range(4)])
+    for line in ("--json -i 0,2", "--json --index 0,2"):
+        shell.run_line_magic("gpu_status", line)
+        assert [g["index"] for g in json.loads(capsys.readouterr().out)["gpus"]] == [0, 2]
 
 
 def test_watch_refreshes_in_place_and_stops(shell, nvml):

@@ -1,4 +1,6 @@
 """%%amp_train in real Jupyter kernels: the widget view, the saved snapshot, interrupts."""
+import queue
+import re
 import time
 
 import nbclient
@@ -77,6 +79,28 @@ def test_background_run_while_other_cells_execute():
     assert len(snapshot) == 1 and "interrupted" in snapshot[0] and "<svg" in snapshot[0]
 
 
+def wait_for_steps(kc, msg_id, at_least, timeout=120.0):
+    """Read the cell's progress line from iopub until it shows `at_least` steps done."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            raise AssertionError(f"the training cell failed: {msg['content']['evalue']}")
+        if msg["msg_type"] == "stream":
+            text += msg["content"]["text"]
+            steps = [int(n.replace(",", "")) for n in re.findall(r"\bstep ([\d,]+)", text)]
+            if steps and max(steps) >= at_least:
+                return max(steps)
+    raise AssertionError(f"no progress line with step >= {at_least} in {timeout:.0f} s; "
+                         f"the cell printed: {text[-500:]!r}")
+
+
 def test_kernel_interrupt_stops_at_a_step_boundary():
     km, kc = start_new_kernel(kernel_name="python3")
     try:
@@ -87,7 +111,7 @@ def test_kernel_interrupt_stops_at_a_step_boundary():
         run(SETUP + "import time\nbefore = None")
         msg_id = kc.execute(f"%%amp_train --dtype fp32 --epochs 1000 -o run\n"
                             f"time.sleep(0.005)\n{BODY}")
-        time.sleep(3.0)
+        wait_for_steps(kc, msg_id, at_least=6)  # then the interrupt lands mid-training
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
         assert reply["parent_header"]["msg_id"] == msg_id

@@ -1,4 +1,8 @@
 """Sweeps, the precision showdown and the run registry."""
+import math
+import re
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,8 +104,28 @@ def test_compare_reports_each_precision_and_restores_the_model(nb):
     assert all(r["peak memory"] > 0 for r in rows) and "exact" in showdown.peak_method
     assert rows[0]["loss vs fp32"] == 0.0 and rows[2]["skipped"] == 1
     verdicts = showdown.verdicts()
-    assert verdicts[0].startswith("bf16: ") and ("faster" in verdicts[0] or "slower" in verdicts[0])
-    assert "of fp32" in verdicts[0] and "1 skipped steps" in verdicts[1]
+    assert [v.split(":")[0] for v in verdicts] == ["bf16", "fp16"]
+    assert "1 skipped steps" in verdicts[1] and "skipped" not in verdicts[0]
+
+    # The verdict's numbers are the measured ones: step times from each run's own history
+    # (median of the step-to-step intervals after the warm-up), the peaks and losses in the table.
+    def measured_ms(run):
+        times = [r["time"] for r in run.history]
+        return statistics.median([b - a for a, b in zip(times, times[1:])][showdown.warmup:]) * 1e3
+
+    base_ms = measured_ms(showdown.runs["fp32"])
+    for verdict, row in zip(verdicts, rows[1:]):
+        ms = measured_ms(showdown.runs[row["precision"]])
+        assert row["median step ms"] == pytest.approx(ms)
+        number, direction = re.search(r": ([\d.e+]+)x (faster|slower)", verdict).groups()
+        assert direction == ("faster" if base_ms >= ms else "slower"), (verdict, base_ms, ms)
+        ratio = base_ms / ms if direction == "faster" else ms / base_ms
+        assert float(number) == pytest.approx(ratio, rel=0.05), (verdict, base_ms, ms)
+        change = 1 - row["peak memory"] / rows[0]["peak memory"]
+        assert f"{abs(change):.0%} {'less' if change >= 0 else 'more'} memory" in verdict
+        gap = row["loss vs fp32"]
+        said = f"loss within {gap:.2%} of fp32" if math.isfinite(gap) else "loss not finite"
+        assert said in verdict
     assert_same_state(nb.user_ns["model"].state_dict(), start)
 
 

@@ -146,6 +146,24 @@ def _locate_nonfinite(step_fn, model, batch, precision, scale) -> Diagnosis:
     return diagnosis
 
 
+def diagnose_window(step_fn, model, batches, chosen, scale, found_inf,
+                    loss_sum) -> tuple[Diagnosis, str] | None:
+    """--diagnose, after each optimizer step: if it skipped or its loss was not finite,
+    re-run the window's batches with hooks and return (diagnosis, what happened); else None.
+
+    One sync per step (reading found_inf and the loss) until the first overflow."""
+    __tracebackhide__ = True
+    skipped = found_inf is not None and float(found_inf) > 0
+    if not skipped and math.isfinite(float(loss_sum)):
+        return None
+    used_scale = float(scale) if scale is not None else None
+    for batch in batches:
+        diagnosis = locate_nonfinite(step_fn, model, batch, chosen, scale=used_scale)
+        if diagnosis.found:
+            break
+    return diagnosis, "skipped" if skipped else "had a non-finite loss"
+
+
 class _Watcher:
     def __init__(self, model, chosen):
         self.names = {m: name or "(model)" for name, m in model.named_modules()}

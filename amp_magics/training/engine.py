@@ -11,25 +11,22 @@ import contextlib
 import math
 import signal
 import threading
-import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 
 from .. import ownership, precision as precision_policy
 from ..errors import AmpUsageError
 from ..precision import SCALER_DEFAULTS
 from ..tensors import StepFn, as_step, is_out_of_memory, model_device, seed_everything
-from . import alarms, scaler as scalers
+from . import scaler as scalers
 from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
 from .failures import release_memory
 from .options import TrainOptions
 from .run import Run, next_name, register
 from .step import AmpStep
-from .telemetry import memory_snapshot, reset_peak
-from .view import View
+from .telemetry import RunBooks, reset_peak
+from .view import View, notify
 
 _END = object()  # the data ran out
 
@@ -123,9 +120,7 @@ class Training:
         self.position = (self.start_epoch, 0, None)
         self.batches_in_epoch = 0
         self.epoch_rng = None
-        self.t0 = 0.0
-        self.next_refresh = 0.0
-        self.raised_alarms: set = set()
+        self.books = RunBooks(run, amp.recorder, amp.device, views, options.refresh_seconds)
 
     # -- driver --------------------------------------------------------------------------
     def execute(self) -> None:
@@ -147,9 +142,7 @@ class Training:
     def _execute(self):
         __tracebackhide__ = True
         reset_peak(self.amp.device)
-        self.t0 = time.perf_counter()
-        self.next_refresh = self.t0 + self.options.refresh_seconds
-        self._notify("on_start")
+        self.books.start()
         error = None
         try:
             self._train()
@@ -195,7 +188,7 @@ class Training:
                 self.position = (epoch, 0, None)
                 if self.options.checkpoint and self.options.every is None:
                     self._save_checkpoint()
-            self._refresh()
+            self.books.refresh(self.step)
 
     def _train_epoch(self, epoch: int) -> int:
         """One pass over the data: one optimizer step per window of `accum` batches, each
@@ -223,15 +216,15 @@ class Training:
                 now = self._optimizer_step(epoch)
             finally:
                 lock.release()
-            if now >= self.next_refresh:
-                self._refresh()
+            if now >= self.books.next_refresh:
+                self.books.refresh(self.step)
             if batch is _END:
                 break
         return self.batches_in_epoch
 
     def _optimizer_step(self, epoch: int) -> float:
         __tracebackhide__ = True
-        scale, found_inf, now = self.amp.optimizer_step(self.step, epoch, self.t0)
+        scale, found_inf, now = self.amp.optimizer_step(self.step, epoch, self.books.t0)
         if self.diagnose:
             self._diagnose_if_overflowed(scale, found_inf)
         self.step += 1
@@ -244,7 +237,7 @@ class Training:
     def _wait_at_boundary(self) -> None:
         """A measurement holds the step lock: show why the run pauses, then wait for it."""
         self.run.paused_for = self.claim.paused_for or "a measurement"
-        self._refresh()
+        self.books.refresh(self.step)
         self.step_lock.acquire()
         self.run.paused_for = None
 
@@ -254,21 +247,16 @@ class Training:
 
     def _diagnose_if_overflowed(self, scale: Any, found_inf: Any) -> None:
         __tracebackhide__ = True
-        skipped = found_inf is not None and float(found_inf) > 0
-        if not skipped and math.isfinite(self.amp.loss_sum.item()):
-            return
-        from ..diagnostics.overflow import locate_nonfinite
+        from ..diagnostics.overflow import diagnose_window
 
-        self.diagnose = False  # once per run: the first overflow is the informative one
-        used_scale = scale.item() if isinstance(scale, torch.Tensor) else scale
-        for batch in self.amp.window_batches:
-            diagnosis = locate_nonfinite(self.amp.step_fn, self.options.model, batch,
-                                         self.amp.chosen, scale=used_scale)
-            if diagnosis.found:
-                break
-        self.run.diagnosis = diagnosis
-        what = "skipped" if skipped else "had a non-finite loss"
-        self.run.notes.append(f"--diagnose: step {self.step} {what}. {diagnosis.advice}")
+        amp = self.amp
+        found = diagnose_window(amp.step_fn, self.options.model, amp.window_batches, amp.chosen,
+                                scale, found_inf, amp.loss_sum)
+        if found is not None:  # once per run: the first overflow is the informative one
+            self.diagnose = False
+            self.run.diagnosis, what = found
+            self.run.notes.append(f"--diagnose: step {self.step} {what}. "
+                                  f"{self.run.diagnosis.advice}")
 
     # -- epoch end -----------------------------------------------------------------------
     def _validate(self, epoch: int) -> float | None:
@@ -284,29 +272,9 @@ class Training:
         losses = [r["loss"] for r in self.run.history if r["epoch"] == epoch]
         return sum(losses) / len(losses) if losses else math.inf
 
-    # -- refresh and end -----------------------------------------------------------------
-    def _drain(self) -> None:
-        run = self.run
-        new = self.amp.recorder.drain()
-        run.history.extend(new)
-        for kind, message in alarms.check(new, run.history).items():
-            if kind not in self.raised_alarms:
-                self.raised_alarms.add(kind)
-                run.alarms.append(message)
-
-    def _refresh(self) -> None:
-        now = time.perf_counter()
-        self.next_refresh = now + self.options.refresh_seconds
-        self._drain()
-        run = self.run
-        run.wall_time = now - self.t0
-        run.memory.append({"time": run.wall_time, "step": self.step,
-                           **memory_snapshot(self.amp.device)})
-        self._notify("on_refresh")
-        run.refresh_costs.append(time.perf_counter() - now)
-
+    # -- checkpoints and the end --------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        self._drain()
+        self.books.drain()
         epoch, batches, epoch_rng = self.position
         o = self.options
         save_checkpoint(o.checkpoint, model=o.model, optimizers=o.optimizers,
@@ -324,7 +292,7 @@ class Training:
     def _finish(self, status: str, error: BaseException | None) -> None:
         run = self.run
         try:
-            self._refresh()
+            self.books.refresh(self.step)
         except Exception as e:  # e.g. the device itself failed: keep the status honest
             run.notes.append(f"could not read the last steps back: {e!r}")
         run.status = status
@@ -333,16 +301,7 @@ class Training:
         if status == "interrupted":
             run.notes.append(f"interrupted after {self.step} optimizer step(s): model, optimizer "
                              "and scaler are as after the last completed step")
-        self._notify("on_end")
-
-    def _notify(self, hook: str) -> None:
-        for view in list(self.views):
-            try:
-                getattr(view, hook)(self.run)
-            except Exception as e:  # a broken view must not cost the training run
-                self.views.remove(view)
-                warnings.warn(f"{type(view).__name__}.{hook} failed and was detached: {e!r}",
-                              RuntimeWarning, stacklevel=2)
+        notify(self.views, "on_end", run)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -148,3 +148,15 @@ class TrainOptions:
             raise AmpUsageError("--every N needs --checkpoint PATH and a positive number of steps")
         if self.resume is not None and not os.path.isfile(self.resume):
             raise AmpUsageError(f"--resume {self.resume}: no such checkpoint file")
+        if self.checkpoint is not None:
+            path = os.fspath(self.checkpoint)
+            folder = os.path.dirname(os.path.abspath(path)) or "."
+            if os.path.isdir(path):
+                raise AmpUsageError(f"--checkpoint {path} is a folder: give a file in it, e.g. "
+                                    f"--checkpoint {os.path.join(path, 'run.pt')}")
+            # the folder is made at the first save if missing; an existing one must be writable
+            existing = folder
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+                raise AmpUsageError(f"--checkpoint {path}: cannot write in {existing}")

@@ -6,9 +6,14 @@ values (time, lr, epoch, batch size) are plain Python numbers.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import torch
 
 from ..system.host import process_rss
+from . import alarms
+from .view import View, notify
 
 
 class StepRecorder:
@@ -106,3 +111,46 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
 
+
+
+class RunBooks:
+    """Moves recorded steps into the Run and tells its views, at most every refresh_seconds.
+
+    A refresh drains the recorder (one device read per column), raises each kind of alarm
+    once, samples memory and calls the views' on_refresh; its own cost is kept in the Run.
+    """
+
+    def __init__(self, run, recorder: StepRecorder, device: torch.device,
+                 views: Sequence[View], refresh_seconds: float):
+        self.run = run
+        self.recorder = recorder
+        self.device = device
+        self.views = views
+        self.refresh_seconds = refresh_seconds
+        self.t0 = 0.0
+        self.next_refresh = 0.0
+        self.raised_alarms: set = set()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.next_refresh = self.t0 + self.refresh_seconds
+        notify(self.views, "on_start", self.run)
+
+    def drain(self) -> None:
+        run = self.run
+        new = self.recorder.drain()
+        run.history.extend(new)
+        for kind, message in alarms.check(new, run.history).items():
+            if kind not in self.raised_alarms:
+                self.raised_alarms.add(kind)
+                run.alarms.append(message)
+
+    def refresh(self, step: int) -> None:
+        now = time.perf_counter()
+        self.next_refresh = now + self.refresh_seconds
+        self.drain()
+        run = self.run
+        run.wall_time = now - self.t0
+        run.memory.append({"time": run.wall_time, "step": step, **memory_snapshot(self.device)})
+        notify(self.views, "on_refresh", run)
+        run.refresh_costs.append(time.perf_counter() - now)

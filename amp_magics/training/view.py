@@ -6,6 +6,7 @@ whose history already holds the steps drained at this refresh.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,3 +33,14 @@ class View:
 
     def finish(self) -> None:
         """After a group of runs (a sweep or a comparison): leave the final picture."""
+
+
+def notify(views: list[View], hook: str, run: "Run") -> None:
+    """Call `hook` on every view; a view that raises is detached with a warning."""
+    for view in list(views):
+        try:
+            getattr(view, hook)(run)
+        except Exception as e:  # a broken view must not cost the training run
+            views.remove(view)
+            warnings.warn(f"{type(view).__name__}.{hook} failed and was detached: {e!r}",
+                          RuntimeWarning, stacklevel=3)
