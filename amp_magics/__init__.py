@@ -3,12 +3,19 @@
 `%load_ext amp_magics` registers %%amp_train, %gpu_status and friends. Importing the package
 is cheap: torch, IPython and ipywidgets load only when a feature needs them.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
 __version__ = "0.1.0"
 
 __all__ = ["train", "Run", "runs", "View", "load_ipython_extension", "__version__"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # Lazy so that `python -m amp_magics status` never pays for importing torch.
     if name == "train":
         from .api import train
@@ -22,7 +29,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'amp_magics' has no attribute {name!r}")
 
 
-def load_ipython_extension(ipython):
+def load_ipython_extension(ipython: InteractiveShell) -> None:
     from .magics.diagnose import DiagnoseMagics
     from .magics.gpu import GpuMagics
     from .magics.train import AmpMagics
@@ -32,7 +39,7 @@ def load_ipython_extension(ipython):
     ipython.register_magics(DiagnoseMagics(ipython))
 
 
-def unload_ipython_extension(ipython):
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
     from .magics.diagnose import stop_memory_tracking
     from .magics.train import AmpMagics
 

@@ -19,7 +19,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
           scaler: Optional[torch.amp.GradScaler] = None, init_scale: Optional[float] = None,
           growth_interval: Optional[int] = None, growth_factor: Optional[float] = None,
           backoff_factor: Optional[float] = None, seed: Optional[int] = None,
-          log: Sequence[str] = (), move: bool = True, name: Optional[str] = None,
+          log: Sequence[str] = (), move: bool = True, keep_grads: bool = False,
+          name: Optional[str] = None,
           progress: bool = True, observers: Sequence[View] = (),
           refresh_seconds: float = 0.5, handle_sigint: bool = True,
           checkpoint: Optional[str] = None, every: Optional[int] = None,
@@ -36,7 +37,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
     steps); accum (micro-batches per optimizer step, the loss divided by it); clip (max grad
     norm); scheduler; val (evaluated each epoch end); your own scaler, or init_scale /
     growth_interval / growth_factor / backoff_factor; seed; log (other scalars the step
-    returns); move (batch tensors to the model's device); name; progress (a text line when no
+    returns); move (batch tensors to the model's device); keep_grads (keep the last step's
+    gradients; by default they are freed when the run ends); name; progress (a text line when no
     observers are given); observers (View objects); refresh_seconds; handle_sigint;
     checkpoint (path) with every (steps; default each epoch end); resume (path); diagnose;
     config (extra entries for the run's config).
@@ -50,6 +52,7 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
         epochs=epochs, steps=steps, dtype=dtype, scaler=scaler, init_scale=init_scale,
         growth_interval=growth_interval, growth_factor=growth_factor,
         backoff_factor=backoff_factor, accum=accum, clip=clip, log=log, seed=seed, move=move,
+        keep_grads=keep_grads,
         checkpoint=checkpoint, every=every, resume=resume, name=name,
         refresh_seconds=refresh_seconds, handle_sigint=handle_sigint, diagnose=diagnose,
         config=config or {})

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import AmpUsageError
 from .system.host import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    import torch
 
 CHOICES = ("auto", "fp16", "bf16", "fp32")
 # torch.amp.GradScaler's own defaults, spelled out so runs can record and compare them.
@@ -29,7 +33,7 @@ class Precision:
     reason: str
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         import torch
 
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.name]
@@ -86,7 +90,7 @@ def _resolve_cuda(requested: str, device) -> Precision:
     return Precision(requested, "cuda", f"requested, {cc}")
 
 
-def resolve(requested: str, device) -> Precision:
+def resolve(requested: str, device: str | torch.device) -> Precision:
     """Turn --dtype (auto|fp16|bf16|fp32) into a concrete precision for torch `device`."""
     import torch
 

@@ -60,6 +60,12 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors_in(o)
 
 
+def plain_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself behind a torch.compile wrapper (whose state_dict keys carry
+    `_orig_mod.`), so compiled and plain training share checkpoints."""
+    return getattr(model, "_orig_mod", model)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); the CPU for an empty model."""
     for tensor in model.parameters():

@@ -12,6 +12,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,9 +24,16 @@ from ..system.host import process_rss
 from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
                        unpack_loss)
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ..tensors import StepFn
+
+    StorageKey = tuple[torch.device, int]
+
 
 # -- tensors and their storages ----------------------------------------------------------
-def storage_of(t: torch.Tensor):
+def storage_of(t: torch.Tensor) -> tuple[StorageKey | None, int]:
     """(key, bytes) of the memory behind `t`; key is None where it holds none (meta, sparse...).
 
     Views and tied weights share a storage, so keying by it counts their memory once.
@@ -40,7 +48,7 @@ def storage_of(t: torch.Tensor):
     return (t.device, ptr), storage.nbytes()
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -53,11 +61,11 @@ class MemoryReport:
     """Bytes per category and dtype; a storage is counted once, in the first category holding it."""
 
     model: str
-    by_category: dict  # category -> {dtype name: bytes}
-    optimizers: list = field(default_factory=list)
+    by_category: dict[str, dict[str, int]]  # category -> {dtype name: bytes}
+    optimizers: list[str] = field(default_factory=list)
     in_flux: str = ""  # the run writing gradients and optimizer state right now, if any
 
-    def total(self, category=None) -> int:
+    def total(self, category: str | None = None) -> int:
         cats = [category] if category else CATEGORIES
         return sum(sum(self.by_category[c].values()) for c in cats)
 
@@ -83,7 +91,9 @@ class MemoryReport:
         return table_html(["", "bytes", "by dtype"], self.rows(), self.title())
 
 
-def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
+def model_memory(model: torch.nn.Module,
+                 optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] = ()
+                 ) -> MemoryReport:
     """Memory held by the model's parameters, their gradients, the optimizers' state and buffers.
 
     Read-only and never blocks: while a run trains the model, gradients and optimizer state
@@ -94,7 +104,7 @@ def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
     owner = ownership.owner_of(ownership.owned_objects(model, optimizers))
     seen: set = set()
 
-    def tally(tensors) -> dict:
+    def tally(tensors: Iterable[torch.Tensor | None]) -> dict[str, int]:
         out: dict = {}
         for t in tensors:
             if not isinstance(t, torch.Tensor):
@@ -122,20 +132,20 @@ def model_memory(model: torch.nn.Module, optimizers=()) -> MemoryReport:
 
 
 # -- one training step ----------------------------------------------------------------------
-def forward_loss(step, batch, chosen: Precision):
+def forward_loss(step: StepFn, batch: Any, chosen: Precision) -> torch.Tensor:
     """The loss of `step(batch, 0, 0)` under `chosen`'s autocast, checked like the engine does."""
     with chosen.autocast():
         out = step(batch, 0, 0)
     return unpack_loss(out)[0]
 
 
-def forward_sum_step(model):
+def forward_sum_step(model: torch.nn.Module) -> Callable[[Any], torch.Tensor]:
     """A stand-in step: `model(x).float().sum()`, x the batch or its first element.
 
     It measures the model's own activations; a real loss function (e.g. cross-entropy over a
     large vocabulary) adds its own, which only the real step body shows.
     """
-    def step(batch):
+    def step(batch: Any) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(x, torch.Tensor):
             raise AmpUsageError(f"the batch is a {type(batch).__name__}, not a tensor or a tuple "
@@ -166,7 +176,7 @@ class PeakMemory:
     than a few milliseconds (the thread waits for the GIL).
     """
 
-    def __init__(self, device):
+    def __init__(self, device: str | torch.device):
         self.device = torch.device(device)
         # CPU-only builds raise from the CUDA memory calls: use them only where CUDA runs.
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
@@ -179,7 +189,7 @@ class PeakMemory:
         how = "kernel high-water mark" if self._sampler is None else "sampled every 0.5 ms"
         return f"process RSS, {how}: approximate"
 
-    def start(self):
+    def start(self) -> PeakMemory:
         self.rss0 = process_rss()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -191,7 +201,7 @@ class PeakMemory:
                 self._sampler = _RssSampler()
         return self
 
-    def stop(self) -> dict:
+    def stop(self) -> dict[str, int | None]:
         """{"delta", "peak" (above the start), "now", "rss_delta"}; None where unreadable."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -245,7 +255,7 @@ class _RssSampler:
             if rss is not None and (self.peak is None or rss > self.peak):
                 self.peak = rss
 
-    def stop(self):
+    def stop(self) -> int | None:
         self._done.set()
         self._thread.join()
         return self.peak
@@ -263,7 +273,7 @@ class StepMemory:
 @dataclass
 class ActivationReport:
     device: str
-    steps: list  # StepMemory: fp32 first, then the AMP dtype
+    steps: list[StepMemory]  # fp32 first, then the AMP dtype
     note: str = ""
 
     def rows(self) -> list[tuple[str, str, str, str]]:
@@ -286,7 +296,8 @@ class ActivationReport:
         return table + (f"<p>{escape(self.note)}</p>" if self.note else "")
 
 
-def step_activation_memory(step_fn, model, batch, precision="auto") -> ActivationReport:
+def step_activation_memory(step_fn: Callable[..., Any], model: torch.nn.Module, batch: Any,
+                           precision: str | Precision = "auto") -> ActivationReport:
     """Run ONE forward + backward in fp32 and in `precision`, and report what each needed.
 
     "kept for backward" is exact: the tensors autograd saves (activations and autocast's
@@ -317,7 +328,7 @@ def _measure(step, model, batch, chosen, device) -> StepMemory:
     held = {storage_of(t)[0] for t in [*model.parameters(), *model.buffers(), *tensors_in(batch)]}
     saved: dict = {}
 
-    def pack(t):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         key, nbytes = storage_of(t)
         if key is not None and key not in held:
             saved[key] = nbytes
@@ -340,14 +351,14 @@ def _measure(step, model, batch, chosen, device) -> StepMemory:
 @dataclass
 class LiveTensor:
     name: str  # the notebook name holding it, or "" if none was found
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: str
     device: str
     bytes: int
 
 
 class TopTensors(list):
-    def rows(self):
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
         return [(t.name or "(unnamed)", "x".join(map(str, t.shape)) or "scalar", t.dtype,
                  t.device, format_bytes(t.bytes)) for t in self]
 
@@ -390,7 +401,7 @@ def notebook_names(namespace: dict) -> dict:
     names: dict = {}
     param_names: dict = {}
 
-    def add(name, t):
+    def add(name: str, t: Any) -> None:
         if isinstance(t, torch.Tensor):
             key = storage_of(t)[0]
             if key is not None:
@@ -421,16 +432,17 @@ def notebook_names(namespace: dict) -> dict:
 class MemoryTracker:
     """One line per notebook cell: memory growth and peak (IPython pre/post_run_cell events)."""
 
-    def __init__(self, device=None, print_fn=print):
+    def __init__(self, device: str | torch.device | None = None,
+                 print_fn: Callable[[str], Any] = print):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.print_fn = print_fn
         self._peak = None
 
-    def pre_run_cell(self, info=None):
+    def pre_run_cell(self, info: Any = None) -> None:
         self._peak = PeakMemory(self.device).start()
 
-    def post_run_cell(self, result=None):
+    def post_run_cell(self, result: Any = None) -> None:
         if self._peak is None:  # the cell that switched tracking on had no start
             return
         peak, self._peak = self._peak, None
@@ -458,7 +470,7 @@ class MemoryOverview:
     step: ActivationReport | None = None
     top: TopTensors | None = None
 
-    def parts(self):
+    def parts(self) -> list[MemoryReport | ActivationReport | TopTensors]:
         return [p for p in (self.model, self.step, self.top) if p is not None]
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +22,12 @@ from .memory import forward_loss
 from ..views.format import table_html
 from ..precision import SCALER_DEFAULTS, resolve
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ..precision import Precision
+    from ..tensors import StepFn
+
 
 @dataclass
 class Finding:
@@ -29,7 +36,7 @@ class Finding:
     kind: str  # the module's class
     tensor: str  # "output", "input gradient", "gradient of weight"...
     problem: str  # "inf", "NaN", "values up to 7e+04, beyond float16's max 65504"
-    values: tuple | None  # (min, max) |finite values| of that tensor
+    values: tuple[float, float] | None  # (min, max) |finite values| of that tensor
     inputs: tuple | None = None  # forward: (min, max) |finite values| of the module's inputs
     inputs_nonfinite: bool = False
 
@@ -53,7 +60,7 @@ class Diagnosis:
     modules: int  # modules watched
     forward: Finding | None = None
     backward: Finding | None = None
-    notes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def found(self) -> bool:
@@ -110,7 +117,9 @@ class Diagnosis:
         return table_html(["", ""], self.rows(), "amp_doctor diagnosis")
 
 
-def locate_nonfinite(step_fn, model, batch, precision="fp16", scale=None) -> Diagnosis:
+def locate_nonfinite(step_fn: Callable[..., Any], model: torch.nn.Module, batch: Any,
+                     precision: str | Precision = "fp16",
+                     scale: float | None = None) -> Diagnosis:
     """Re-run `batch` with hooks and name the first module that goes inf/NaN, forward and back.
 
     `scale` multiplies the loss before backward (default: GradScaler's initial 2**16 when the
@@ -146,8 +155,10 @@ def _locate_nonfinite(step_fn, model, batch, precision, scale) -> Diagnosis:
     return diagnosis
 
 
-def diagnose_window(step_fn, model, batches, chosen, scale, found_inf,
-                    loss_sum) -> tuple[Diagnosis, str] | None:
+def diagnose_window(step_fn: StepFn, model: torch.nn.Module, batches: Iterable[Any],
+                    chosen: Precision, scale: torch.Tensor | float | None,
+                    found_inf: torch.Tensor | float | None,
+                    loss_sum: torch.Tensor | float) -> tuple[Diagnosis, str] | None:
     """--diagnose, after each optimizer step: if it skipped or its loss was not finite,
     re-run the window's batches with hooks and return (diagnosis, what happened); else None.
 
@@ -173,7 +184,7 @@ class _Watcher:
         self.handles = []
         self.inputs = {}  # id(tensor) -> (tensor, [modules taking it]) while the step runs
 
-    def attach(self):
+    def attach(self) -> None:
         for module, name in self.names.items():
             self.handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._after, with_kwargs=True))
@@ -182,7 +193,7 @@ class _Watcher:
                     self.handles.append(p.register_hook(
                         partial(self._param_grad, module, f"gradient of {pname}")))
 
-    def detach(self):
+    def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -244,7 +255,7 @@ class _Watcher:
         return None, None
 
 
-def finite_range(tensors) -> tuple | None:
+def finite_range(tensors: Iterable[torch.Tensor]) -> tuple[float, float] | None:
     """(min, max) of |x| over the finite values of float tensors; None if there are none."""
     lo = hi = None
     for t in tensors:

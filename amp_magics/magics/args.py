@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import ast
 import operator
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
+
+if TYPE_CHECKING:
+    import argparse
 
 _OPERATORS = {ast.Pow: operator.pow, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.Add: operator.add, ast.Sub: operator.sub}
 
 
-def parse(magic, line: str):
+def parse(magic: Any, line: str) -> argparse.Namespace:
     """Parse `line` for `magic`; every problem is a UsageError that ends with the usage."""
     usage = magic.parser.format_usage()
     try:
@@ -35,7 +39,7 @@ def _unquote(value):
 
 def number(text: str) -> float:
     """A number written as a literal or simple arithmetic: 65536, 2**14, 2.**16, 1e4."""
-    def evaluate(node):
+    def evaluate(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
             return float(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:

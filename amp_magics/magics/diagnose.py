@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
@@ -16,11 +17,17 @@ from .. import precision
 from .args import number, parse
 from .notebook import CellStep, lookup, lookup_optimizers, usage_errors
 
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from ..diagnostics.memory import MemoryOverview
+    from ..diagnostics.overflow import Diagnosis
+
 # shell -> MemoryTracker whose pre/post_run_cell callbacks are registered on it
 _TRACKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def stop_memory_tracking(ipython) -> bool:
+def stop_memory_tracking(ipython: InteractiveShell) -> bool:
     """Remove the `%amp_memory --track on` callbacks from `ipython`; True if there were any."""
     tracker = _TRACKERS.pop(ipython, None)
     if tracker is None:
@@ -47,7 +54,7 @@ class DiagnoseMagics(Magics):
     @argument("--track", choices=("on", "off"),
               help="on: print memory growth and peak after every cell; off: stop. Used alone.")
     @line_cell_magic
-    def amp_memory(self, line, cell=None):
+    def amp_memory(self, line: str, cell: str | None = None) -> MemoryOverview | None:
         """Memory of the model: weights, gradients, optimizer state, buffers (by dtype), and the
         memory of ONE training step in fp32 and in the AMP dtype, side by side.
 
@@ -128,7 +135,7 @@ class DiagnoseMagics(Magics):
               help="loss scale for the backward pass, e.g. 2**14 (default: 2**16, GradScaler's "
                    "initial scale, with fp16; 1 otherwise)")
     @cell_magic
-    def amp_doctor(self, line, cell):
+    def amp_doctor(self, line: str, cell: str) -> Diagnosis:
         """Find the module where a mixed-precision step goes inf/NaN, and say what to do.
 
         The cell body is your training step, as in %%amp_train (it sees `batch` and must assign

@@ -66,7 +66,7 @@ class GpuMagics(Magics):
     @argument("-i", "--index", metavar="0,2",
               help="only these GPUs, numbered as nvidia-smi numbers them")
     @line_magic
-    def gpu_status(self, line):
+    def gpu_status(self, line: str) -> gpu.Status | StatusWatch | None:
         """The GPUs, their processes, this kernel's PyTorch memory, and what --dtype auto picks.
 
         Without a GPU it says why, then shows the CPU, RAM and the CPU dtype advice.
@@ -102,7 +102,7 @@ class GpuMagics(Magics):
     @argument("--export", metavar="PATH",
               help="also write this environment as a conda environment file, e.g. environment.yml")
     @line_magic
-    def amp_check(self, line):
+    def amp_check(self, line: str) -> doctor.Report:
         """Check torch, CUDA, cuDNN, the GPU, the driver, AMP itself and the notebook setup.
 
         Each check says pass/warn/fail with a concrete fix; the AMP smoke test runs two real

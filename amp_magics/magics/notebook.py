@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 
 from ..errors import AmpUsageError
 from .args import names
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import Union
+
+    import torch
+    from IPython.core.interactiveshell import InteractiveShell
+
+    Kind = Union[type, tuple[type, ...]]  # what isinstance() accepts
 
 
 class CellStep:
@@ -21,14 +31,14 @@ class CellStep:
     in tracebacks are the cell's own: line 1 is the %%amp_train line.
     """
 
-    def __init__(self, shell, cell: str, log_names=()):
+    def __init__(self, shell: InteractiveShell, cell: str, log_names: Iterable[str] = ()):
         source = "\n" + shell.transform_cell(cell)
         filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
         self.code = shell.compile(source, filename, "exec")
         self.namespace = dict(shell.user_ns)
         self.log_names = tuple(log_names)
 
-    def __call__(self, batch, step, epoch):
+    def __call__(self, batch: Any, step: int, epoch: int) -> Any:
         __tracebackhide__ = True
         ns = self.namespace
         ns["batch"], ns["step"], ns["epoch"] = batch, step, epoch
@@ -43,7 +53,7 @@ class CellStep:
 
 
 @contextlib.contextmanager
-def usage_errors():
+def usage_errors() -> Iterator[None]:
     """Turn AmpUsageError ("the request is wrong") into IPython's UsageError, without traceback."""
     try:
         yield
@@ -51,7 +61,7 @@ def usage_errors():
         raise UsageError(str(e)) from None
 
 
-def lookup(user_ns, name: str, flag: str, kind, what: str):
+def lookup(user_ns: Mapping[str, Any], name: str, flag: str, kind: Kind, what: str) -> Any:
     """The notebook object `name` (dotted names reach attributes), checked against `kind`.
 
     `what` says what `kind` is in words, with its article ("an nn.Module"); every problem is a
@@ -73,7 +83,7 @@ def lookup(user_ns, name: str, flag: str, kind, what: str):
     return obj
 
 
-def candidates(user_ns, kind, what: str) -> str:
+def candidates(user_ns: Mapping[str, Any], kind: Kind, what: str) -> str:
     """A sentence naming the notebook's objects of `kind` (DataLoaders for any iterable)."""
     label = what.split(" ", 1)[1]  # "an nn.Module" -> "nn.Module"
     if kind is Iterable:
@@ -86,7 +96,7 @@ def candidates(user_ns, kind, what: str) -> str:
             if found else f"No {label} is defined in the notebook yet.")
 
 
-def lookup_optimizers(user_ns, text: str) -> list:
+def lookup_optimizers(user_ns: Mapping[str, Any], text: str) -> list[torch.optim.Optimizer]:
     """The optimizers named by --optimizer's comma-separated `text`."""
     import torch
 
@@ -97,7 +107,7 @@ def lookup_optimizers(user_ns, text: str) -> list:
             for n in found]
 
 
-def scheduler_types() -> tuple:
+def scheduler_types() -> tuple[type, ...]:
     """The classes an LR scheduler is an instance of, for lookup(..., "--scheduler", ...)."""
     from torch.optim import lr_scheduler
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -19,6 +20,13 @@ from traitlets import Enum, Float
 from .. import precision
 from .args import names, number, parse
 from .notebook import CellStep, lookup, lookup_optimizers, scheduler_types, usage_errors
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from ..training.run import Run, RunList
+    from ..training.sweeps import Showdown, Sweep
+    from ..views.dashboard import Picture
 
 
 @magics_class
@@ -32,7 +40,7 @@ class AmpMagics(Magics):
 
     _background: dict = {}  # Run -> Thread, for %amp_stop and unloading
 
-    def __init__(self, shell=None, **kwargs):
+    def __init__(self, shell: InteractiveShell | None = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
@@ -61,11 +69,14 @@ class AmpMagics(Magics):
     @argument_group("the step")
     @argument("--accum", type=int, default=1,
               help="micro-batches per optimizer step (gradient accumulation; loss divided by it)")
-    @argument("--clip", type=float, help="max gradient norm (unscale_ then clip_grad_norm_)")
+    @argument("--clip", type=float, help="max gradient norm of the parameters the optimizers "
+              "step (unscale_ then clip_grad_norm_)")
     @argument("--log", default="", help="other scalars of the body to record, comma-separated")
     @argument("--seed", type=int, help="seed torch, random and numpy before training")
     @argument("--no-move", action="store_true",
               help="do not move batch tensors to the model's device")
+    @argument("--keep-grads", action="store_true",
+              help="keep the last step's gradients (by default freed when the run ends)")
     @argument_group("checkpoints")
     @argument("--checkpoint", metavar="PATH",
               help="save model, optimizer, scaler, scheduler, RNG and history here (atomic)")
@@ -90,7 +101,7 @@ class AmpMagics(Magics):
               help="at the first skipped step or non-finite loss, re-run that batch with hooks "
                    "and name the module that overflows (costs one sync per step until then)")
     @cell_magic
-    def amp_train(self, line, cell):
+    def amp_train(self, line: str, cell: str) -> Run | Sweep | Showdown | None:
         """Run the cell body as ONE training step, for every batch, with automatic mixed precision.
 
         The body sees `batch`, `step` and `epoch` and must assign `loss`. Example:
@@ -116,7 +127,7 @@ class AmpMagics(Magics):
             options = TrainOptions(
                 **objects, epochs=args.epochs, steps=args.steps, dtype=args.dtype,
                 accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
-                move=not args.no_move, init_scale=args.init_scale,
+                move=not args.no_move, keep_grads=args.keep_grads, init_scale=args.init_scale,
                 growth_interval=args.growth_interval, growth_factor=args.growth_factor,
                 backoff_factor=args.backoff_factor, checkpoint=args.checkpoint,
                 every=args.every, resume=args.resume, diagnose=args.diagnose, name=args.name,
@@ -205,7 +216,7 @@ class AmpMagics(Magics):
     @argument("--wait", type=float, default=10.0,
               help="seconds to wait for the current step to finish (default 10)")
     @line_magic
-    def amp_stop(self, line):
+    def amp_stop(self, line: str) -> None:
         """Stop background %%amp_train runs cleanly after their current optimizer step."""
         args = parse(self.amp_stop, line)
         targets = self._background_runs(args.name)
@@ -225,7 +236,7 @@ class AmpMagics(Magics):
     @argument("name", nargs="?", help="run to wait for (default: every background run)")
     @argument("--timeout", type=float, help="give up waiting after this many seconds")
     @line_magic
-    def amp_wait(self, line):
+    def amp_wait(self, line: str) -> None:
         """Wait until background %%amp_train runs end, without stopping them."""
         args = parse(self.amp_wait, line)
         if args.timeout is not None and not args.timeout > 0:
@@ -263,7 +274,7 @@ class AmpMagics(Magics):
     @argument("--plot", nargs="+", metavar="NAME", help="overlay these runs in one picture")
     @argument("--clear", action="store_true", help="forget this session's finished runs")
     @line_magic
-    def amp_runs(self, line):
+    def amp_runs(self, line: str) -> RunList | Picture | None:
         """This session's runs as a table; --plot overlays chosen runs; --clear forgets them."""
         from ..training.run import RunList, forget_runs, runs
 
@@ -282,7 +293,7 @@ class AmpMagics(Magics):
         return first.plot(*others)
 
     @classmethod
-    def stop_background_runs(cls, wait=10.0):
+    def stop_background_runs(cls, wait: float = 10.0) -> None:
         for run in list(cls._background):
             run.request_stop()
         for thread in list(cls._background.values()):

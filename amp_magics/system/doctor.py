@@ -15,10 +15,14 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from . import gpu
 from .host import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 _GET_TORCH = "pick the build for your driver at https://pytorch.org/get-started/locally/"
 
@@ -225,7 +229,7 @@ def _driver(torch, status) -> Check:
     return Check("driver / CUDA", "pass", detail)
 
 
-def amp_smoke_test(torch) -> Check:
+def amp_smoke_test(torch: ModuleType) -> Check:
     """Two real optimizer steps under autocast on the active device.
 
     fp16 + GradScaler on CUDA; bf16 on the CPU. The user's random state is left untouched.

@@ -10,9 +10,13 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..precision import auto_for_capability, auto_for_cpu
 from .host import HostInfo, host_info
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _TENSOR_CORE_PRECISIONS = (("fp16", (7, 0)), ("bf16", (8, 0)), ("tf32", (8, 0)), ("fp8", (8, 9)))
 
@@ -223,7 +227,7 @@ def _cuda_version(value: int | None) -> str | None:
 def _gpu_info(nvml, index: int) -> GpuInfo:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
 
-    def read(fn, *args):
+    def read(fn: Callable[..., Any], *args: Any) -> Any:
         return _query(nvml, fn, handle, *args)
 
     capability = read(nvml.nvmlDeviceGetCudaComputeCapability)

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..files import atomic_write
-from ..tensors import capture_rng, restore_rng
+from ..tensors import capture_rng, plain_module, restore_rng
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 FORMAT = 1
 
 
-def save_checkpoint(path, *, model, optimizers, scaler, scheduler, step, epoch, batches_in_epoch,
-         epoch_rng, history, val_history) -> None:
+def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
+                    optimizers: Sequence[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler | None, scheduler: Any, step: int, epoch: int,
+                    batches_in_epoch: int, epoch_rng: dict | None, history: list[dict],
+                    val_history: list[dict]) -> None:
     """Write atomically: a temporary file in the same folder, then rename over `path`."""
     payload = {
         "format": FORMAT,
-        "model": model.state_dict(),
+        "model": plain_module(model).state_dict(),  # plain keys, compiled or not
         "optimizers": [opt.state_dict() for opt in optimizers],
         "scaler": scaler.state_dict() if scaler is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -38,7 +45,9 @@ def save_checkpoint(path, *, model, optimizers, scaler, scheduler, step, epoch, 
     atomic_write(path, lambda f: torch.save(payload, f), binary=True, prefix=".amp_ckpt_")
 
 
-def load_checkpoint(path, *, model, optimizers, scaler, scheduler) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
+                    optimizers: Sequence[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler | None, scheduler: Any) -> dict:
     """Load states into the given objects; return the position and history to continue from."""
     # Our own file: it holds RNG tuples and plain history, which weights_only would refuse.
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
@@ -47,7 +56,10 @@ def load_checkpoint(path, *, model, optimizers, scaler, scheduler) -> dict:
     if len(payload["optimizers"]) != len(optimizers):
         raise ValueError(f"{path} holds {len(payload['optimizers'])} optimizer(s), "
                          f"this run has {len(optimizers)}")
-    model.load_state_dict(payload["model"])
+    state = payload["model"]
+    # files written by earlier versions while training a compiled model carry its prefix
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "_orig_mod.")
+    plain_module(model).load_state_dict(state)
     for opt, state in zip(optimizers, payload["optimizers"]):
         opt.load_state_dict(state)
     if scaler is not None and payload["scaler"] is not None:

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
 from .failures import release_memory
 from .options import TrainOptions
 from .run import Run, next_name, register
-from .step import AmpStep
+from .step import AmpStep, untrained_parameters
 from .telemetry import RunBooks, reset_peak
 from .view import View, notify
 
@@ -81,6 +81,12 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
         total_steps=_total_steps(o.epochs, o.steps, per_epoch), steps_per_epoch=per_epoch,
         model_label=type(o.model).__name__,
     )
+    idle = untrained_parameters(o.model, o.optimizers)
+    if idle:
+        run.notes.append(
+            f"{len(idle)} parameter tensor(s) ({sum(p.numel() for p in idle):,} values) require "
+            "grad but no optimizer steps them: backward still computes their gradients (time "
+            "and memory). Set requires_grad=False on them, or give them to an optimizer.")
     if chosen.name == "fp16" and device.type == "cpu":
         run.notes.append("fp16 autocast on a CPU is emulated and slow; bf16 or fp32 is faster here")
     resumed = None
@@ -171,13 +177,16 @@ class Training:
             if self._should_stop():
                 break
             self.run.epoch = epoch
-            if self._train_epoch(epoch) == 0:
+            batches, ran_out = self._train_epoch(epoch)
+            if batches == 0:
                 if epoch == 0:
                     raise AmpUsageError("the data produced no batches: check that the "
                                         "DataLoader/iterable is not empty")
                 self.run.notes.append(
                     f"the data was exhausted after {epoch} epoch(s): an iterator cannot be "
                     "re-read; pass a DataLoader or a list to train for several epochs")
+                break
+            if not ran_out:  # stopped mid-epoch: no epoch end, and a checkpoint resumes here
                 break
             with self.step_lock:
                 val_loss = self._validate(epoch) if self.options.val is not None else None
@@ -190,9 +199,10 @@ class Training:
                     self._save_checkpoint()
             self.books.refresh(self.step)
 
-    def _train_epoch(self, epoch: int) -> int:
+    def _train_epoch(self, epoch: int) -> tuple[int, bool]:
         """One pass over the data: one optimizer step per window of `accum` batches, each
-        under the step lock (taken after the window's first batch is read)."""
+        under the step lock (taken after the window's first batch is read). Returns the
+        batches read and whether the data ran out (else training stopped mid-epoch)."""
         __tracebackhide__ = True
         amp, accum, lock = self.amp, self.options.accum, self.step_lock
         resumed, self.resumed = self.resumed, None
@@ -201,7 +211,7 @@ class Training:
         while not self._should_stop():
             batch = next(it, _END)
             if batch is _END:
-                break
+                return self.batches_in_epoch, True
             if not lock.acquire(blocking=False):
                 self._wait_at_boundary()
             try:
@@ -219,16 +229,22 @@ class Training:
             if now >= self.books.next_refresh:
                 self.books.refresh(self.step)
             if batch is _END:
-                break
-        return self.batches_in_epoch
+                return self.batches_in_epoch, True
+        return self.batches_in_epoch, False
 
     def _optimizer_step(self, epoch: int) -> float:
         __tracebackhide__ = True
         scale, found_inf, now = self.amp.optimizer_step(self.step, epoch, self.books.t0)
         if self.diagnose:
             self._diagnose_if_overflowed(scale, found_inf)
-        self.step += 1
+        self.step += 1  # the update happened and is recorded, whatever the scheduler does
         self.position = (epoch, self.batches_in_epoch, self.epoch_rng)
+        try:
+            self.amp.step_scheduler()
+        except Exception:
+            self.run.notes.append(f"the scheduler failed after optimizer step {self.step - 1}: "
+                                  "that step updated the model and is in the history")
+            raise
         every = self.options.every
         if every is not None and self.step % every == 0:
             self._save_checkpoint()
@@ -291,6 +307,9 @@ class Training:
 
     def _finish(self, status: str, error: BaseException | None) -> None:
         run = self.run
+        if not self.options.keep_grads:  # a model's worth of memory nobody reads any more
+            with self.step_lock:
+                self.amp.free_grads()
         try:
             self.books.refresh(self.step)
         except Exception as e:  # e.g. the device itself failed: keep the status honest

@@ -54,6 +54,7 @@ class TrainOptions:
     log: tuple = ()
     seed: Optional[int] = None
     move: bool = True
+    keep_grads: bool = False  # by default a run frees its gradients when it ends
     # checkpoints
     checkpoint: Optional[str] = None
     every: Optional[int] = None
@@ -105,7 +106,7 @@ class TrainOptions:
             if not isinstance(value, Iterable):
                 raise AmpUsageError(f"{label} must be iterable (a DataLoader, a list of "
                                     f"batches...), got {type(value).__name__}")
-            if hasattr(value, "__len__") and len(value) == 0:
+            if _length(value) == 0:
                 raise AmpUsageError(f"{label} is empty: it has no batches")
         if self.scheduler is not None and not callable(getattr(self.scheduler, "step", None)):
             raise AmpUsageError(f"scheduler must have a step() method (a torch.optim."
@@ -160,3 +161,12 @@ class TrainOptions:
                 existing = os.path.dirname(existing)
             if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
                 raise AmpUsageError(f"--checkpoint {path}: cannot write in {existing}")
+
+
+def _length(data) -> int | None:
+    """len(data), or None for streams: a DataLoader over an IterableDataset has __len__ but
+    raises TypeError from it."""
+    try:
+        return len(data)
+    except TypeError:
+        return None

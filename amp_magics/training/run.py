@@ -9,10 +9,17 @@ import json
 import math
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 # views/format.py is a leaf of pure string functions: the one views module data may import.
 from ..files import atomic_write
 from ..views.format import escape, format_bytes, format_value, records_html, summary_table_html
+
+if TYPE_CHECKING:
+    import os
+
+    from ..diagnostics.overflow import Diagnosis
+    from ..views.dashboard import Picture
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -20,7 +27,7 @@ _RUNS: list = []
 _RUNS_LOCK = threading.Lock()
 
 
-def runs() -> list:
+def runs() -> list[Run]:
     """Every Run started in this process, oldest first."""
     with _RUNS_LOCK:
         return list(_RUNS)
@@ -108,8 +115,8 @@ class Run:
         self.wall_time = 0.0
         self.epoch = 0
         self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
-        self.paused_for = None  # what holds the run at a step boundary (e.g. "%amp_memory")
-        self.diagnosis = None  # --diagnose: the overflow.Diagnosis of the first bad step
+        self.paused_for: str | None = None  # what holds it at a step boundary (e.g. "%amp_memory")
+        self.diagnosis: Diagnosis | None = None  # --diagnose: the Diagnosis of the first bad step
         self._stop = threading.Event()
 
     # -- control -------------------------------------------------------------------
@@ -153,7 +160,7 @@ class Run:
             "peak_memory": max(peaks) if peaks else None,
         }
 
-    def to_pandas(self):
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
         """History as a pandas DataFrame (pandas is optional; install it to use this)."""
         try:
             import pandas as pd
@@ -170,13 +177,13 @@ class Run:
     def to_dict(self) -> dict:
         return {field: getattr(self, field) for field in self._FIELDS}
 
-    def save(self, path) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         """Write the run as JSON, atomically (a crash never leaves a half-written file)."""
         return atomic_write(path, lambda f: json.dump({"amp_magics_run": 1, **self.to_dict()},
                                                       f, default=str), prefix=".amp_run_")
 
     @classmethod
-    def load(cls, path) -> "Run":
+    def load(cls, path: str | os.PathLike) -> "Run":
         with open(path) as f:
             data = json.load(f)
         if data.pop("amp_magics_run", None) != 1:
@@ -216,7 +223,7 @@ class Run:
         rows += [("note", n) for n in self.notes]
         return rows
 
-    def plot(self, *others: "Run"):
+    def plot(self, *others: "Run") -> Picture:
         """A static picture of this run's dashboard, `others` drawn faded underneath
         (a views.dashboard.Picture, which notebooks display as HTML)."""
         # The one import from this data module into a view beyond format.py (allowlisted in the

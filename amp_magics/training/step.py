@@ -41,6 +41,8 @@ class AmpStep:
         self.sync_timing = sync_timing
         self.keep_batches = keep_batches  # --diagnose re-runs the window's batches
         self.recorder = StepRecorder(self.log_names)
+        # --clip clips what the optimizers step: only those gradients were unscaled.
+        self.stepped = stepped_parameters(model, optimizers)
         # One autocast object reused for every micro-batch.
         self.autocast = chosen.autocast()
         self.window_batches: list = []
@@ -80,8 +82,8 @@ class AmpStep:
         self.micro += 1
 
     def optimizer_step(self, step: int, epoch: int, t0: float) -> tuple[Any, Any, float]:
-        """Step every optimizer and the scheduler; record the step. Returns (scale, found_inf,
-        the time it ended)."""
+        """Step every optimizer (through the scaler) and record the step. Returns (scale,
+        found_inf, the time it ended). The scheduler steps after, in `step_scheduler`."""
         scaler = self.scaler
         self.in_update = True
         grad_norm = None
@@ -89,7 +91,7 @@ class AmpStep:
             if scaler is not None:
                 for opt in self.optimizers:
                     scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.stepped, self.clip)
         lr = self.optimizers[0].param_groups[0]["lr"]
         lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         scale = found_inf = None
@@ -100,8 +102,6 @@ class AmpStep:
         else:
             for opt in self.optimizers:
                 opt.step()
-        if self.scheduler is not None and not self.plateau:
-            self.scheduler.step()
         self.in_update = False
         if self.sync_timing:
             torch.cuda.synchronize(self.device)
@@ -112,6 +112,12 @@ class AmpStep:
         self.micro = 0
         self.samples = 0
         return scale, found_inf, now
+
+    def step_scheduler(self) -> None:
+        """The recipe's scheduler.step() after each optimizer step (ReduceLROnPlateau: at
+        epoch end, with a loss)."""
+        if self.scheduler is not None and not self.plateau:
+            self.scheduler.step()
 
     def validate(self, val: Iterable, step: int, epoch: int) -> float | None:
         """The step's mean loss over `val` under no_grad and eval(), every module's mode put
@@ -134,6 +140,13 @@ class AmpStep:
             for module, mode in modes:
                 module.training = mode
         return None if batches == 0 else (total / batches).item()
+
+    def free_grads(self) -> None:
+        """Drop every gradient, as zero_grad(set_to_none=True) does, on the optimizers' and
+        the model's parameters."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     def abandon(self) -> bool:
         """After an error mid-step: drop its partial gradients and the scaler's step state.
@@ -167,3 +180,22 @@ def _detached(value: Any):
     if isinstance(value, torch.Tensor):
         return value.detach().float().reshape(())
     return float(value)
+
+
+def stepped_parameters(model: torch.nn.Module,
+                       optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
+    """The parameters the optimizers step, in the model's order (the order clip_grad_norm_
+    sums in, so a model fully covered by its optimizers clips exactly as the recipe does),
+    then any the model does not hold."""
+    in_optimizers = {id(p): p for opt in optimizers for group in opt.param_groups
+                     for p in group["params"]}
+    ordered = [p for p in model.parameters() if id(p) in in_optimizers]
+    seen = {id(p) for p in ordered}
+    return ordered + [p for i, p in in_optimizers.items() if i not in seen]
+
+
+def untrained_parameters(model: torch.nn.Module,
+                         optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
+    """Parameters that require grad but that no optimizer steps."""
+    stepped = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in stepped]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,11 +28,18 @@ from ..precision import CHOICES, resolve
 from ..tensors import capture_rng, model_device, restore_rng
 from ..views.format import records_html
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ..tensors import StepFn
+    from .run import Run
+
 ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
 
 
 # -- parsing ------------------------------------------------------------------------------
-def parse_sweep(spec: str, optimizer, number=float) -> list[dict]:
+def parse_sweep(spec: str, optimizer: torch.optim.Optimizer,
+                number: Callable[[str], float] = float) -> list[dict]:
     """"lr=1e-3,1e-2; weight_decay=0,0.01" -> the grid of settings, in order."""
     axes = {}
     for part in filter(str.strip, spec.split(";")):
@@ -79,7 +87,7 @@ def _parse_value(key, text, optimizer, number):
     return value
 
 
-def parse_compare(spec: str, device) -> list[str]:
+def parse_compare(spec: str, device: str | torch.device) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if len(names) < 2:
         raise AmpUsageError("--compare needs at least two precisions, e.g. --compare fp32,bf16")
@@ -96,7 +104,8 @@ def parse_compare(spec: str, device) -> list[str]:
 class StartingState:
     """Model, optimizers, scheduler, persistent scaler and RNG, as they were at capture."""
 
-    def __init__(self, model, optimizers, scheduler=None):
+    def __init__(self, model: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer],
+                 scheduler: Any = None):
         self.model, self.optimizers, self.scheduler = model, list(optimizers), scheduler
         self.model_state = _clone(model.state_dict())
         self.optimizer_states = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
@@ -104,7 +113,7 @@ class StartingState:
         self.scaler_state = scalers.snapshot(self.optimizers[0])
         self.rng = capture_rng()
 
-    def restore(self):
+    def restore(self) -> None:
         self.model.load_state_dict(self.model_state)
         for opt, state in zip(self.optimizers, self.optimizer_states):
             opt.load_state_dict(copy.deepcopy(state))
@@ -119,7 +128,8 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def apply_hyperparameters(setting: dict, optimizers, scheduler) -> None:
+def apply_hyperparameters(setting: dict, optimizers: Iterable[torch.optim.Optimizer],
+                          scheduler: Any) -> None:
     """Set optimizer hyperparameters (the engine's own keys are passed as options instead)."""
     for key, value in setting.items():
         if key in ENGINE_KEYS:
@@ -137,7 +147,7 @@ def apply_hyperparameters(setting: dict, optimizers, scheduler) -> None:
 @dataclass
 class Sweep:
     settings: list[dict]
-    runs: list = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
     best: int | None = None  # index into runs
     criterion: str = "final train loss"
 
@@ -151,7 +161,7 @@ class Sweep:
                         "peak memory": s["peak_memory"], "skipped": s["skipped_steps"]})
         return out
 
-    def to_pandas(self):
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
         import pandas as pd
 
         return pd.DataFrame(self.rows())
@@ -164,13 +174,13 @@ class Sweep:
         return f"<Sweep of {len(self.runs)} runs, best {best} by {self.criterion}>"
 
 
-def score(run) -> float:
+def score(run: Run) -> float:
     s = run.summary
     value = s["final_val_loss"] if s["final_val_loss"] is not None else s["final_loss"]
     return value if value is not None and math.isfinite(value) else math.inf
 
 
-def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[View] = (),
+def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: Sequence[View] = (),
           keep_best: bool = False) -> Sweep:
     """Train once per setting from the same starting state; return the Sweep.
 
@@ -212,7 +222,7 @@ def sweep(step_fn, settings: list[dict], options: TrainOptions, views: Sequence[
 # -- precision showdown ---------------------------------------------------------------------
 @dataclass
 class Showdown:
-    runs: dict  # precision name -> Run
+    runs: dict[str, Run]  # precision name -> Run
     warmup: int
     peaks: dict = field(default_factory=dict)  # precision -> bytes above the starting state
     peak_method: str = ""
@@ -228,7 +238,7 @@ class Showdown:
                         "skipped": run.summary["skipped_steps"]})
         return out
 
-    def step_ms(self, run) -> float | None:
+    def step_ms(self, run: Run) -> float | None:
         times = [r["time"] for r in run.history]
         deltas = [b - a for a, b in zip(times, times[1:])][self.warmup:]
         return statistics.median(deltas) * 1e3 if deltas else None
@@ -270,7 +280,7 @@ class Showdown:
         return "\n".join(self.verdicts()) or f"<Showdown of {', '.join(self.runs)}>"
 
 
-def final_loss(run, last=5) -> float | None:
+def final_loss(run: Run, last: int = 5) -> float | None:
     """Mean of the last few losses: a single step's loss is too noisy to compare."""
     losses = [r["loss"] for r in run.history[-last:]]
     return sum(losses) / len(losses) if losses else None
@@ -284,7 +294,7 @@ def _relative(value, reference):
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
-def showdown(step_fn, precisions: list[str], options: TrainOptions,
+def showdown(step_fn: StepFn, precisions: list[str], options: TrainOptions,
              views: Sequence[View] = ()) -> Showdown:
     """Run `options.steps` optimizer steps in each precision from the same starting state.
 

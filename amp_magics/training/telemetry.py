@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,9 +16,14 @@ from ..system.host import process_rss
 from . import alarms
 from .view import View, notify
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from .run import Run
+
 
 class StepRecorder:
-    def __init__(self, log_names=()):
+    def __init__(self, log_names: Iterable[str] = ()):
         self.log_names = tuple(log_names)
         self._clear()
 
@@ -34,8 +40,10 @@ class StepRecorder:
     def __len__(self):
         return len(self._host)
 
-    def record(self, *, step, epoch, loss_sum, micro, scale, found_inf, grad_norm, lr, time,
-               samples, logs):
+    def record(self, *, step: int, epoch: int, loss_sum: torch.Tensor, micro: int,
+               scale: torch.Tensor | float | None, found_inf: torch.Tensor | float | None,
+               grad_norm: torch.Tensor | None, lr: float | torch.Tensor, time: float,
+               samples: int, logs: Mapping[str, Any]) -> None:
         self._loss.append(loss_sum)
         self._micro.append(micro)
         self._scale.append(scale)
@@ -120,7 +128,7 @@ class RunBooks:
     once, samples memory and calls the views' on_refresh; its own cost is kept in the Run.
     """
 
-    def __init__(self, run, recorder: StepRecorder, device: torch.device,
+    def __init__(self, run: Run, recorder: StepRecorder, device: torch.device,
                  views: Sequence[View], refresh_seconds: float):
         self.run = run
         self.recorder = recorder

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .format import BYTE_UNITS, escape as _e, format_duration, format_number, summary_table_html
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Paul Tol's "vibrant" scheme (its blue lightened): colour-blind safe and mid-luminance, so it
 # reads on light and dark themes.
@@ -43,7 +46,8 @@ def _floats(values) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
-def downsample(xs, ys, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+def downsample(xs: Sequence[float], ys: Sequence[float | None],
+               max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """At most `max_points` (and at least 5) points of (xs, ys) that look the same when drawn.
 
     Keeps the first and last points and, per bucket of consecutive points, the finite minimum and
@@ -61,7 +65,7 @@ def downsample(xs, ys, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.nda
     width = -(-n // max(1, (max_points - 2) // (2 if all_finite else 3)))
     full = n - n % width  # whole buckets are a reshaped view (no copy); the remainder is one more
 
-    def pick(values, arg):
+    def pick(values: np.ndarray, arg: Callable[..., Any]) -> np.ndarray:
         """Index of arg (np.argmin / np.argmax) in each bucket."""
         found = [arg(values[:full].reshape(-1, width), axis=1) + np.arange(0, full, width)]
         if full < n:
@@ -90,7 +94,7 @@ def robust_band(values: np.ndarray, sample: int = 2000) -> tuple[float, float]:
     return lo - span, hi + span
 
 
-def smooth(xs, ys, max_points: int = SMOOTH_POINTS,
+def smooth(xs: Sequence[float], ys: Sequence[float | None], max_points: int = SMOOTH_POINTS,
            weight: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """A smoothed line through (xs, ys) with at most `max_points` points.
 
@@ -360,7 +364,7 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         y_scale = _auto_scale(np.concatenate([v for *_, v in drawn] + [np.empty(0)]),
                               ignore_outliers)
 
-    def to_axis(values):
+    def to_axis(values: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             log = {"log2": np.log2, "log10": np.log10}.get(y_scale)
             return log(values) if log else values
@@ -556,7 +560,7 @@ def _memory_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
 
 
 def _runs_legend(view: DashboardView, colors: Sequence[str]) -> str:
-    def item(run, color, faded, note):
+    def item(run: RunTrace, color: str, faded: bool, note: str) -> str:
         flags = f' <span style="opacity:.75">{_e(run.flags)}</span>' if run.flags else ""
         return (f'<span style="display:inline-block;margin-right:16px'
                 f'{";opacity:.6" if faded else ""}"><span style="white-space:nowrap">'

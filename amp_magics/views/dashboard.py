@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,13 +19,18 @@ from ..training.view import View
 from . import charts
 from .format import format_number
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from ..training.run import Run
+
 RATE_WINDOW = 50  # steps over which samples/s and steps/s are measured
 
 
 class _Columns:
     """A Run's history, validation and memory samples as growing float arrays."""
 
-    def __init__(self, run):
+    def __init__(self, run: Run):
         self.run = run
         self.memory_labels = (("allocated", "reserved", "peak", "device_used")
                               if run.device.startswith("cuda") else ("rss",))
@@ -33,7 +39,7 @@ class _Columns:
         self.memory = {label: array("d") for label in self.memory_labels}
         self._seen = [0, 0, 0]  # history, val_history, memory records consumed
 
-    def update(self):
+    def update(self) -> _Columns:
         run, seen = self.run, self._seen
         history = run.history
         for record in history[seen[0]:]:
@@ -55,7 +61,7 @@ class _Columns:
         seen[2] = len(run.memory)
         return self
 
-    def trace(self, flags="") -> charts.RunTrace:
+    def trace(self, flags: str = "") -> charts.RunTrace:
         memory = {MEMORY_LABELS[k]: _as_numpy(v) for k, v in self.memory.items()}
         return charts.RunTrace(
             name=self.run.name, flags=flags, steps=_as_numpy(self.steps),
@@ -80,9 +86,9 @@ def _nan(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def flags_that_differ(run, current) -> str:
+def flags_that_differ(run: Run, current: Run) -> str:
     """ "lr=0.01 dtype=bf16": what an earlier run did differently, for the legend."""
-    def settings(r):
+    def settings(r: Run) -> dict:
         return {**r.config.get("flags", {}), "lr": r.config.get("lr"),
                 **r.config.get("sweep", {})}
     mine, theirs = settings(run), settings(current)
@@ -92,7 +98,7 @@ def flags_that_differ(run, current) -> str:
     return " ".join(f"{k}={mine.get(k, '-')}" for k in keys)
 
 
-def status_line(run, skipped: int) -> str:
+def status_line(run: Run, skipped: int) -> str:
     parts = [run.device, f"{run.precision} ({run.precision_reason})"]
     if run.paused_for:
         parts.insert(0, f"paused for {run.paused_for}")
@@ -107,7 +113,8 @@ def status_line(run, skipped: int) -> str:
     return " · ".join(parts)
 
 
-def build_view(run, columns: _Columns, earlier: list, final: bool) -> charts.DashboardView:
+def build_view(run: Run, columns: _Columns, earlier: list[charts.RunTrace],
+               final: bool) -> charts.DashboardView:
     h = run.history
     steps_per_s = samples_per_s = None
     if len(h) >= 2:
@@ -130,7 +137,7 @@ def build_view(run, columns: _Columns, earlier: list, final: bool) -> charts.Das
         summary=run.summary_rows() if final else None)
 
 
-def overlay_html(runs) -> str:
+def overlay_html(runs: Sequence[Run]) -> str:
     """A static picture of several runs: the first drawn bold, the others faded."""
     first, *others = runs
     columns = _Columns(first).update()
@@ -148,7 +155,7 @@ class Picture:
         return self.html
 
 
-def overlay_picture(runs) -> Picture:
+def overlay_picture(runs: Sequence[Run]) -> Picture:
     """`overlay_html` as an object a notebook displays: what Run.plot() returns."""
     return Picture(overlay_html(runs))
 
@@ -161,7 +168,8 @@ class Dashboard(View):
     so the notebook's interrupt button is the way to stop).
     """
 
-    def __init__(self, earlier_runs=(), stoppable=False, max_earlier=5, several=False):
+    def __init__(self, earlier_runs: Iterable[Run] = (), stoppable: bool = False,
+                 max_earlier: int = 5, several: bool = False):
         self.earlier_runs = list(earlier_runs)[-max_earlier:]
         self.stoppable = stoppable
         self.several = several  # a sweep: each new run joins the plots; finish() ends the view
@@ -172,7 +180,7 @@ class Dashboard(View):
         self._button = None
         self._box = None
 
-    def on_start(self, run):
+    def on_start(self, run: Run) -> None:
         if self._box is None:
             self.show(run)
         elif self._columns.run is not run:  # the next run of a sweep: the last one fades
@@ -180,7 +188,7 @@ class Dashboard(View):
             self._earlier.append(previous.trace(flags_that_differ(previous.run, run)))
             self._columns = _Columns(run)
 
-    def show(self, run):
+    def show(self, run: Run) -> None:
         """Display the live widgets. Call from the cell's own thread: output displayed from a
         background thread would land in whichever cell is executing at that moment."""
         import ipywidgets as widgets
@@ -203,16 +211,16 @@ class Dashboard(View):
         self._box = widgets.VBox(children)
         self._handle = display(self._box, display_id=True)
 
-    def on_refresh(self, run):
+    def on_refresh(self, run: Run) -> None:
         self._html.value = self._render(run, final=False)
 
-    def on_end(self, run):
+    def on_end(self, run: Run) -> None:
         if self.several:
             self._html.value = self._render(run, final=True)
         else:
             self.finish()
 
-    def finish(self):
+    def finish(self) -> None:
         """Replace the live widgets by a static snapshot of the last run."""
         from .reporter import end_lines
 

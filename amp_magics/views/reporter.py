@@ -8,12 +8,18 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ..training.view import View
 from .format import format_bytes, format_duration, format_value
 
+if TYPE_CHECKING:
+    from typing import TextIO
 
-def progress_line(run) -> str:
+    from ..training.run import Run
+
+
+def progress_line(run: Run) -> str:
     h = run.history
     parts = [f"{run.name} {run.precision}/{run.device}"]
     total = f"/{run.total_steps}" if run.total_steps else ""
@@ -38,7 +44,7 @@ def progress_line(run) -> str:
     return " | ".join(parts)
 
 
-def end_lines(run) -> list[str]:
+def end_lines(run: Run) -> list[str]:
     s = run.summary
     lines = [f"{run.name} {run.status}: {s['steps']} steps ({s['skipped_steps']} skipped) in "
              f"{format_duration(s['wall_time'])}, final loss {format_value(s['final_loss'])}, "
@@ -52,19 +58,20 @@ def end_lines(run) -> list[str]:
 class ConsoleReporter(View):
     """The run as text: a progress line, alarms as they come, and a summary at the end."""
 
-    def __init__(self, stream=None, inline=None, log_every=10.0):
+    def __init__(self, stream: TextIO | None = None, inline: bool | None = None,
+                 log_every: float = 10.0):
         self.stream = stream or sys.stderr
         self.inline = inline if inline is not None else _isatty(self.stream)
         self.log_every = log_every
         self._last_line = 0.0
         self._alarms_shown = 0
 
-    def on_start(self, run):
+    def on_start(self, run: Run) -> None:
         self._alarms_shown = 0  # one reporter may follow several runs (a sweep)
         self._write_line(f"{run.name}: training on {run.device} in {run.precision} "
                          f"({run.precision_reason})")
 
-    def on_refresh(self, run):
+    def on_refresh(self, run: Run) -> None:
         self._show_new_alarms(run)
         if self.inline:
             self.stream.write("\r" + progress_line(run))
@@ -72,7 +79,7 @@ class ConsoleReporter(View):
         elif time.monotonic() - self._last_line >= self.log_every:
             self._write_line(progress_line(run))
 
-    def on_end(self, run):
+    def on_end(self, run: Run) -> None:
         self._show_new_alarms(run)
         for line in end_lines(run):
             self._write_line(line)

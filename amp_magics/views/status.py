@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import textwrap
 import time
+from typing import TYPE_CHECKING
 
 from .format import Html, escape, format_bytes, table_html
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ..system.doctor import Check
+    from ..system.gpu import Status
 
 WIDTH = 80
 NA = "n/a"
@@ -124,7 +131,7 @@ def _bar_text(fraction: float | None, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-def status_text(status) -> str:
+def status_text(status: Status) -> str:
     lines: list[str] = []
     if status.gpus:
         lines += _fit(f"Driver {_or_na(status.driver_version)}, supports CUDA "
@@ -165,7 +172,7 @@ def _gpu_text(gpu) -> list[str]:
     return [line[:WIDTH] for line in lines]
 
 
-def checks_text(checks) -> str:
+def checks_text(checks: Iterable[Check]) -> str:
     lines: list[str] = []
     for check in checks:
         lines += _fit(f"{check.status.upper():<5} {check.name}: {check.detail}", hang=" " * 6)
@@ -208,7 +215,7 @@ def _gpu_row(g) -> list:
             _or_na(g.sm_clock, "{} MHz"), _mig(g)]
 
 
-def status_html(status) -> str:
+def status_html(status: Status) -> str:
     parts: list[str] = []
     if status.gpus:
         parts.append(_line(f"Driver {_or_na(status.driver_version)}, supports CUDA "
@@ -252,7 +259,7 @@ def _processes_html(gpu) -> str:
 _BADGE = {"pass": "#2e7d32", "warn": "#e65100", "fail": "#c62828", "info": "#757575"}
 
 
-def checks_html(checks) -> str:
+def checks_html(checks: Iterable[Check]) -> str:
     rows = []
     for check in checks:
         badge = Html(f'<span style="display:inline-block;min-width:3.5em;text-align:center;'
