@@ -142,3 +142,38 @@ def test_amp_runs_lists_plots_and_clears(nb):
         nb.run("%amp_runs --plot nope")
     nb.run("%amp_runs --clear")
     assert nb.run("%amp_runs").rows() == []
+
+
+def two_group_optimizer(model, backbone_lr=0.001, head_lr=0.1):
+    return torch.optim.SGD([{"params": model[0].parameters(), "lr": backbone_lr},
+                            {"params": model[2].parameters(), "lr": head_lr}], lr=head_lr)
+
+
+def test_a_sweep_keeps_the_ratios_of_param_groups(nb):
+    model = nb.user_ns["model"]
+    opt = two_group_optimizer(model)
+    nb.user_ns["optimizer"] = opt
+    nb.run(f'%%amp_train --dtype bf16 --sweep "lr=0.01,0.02" -o sw\n{BODY}')
+    sweep = nb.user_ns["sw"]
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.1]  # back to the start
+    for run, lr in zip(sweep.runs, (0.01, 0.02)):
+        assert run.config["set"]["lr"] == pytest.approx([lr, lr * 100])
+        assert any("param groups kept their ratios: lr set to" in n for n in run.notes)
+        assert run.history[0]["lr"] == lr
+
+    # each run equals an independent run whose groups were set with the same ratio
+    ref = make_model()
+    ref_opt = two_group_optimizer(ref, 0.02, 2.0)
+    nb.user_ns.update(model=ref, optimizer=ref_opt)
+    nb.run(f"%%amp_train --dtype bf16 -o alone\n{BODY}")
+    assert [r["loss"] for r in nb.user_ns["alone"].history] == \
+        [r["loss"] for r in sweep.runs[1].history]
+
+
+def test_a_sweep_refuses_ratios_it_cannot_keep(nb):
+    model = nb.user_ns["model"]
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "weight_decay": 0.0},
+                           {"params": model[2].parameters(), "weight_decay": 0.01}], lr=0.1)
+    nb.user_ns["optimizer"] = opt
+    with pytest.raises(UsageError, match="ratios cannot be kept"):
+        nb.run(f'%%amp_train --dtype bf16 --sweep "weight_decay=0.1" -o sw\n{BODY}')

@@ -183,7 +183,7 @@ class AmpMagics(Magics):
                                       ("sweep" if args.sweep else "compare"))
         try:
             if args.sweep:
-                settings = sweeps.parse_sweep(args.sweep, options.optimizers[0], number)
+                settings = sweeps.parse_sweep(args.sweep, options.optimizers, number)
                 result = sweeps.sweep(step, settings, options, [view],
                                       keep_best=args.keep == "best")
             else:

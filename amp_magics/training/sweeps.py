@@ -38,9 +38,13 @@ ENGINE_KEYS = {"accum": int, "clip": float, "init_scale": float, "dtype": str}
 
 
 # -- parsing ------------------------------------------------------------------------------
-def parse_sweep(spec: str, optimizer: torch.optim.Optimizer,
+def parse_sweep(spec: str, optimizers: Sequence[torch.optim.Optimizer],
                 number: Callable[[str], float] = float) -> list[dict]:
-    """"lr=1e-3,1e-2; weight_decay=0,0.01" -> the grid of settings, in order."""
+    """"lr=1e-3,1e-2; weight_decay=0,0.01" -> the grid of settings, in order.
+
+    A swept optimizer hyperparameter is set in every param group; groups that differ keep
+    their ratios to the first group (refused where the first group's value is 0)."""
+    optimizer = optimizers[0]
     axes = {}
     for part in filter(str.strip, spec.split(";")):
         key, sep, values = part.partition("=")
@@ -54,6 +58,8 @@ def parse_sweep(spec: str, optimizer: torch.optim.Optimizer,
         if not raw:
             raise AmpUsageError(f"--sweep {key}= has no values: give at least one, e.g. {key}=0.1")
         axes[key] = [_parse_value(key, v, optimizer, number) for v in raw]
+        if key not in ENGINE_KEYS:
+            _check_ratios(key, optimizers)
     if not axes:
         raise AmpUsageError('--sweep is empty: write e.g. --sweep "lr=1e-4,3e-4,1e-3"')
     keys = list(axes)
@@ -128,19 +134,40 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def apply_hyperparameters(setting: dict, optimizers: Iterable[torch.optim.Optimizer],
-                          scheduler: Any) -> None:
-    """Set optimizer hyperparameters (the engine's own keys are passed as options instead)."""
+def _group_values(key: str, optimizers: Sequence[torch.optim.Optimizer]) -> list:
+    return [group[key] for opt in optimizers for group in opt.param_groups]
+
+
+def _check_ratios(key: str, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    values = _group_values(key, optimizers)
+    if len(set(values)) > 1 and values[0] == 0:
+        raise AmpUsageError(f"--sweep {key}: the param groups have different values "
+                            f"({', '.join(map(str, values))}) and the first is 0, so their "
+                            "ratios cannot be kept: give the first group a non-zero value, or "
+                            "sweep the groups in your own loop")
+
+
+def apply_hyperparameters(setting: dict, optimizers: Sequence[torch.optim.Optimizer],
+                          scheduler: Any) -> dict[str, list]:
+    """Set optimizer hyperparameters (the engine's own keys are passed as options instead).
+
+    Every param group gets the value times its ratio to the first group, so groups that
+    differ (a smaller lr for a backbone) keep their proportions. Returns each key's values
+    as set, group by group."""
+    applied = {}
     for key, value in setting.items():
         if key in ENGINE_KEYS:
             continue
+        first = _group_values(key, optimizers)[0]
         for opt in optimizers:
             for group in opt.param_groups:
-                group[key] = value
+                group[key] = value if group[key] == first else value * group[key] / first
                 if key == "lr" and "initial_lr" in group:
-                    group["initial_lr"] = value
+                    group["initial_lr"] = group["lr"]
+        applied[key] = _group_values(key, optimizers)
         if key == "lr" and scheduler is not None and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [value] * len(scheduler.base_lrs)
+            scheduler.base_lrs = [g["lr"] for g in scheduler.optimizer.param_groups]
+    return applied
 
 
 # -- sweeps -------------------------------------------------------------------------------
@@ -199,12 +226,17 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     try:
         for i, setting in enumerate(settings):
             start.restore()
-            apply_hyperparameters(setting, optimizers, scheduler)
+            applied = apply_hyperparameters(setting, optimizers, scheduler)
             label = " ".join(f"{k}={v}" for k, v in setting.items())
             run_options = dataclasses.replace(
-                options, name=f"{name}[{label}]", config={**options.config, "sweep": setting},
+                options, name=f"{name}[{label}]",
+                config={**options.config, "sweep": setting, "set": applied},
                 **{k: v for k, v in setting.items() if k in ENGINE_KEYS})
             training = prepare(step_fn, run_options, views, claim)
+            training.run.notes += [
+                f"param groups kept their ratios: {key} set to "
+                f"{', '.join(f'{v:.4g}' for v in values)}"
+                for key, values in applied.items() if len(set(values)) > 1]
             result.runs.append(training.run)
             training.execute()
             if training.run.status != "finished":
