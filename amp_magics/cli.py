@@ -70,13 +70,13 @@ def _print_status(indices, as_json: bool, watching: bool) -> None:
 
 
 def _check(parser: argparse.ArgumentParser, export: str | None) -> int:
-    from .system import doctor  # imports torch only when asked to check
+    from .system import doctor, environment  # imports torch only when asked to check
 
     report = doctor.run_checks()
     print(checks_text(report.checks))
     if export:
         try:
-            path = doctor.export_environment(export)
+            path = environment.export_environment(export)
         except OSError as e:
             parser.error(f"cannot write {export}: {e}")
         print(f"Wrote {path}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import AmpUsageError
-from .system.host import cpu_has_native_bf16
+from .system.host import cpu_precision_flags
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +69,32 @@ def auto_for_capability(major: int, minor: int) -> Precision:
 
 
 def auto_for_cpu() -> Precision:
-    """`--dtype auto` on this machine's CPU."""
-    if cpu_has_native_bf16():
-        return Precision("bf16", "cpu", "CPU has native bf16 instructions (AVX512-BF16/AMX/Arm BF16)")
-    return Precision("fp32", "cpu", "CPU has no native bf16: emulated bf16 would be slower than fp32")
+    """`--dtype auto` on this machine's CPU: bf16 where it has native bf16, else fp32.
+
+    fp16 is never picked on a CPU, even with native fp16 (AVX512-FP16, Arm FP16): it needs a
+    GradScaler and its skipped steps, which bf16 and fp32 do not, so it stays an explicit
+    choice; the reason says where --dtype fp16 would run natively.
+    """
+    flags = cpu_precision_flags()
+    if flags["bf16"]:
+        return Precision("bf16", "cpu",
+                         f"CPU has native bf16 instructions ({', '.join(flags['bf16'])})")
+    reason = "CPU has no native bf16: emulated bf16 would be slower than fp32"
+    if flags["fp16"]:
+        reason += (f"; it has native fp16 ({', '.join(flags['fp16'])}): --dtype fp16 "
+                   "(with GradScaler) may be faster")
+    return Precision("fp32", "cpu", reason)
+
+
+def cpu_fp16_note() -> str | None:
+    """What a run in fp16 on this CPU should be told: None where the CPU has native fp16."""
+    flags = cpu_precision_flags()
+    if flags["fp16"]:
+        return None
+    faster = (f"--dtype bf16 is native here ({', '.join(flags['bf16'])})" if flags["bf16"]
+              else "fp32 is faster here")
+    return ("fp16 autocast on this CPU is emulated and slow (no AVX512-FP16, AMX-FP16 or Arm "
+            f"FP16 instructions); {faster}")
 
 
 def _resolve_cuda(requested: str, device) -> Precision:

@@ -1,19 +1,22 @@
 """doctor.py and %amp_check on this machine: a CPU-only torch build, no NVIDIA driver."""
+import json
 import re
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+import amp_magics
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from amp_magics.system import doctor
+from amp_magics.system import doctor, environment
 from amp_magics.magics.gpu import GpuMagics
 from amp_magics.views.status import checks_html, checks_text
 
 REQUIRED = ["Python", "torch", "CUDA available", "cuDNN", "GPU", "Tensor Cores", "bf16", "driver / CUDA",
-            "AMP smoke test", "nvidia-ml-py", "deprecated pynvml", "ipywidgets", "conda"]
+            "AMP smoke test", "torch companions", "nvidia-ml-py", "deprecated pynvml", "ipywidgets", "conda"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def test_this_cpu_only_machine_is_reported_as_such(report):
     assert by_name(report, "nvidia-ml-py").status == "pass"
     assert by_name(report, "deprecated pynvml").status == "pass"
     assert by_name(report, "ipywidgets").status == "pass"
+    assert by_name(report, "torch companions").status in ("pass", "info")
     assert report.ok
 
 
@@ -184,8 +188,106 @@ def test_amp_check_bad_flags(shell, tmp_path):
 def test_export_is_valid_yaml(tmp_path):
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "environment.yml"
-    doctor.export_environment(path)
+    environment.export_environment(path)
     env = yaml.safe_load(path.read_text())
     assert env["name"] and env["channels"] == ["pytorch", "conda-forge", "defaults"]
     assert env["dependencies"][:2] == [f"python={sys.version_info.major}.{sys.version_info.minor}", "pip"]
     assert f"torch=={torch.__version__}" in env["dependencies"][2]["pip"]
+
+
+def pip_pins(text):
+    return yaml_doc(text)["dependencies"][-1]["pip"]
+
+
+def yaml_doc(text):
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(text)
+
+
+def test_export_pins_every_installed_distribution():
+    import importlib.metadata
+
+    pins = pip_pins(environment.environment_yml())
+    for dist in ("pytest", "PyYAML", "ipykernel", "transformers", "hypothesis"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert f"{dist}=={version}" in pins
+    names = [p.split("==")[0].lower() for p in pins if "==" in p]
+    assert names == sorted(names, key=lambda n: n.replace("_", "-")) and len(names) == len(set(names))
+    assert not {"pip", "setuptools", "wheel"} & set(names)
+    assert sum(1 for p in pins if p.startswith("torch==")) == 1
+
+
+def test_export_pins_torch_with_its_build_index():
+    pins = pip_pins(environment.environment_yml())
+    public, _, local = torch.__version__.partition("+")
+    indexes = [p for p in pins if p.startswith("--")]
+    if local:
+        # pip takes torch==2.13.0+cpu only from PyTorch's index, hence the index line
+        assert indexes == [f"--extra-index-url https://download.pytorch.org/whl/{local}"]
+        assert f"torch=={public}+{local}" in pins
+    else:
+        assert indexes == [] and f"torch=={public}" in pins
+
+
+def test_export_marks_amp_magics_from_a_clone():
+    text = environment.environment_yml()
+    pin = next(p for p in pip_pins(text) if p.startswith("amp_magics=="))
+    assert pin == f"amp_magics=={amp_magics.__version__}"
+    assert "# amp_magics runs from a clone here: to rebuild from the clone, `pip install -e .`" in text
+
+
+def test_export_pins_local_builds_and_says_how(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    info = site / "localpkg-1.2+g1234.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: localpkg\nVersion: 1.2+g1234\n")
+    (info / "direct_url.json").write_text('{"url": "file:///src/localpkg", "dir_info": {"editable": true}}')
+    vcs = site / "fromgit-0.3.dist-info"
+    vcs.mkdir()
+    (vcs / "METADATA").write_text("Metadata-Version: 2.1\nName: fromgit\nVersion: 0.3\n")
+    (vcs / "direct_url.json").write_text('{"url": "https://github.com/o/fromgit.git", '
+                                         '"vcs_info": {"vcs": "git", "commit_id": "abc123"}}')
+    monkeypatch.syspath_prepend(str(site))
+    text = environment.environment_yml()
+    pins = pip_pins(text)
+    assert "localpkg==1.2" in pins and "fromgit @ git+https://github.com/o/fromgit.git@abc123" in pins
+    assert "# localpkg is installed editable from a local directory here" in text
+    assert "# localpkg 1.2+g1234 is a local build: the pin drops its local tag (+g1234)" in text
+
+
+def test_export_in_a_conda_environment_splits_conda_and_pip(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    prefix = tmp_path / "envs" / "train"
+    meta = prefix / "conda-meta"
+    meta.mkdir(parents=True)
+    numpy = importlib.metadata.version("numpy")
+    records = {
+        "python": {"version": "3.11.7", "build": "hab00c5b_0", "channel": "https://conda.anaconda.org/conda-forge/linux-64"},
+        "pip": {"version": "24.0", "build": "pyhd8ed1ab_0", "channel": "https://conda.anaconda.org/conda-forge/noarch"},
+        "numpy": {"version": numpy, "build": "py311h_0", "channel": "https://repo.anaconda.com/pkgs/main/linux-64",
+                  "files": [f"lib/python3.11/site-packages/numpy-{numpy}.dist-info/METADATA"]},
+        "pytorch": {"version": "2.5.1", "build": "py3.11_cuda12.4_cudnn9.1.0_0", "schannel": "pytorch"},
+        "pytorch-cuda": {"version": "12.4", "build": "hc786d27_7", "channel": "https://conda.anaconda.org/nvidia/noarch"},
+        "pyyaml": {"version": "6.0", "build": "pypi_0", "channel": "pypi"},  # pip's, as conda lists it
+    }
+    for name, record in records.items():
+        (meta / f"{name}-{record['version']}-{record['build']}.json").write_text(json.dumps({"name": name, **record}))
+    monkeypatch.setattr(sys, "prefix", str(prefix))  # a kernel started without `conda activate`
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.delenv("CONDA_DEFAULT_ENV", raising=False)
+
+    text = environment.environment_yml()
+    env = yaml_doc(text)
+    assert env["name"] == "train"
+    assert env["channels"] == ["pytorch", "nvidia", "conda-forge", "defaults"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert conda == [f"numpy={numpy}=py311h_0", "pip=24.0=pyhd8ed1ab_0", "python=3.11.7=hab00c5b_0",
+                     "pytorch=2.5.1=py3.11_cuda12.4_cudnn9.1.0_0", "pytorch-cuda=12.4=hc786d27_7"]
+    pins = env["dependencies"][-1]["pip"]
+    assert not any(p.lower().startswith(("numpy==", "torch==", "--extra-index-url")) for p in pins)
+    assert any(p.startswith("PyYAML==") for p in pins) and any(p.startswith("pytest==") for p in pins)
+    assert "(5 conda packages," in text.splitlines()[0]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from IPython.core.error import UsageError
 
+from amp_magics.errors import AmpUsageError
 from amp_magics.magics.diagnose import stop_memory_tracking
 from amp_magics.diagnostics.memory import (PeakMemory, forward_sum_step, largest_tensors, model_memory,
                                step_activation_memory)
@@ -201,3 +202,102 @@ def test_cell_form_needs_data_and_a_loss(nb):
         nb.run("%%amp_memory\nloss = model(batch[0]).sum()\n")
     with pytest.raises(UsageError, match="never assigned `loss`"):
         nb.run("%%amp_memory --data loader\nout = model(batch[0])\n")
+
+
+# -- dict batches (Hugging Face) in the line form --------------------------------------------
+class Keywords(torch.nn.Module):
+    """forward(input_ids, labels=None) returning a dict, like a Hugging Face model."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.head = torch.nn.Linear(8, 20)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.emb(input_ids))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out
+
+
+def test_dict_batch_is_passed_as_keywords_and_its_loss_used():
+    model = Keywords()
+    ids = torch.randint(0, 20, (4, 6))
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append(sorted(kwargs)), with_kwargs=True)
+    step = forward_sum_step(model)
+    loss = step({"input_ids": ids, "labels": ids})
+    assert seen == [["input_ids", "labels"]]
+    assert torch.allclose(loss, model(ids, ids)["loss"])  # the model's own loss, not a sum
+    logits_sum = step({"input_ids": ids})  # no labels: the logits, summed
+    assert torch.allclose(logits_sum, model(ids)["logits"].float().sum())
+
+
+def test_tuple_output_sums_its_first_floating_tensor():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.argmax(x, 1), self.lin(x)
+
+    model, x = Pair(), torch.randn(5, 3)
+    assert torch.allclose(forward_sum_step(model)((x,)), model.lin(x).sum())
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"input_ids": 0, "mask": 1, "extra": 2}, r"takes no argument named 'mask', 'extra' \(it takes input_ids, labels\)"),
+    ({"labels": 0}, r"has no 'input_ids', which Keywords.forward needs"),
+    ({0: 1}, "keys that are not names"),
+])
+def test_dict_batch_the_forward_cannot_take_is_refused_before_the_call(batch, message):
+    with pytest.raises(AmpUsageError, match=message) as e:
+        forward_sum_step(Keywords())(batch)
+    assert "%%amp_memory cell" in str(e.value)
+
+
+def test_forward_with_var_keywords_takes_every_name():
+    class Anything(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, **inputs):
+            return self.lin(inputs["a"] + inputs["b"])
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    assert forward_sum_step(Anything())({"a": a, "b": b}).shape == ()
+
+
+def test_output_without_a_floating_tensor_is_refused():
+    class Names(torch.nn.Module):
+        def forward(self, x):
+            return {"ids": x.long(), "name": "text"}
+
+    with pytest.raises(AmpUsageError, match="the model returned a dict, not a tensor"):
+        forward_sum_step(Names())(torch.randn(2))
+
+
+def test_line_magic_measures_a_hugging_face_model_on_dict_batches(ip):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 100, (16, 12))
+    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4)
+    assert isinstance(next(iter(loader)), dict)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ip.user_ns.update(model=model, loader=loader)
+
+    overview = ip.run("%amp_memory --model model --data loader --dtype bf16")
+
+    assert [s.precision for s in overview.step.steps] == ["fp32", "bf16"]
+    assert all(s.saved > 0 and s.peak is not None for s in overview.step.steps)
+    assert "kept for backward" in repr(overview)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -160,18 +160,46 @@ BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
 
 
 def test_doctor_cell_magic_returns_the_diagnosis(nb):
-    d = nb.run("%%amp_doctor\n" + BODY)
+    d = nb.run("%%amp_doctor --dtype fp16\n" + BODY)
     assert d.forward.module == "2" and d.precision == "fp16" and d.loss_scale == 2**16
+    assert d.auto_reason is None and "what --dtype auto" not in repr(d)
     d = nb.run("%%amp_doctor --batch one --dtype fp16 --scale 2**10\n" + BODY)
     assert d.forward.module == "2" and d.loss_scale == 2**10
     nb.user_ns.update(model=healthy(), data=[(torch.randn(4, 8), BATCH[1])])
-    assert not nb.run("%%amp_doctor --data data\n" + BODY).found
+    assert not nb.run("%%amp_doctor --dtype fp16 --data data\n" + BODY).found
+
+
+def test_doctor_defaults_to_what_auto_trains_with_and_says_so(nb):
+    """No --dtype: the dtype `--dtype auto` picks on the model's device (bf16 or fp32 on a CPU,
+    depending on its instructions), named in the output with the reason."""
+    from amp_magics.precision import resolve
+
+    auto = resolve("auto", "cpu")
+    d = nb.run("%%amp_doctor\n" + BODY)
+    assert d.precision == auto.name and d.auto_reason == auto.reason
+    assert (f"{auto.name} on cpu (what --dtype auto trains with here: {auto.reason})"
+            in repr(d))
+    # Scale(1e4) makes 80000: beyond fp16, within bf16's and fp32's range, so not found
+    assert not d.found and d.loss_scale == 1
+    assert "finds only genuinely non-finite values" in d.advice and "--dtype fp16" in d.advice
+    nb.user_ns["model"] = forward_overflow(scale=1e39)  # beyond fp32 too: inf in any dtype
+    d = nb.run("%%amp_doctor\n" + BODY)
+    assert d.precision == auto.name and d.forward.module == "2" and d.forward.problem == "inf"
+
+
+def test_doctor_in_fp32_says_it_finds_only_genuine_inf_nan():
+    net = forward_overflow()  # 80000: an fp16 overflow, nothing in fp32
+    d = locate_nonfinite(step_of(net), net, BATCH, "fp32")
+    assert not d.found and d.auto_reason is None
+    assert d.advice == ("No inf/NaN in the fp32 forward or backward pass for this batch. fp32 "
+                        "finds only genuinely non-finite values, not where fp16 would overflow: "
+                        "for that, run with --dtype fp16.")
 
 
 def test_doctor_with_a_hostile_name_through_the_magic(nb):
     nb.user_ns["model"] = forward_overflow(middle=HOSTILE)
-    d = nb.run("%%amp_doctor\n" + BODY)
-    assert "<img" not in d._repr_html_()
+    d = nb.run("%%amp_doctor --dtype fp16\n" + BODY)
+    assert d.forward.module == HOSTILE and "<img" not in d._repr_html_()
 
 
 @pytest.mark.parametrize("line, message", [

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,20 +144,78 @@ def forward_loss(step: StepFn, batch: Any, chosen: Precision) -> torch.Tensor:
 def forward_sum_step(model: torch.nn.Module) -> Callable[[Any], torch.Tensor]:
     """A stand-in step: `model(x).float().sum()`, x the batch or its first element.
 
+    A dict batch (Hugging Face's `input_ids`, `attention_mask`, `labels`...) is passed as
+    keywords, `model(**batch)`, once the model's forward is checked to take those names. An
+    output holding a scalar `loss` with a gradient (a Hugging Face model given labels) is that
+    loss; otherwise the first floating-point tensor of the output (logits), summed.
+
     It measures the model's own activations; a real loss function (e.g. cross-entropy over a
     large vocabulary) adds its own, which only the real step body shows.
     """
     def step(batch: Any) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            _check_keywords(model, batch)
+            return _stand_in_loss(model(**batch))
         x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(x, torch.Tensor):
-            raise AmpUsageError(f"the batch is a {type(batch).__name__}, not a tensor or a tuple "
-                                "starting with one: give the step body in a %%amp_memory cell")
-        out = model(x)
-        if not isinstance(out, torch.Tensor):
-            raise AmpUsageError(f"the model returned a {type(out).__name__}, not a tensor: "
-                                "give the step body in a %%amp_memory cell")
-        return out.float().sum()
+            raise AmpUsageError(f"the batch is a {type(batch).__name__}, not a tensor, a tuple "
+                                "starting with one or a dict of model inputs: give the step body "
+                                "in a %%amp_memory cell")
+        return _stand_in_loss(model(x))
     return step
+
+
+def _check_keywords(model: torch.nn.Module, batch: Mapping) -> None:
+    """Refuse a dict batch whose keys the model's forward does not take, or that lacks one the
+    forward needs, before calling `model(**batch)`."""
+    names = list(batch.keys())
+    bad = [k for k in names if not isinstance(k, str)]
+    if bad:
+        raise AmpUsageError(f"the batch is a {type(batch).__name__} with keys that are not names "
+                            f"({', '.join(map(repr, bad))}): give the step body in a "
+                            "%%amp_memory cell")
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature: let the call decide
+        return
+    takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    model_name = type(model).__name__
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        unknown = [k for k in names if k not in takes]
+        if unknown:
+            raise AmpUsageError(
+                f"the batch is a dict, passed as model(**batch), but {model_name}.forward takes no "
+                f"argument named {', '.join(map(repr, unknown))} (it takes "
+                f"{', '.join(sorted(takes)) or 'no named arguments'}): give the step body in a "
+                "%%amp_memory cell")
+    missing = [p.name for p in params if p.default is p.empty and p.name not in batch
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise AmpUsageError(
+            f"the batch is a dict, passed as model(**batch), but it has no "
+            f"{', '.join(map(repr, missing))}, which {model_name}.forward needs (the batch has "
+            f"{', '.join(map(repr, names)) or 'no keys'}): give the step body in a %%amp_memory cell")
+
+
+def _stand_in_loss(out: Any) -> torch.Tensor:
+    """The loss the model returned (a scalar `loss` with a gradient), else its first
+    floating-point tensor summed in float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    if isinstance(out, Mapping):  # Hugging Face's ModelOutput is a dict with attributes
+        loss = out.get("loss")
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.grad_fn is not None:
+            return loss
+        parts: Any = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        parts = out
+    else:
+        parts = ()
+    for t in tensors_in(parts):
+        if t.is_floating_point():
+            return t.float().sum()
+    raise AmpUsageError(f"the model returned a {type(out).__name__}, not a tensor nor one holding "
+                        "a floating-point tensor: give the step body in a %%amp_memory cell")
 
 
 def _release_freed_memory():

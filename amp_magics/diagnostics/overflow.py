@@ -61,6 +61,7 @@ class Diagnosis:
     forward: Finding | None = None
     backward: Finding | None = None
     notes: list[str] = field(default_factory=list)
+    auto_reason: str | None = None  # why --dtype auto means `precision` here; None if asked for
 
     @property
     def found(self) -> bool:
@@ -80,7 +81,7 @@ class Diagnosis:
                 return (f"`{f.module}` ({f.kind}) overflows fp16 in the forward pass. Either "
                         f"{fix}; or use --dtype bf16 (fp32's range); or keep its input smaller "
                         "(normalisation, lower learning rate).")
-            return (f"`{f.module}` ({f.kind}) produces {f.problem} in {p} too, which has fp32's "
+            return (f"`{f.module}` ({f.kind}) produces {f.problem} in {p}, which has fp32's "
                     "range: this is a numerical problem, not a precision one. Check its input, "
                     "lower the learning rate, or clip gradients (--clip 1.0).")
         if b is not None:
@@ -88,20 +89,28 @@ class Diagnosis:
                 return (f"The forward pass is finite, but gradients overflow at `{b.module}` "
                         f"({b.kind}) with loss scale {self.loss_scale:g}. GradScaler skips such "
                         "steps and lowers the scale by itself; if steps keep being skipped, start "
-                        "lower (--init-scale 2**14), clip (--clip 1.0), or keep "
-                        f"`{b.module}` in fp32.")
+                        f"lower (--init-scale 2**14), keep `{b.module}` in fp32, or use --dtype "
+                        "bf16 (fp32's range). Clipping does not help here: the scaler checks the "
+                        "gradients before any clipping.")
             return (f"Gradients go inf/NaN at `{b.module}` ({b.kind}) without loss scaling: lower "
                     "the learning rate or clip gradients (--clip 1.0).")
         if self.loss is not None and not math.isfinite(self.loss):
             return ("No module output is inf/NaN, but the loss is: the overflow is in the step "
                     "body outside modules. Compute the loss in fp32, e.g. "
                     "`loss = F.cross_entropy(out.float(), y)`.")
+        if p in ("fp32", "bf16"):
+            span = " (fp32's range)" if p == "bf16" else ""
+            return (f"No inf/NaN in the {p} forward or backward pass for this batch. {p}{span} "
+                    "finds only genuinely non-finite values, not where fp16 would overflow: for "
+                    "that, run with --dtype fp16.")
         return (f"No inf/NaN in the {p} forward or backward pass for this batch "
                 f"(loss scale {self.loss_scale:g}). If training still skips steps, try the batch "
                 "where it happened with --batch NAME.")
 
     def rows(self) -> list[tuple[str, str]]:
-        rows = [("precision", f"{self.precision} on {self.device}"),
+        auto = (f" (what --dtype auto trains with here: {self.auto_reason})"
+                if self.auto_reason else "")
+        rows = [("precision", f"{self.precision} on {self.device}{auto}"),
                 ("loss", f"{self.loss:.6g}" if self.loss is not None else "-"),
                 ("loss scale", f"{self.loss_scale:g}"),
                 ("modules watched", str(self.modules)),
@@ -139,7 +148,8 @@ def _locate_nonfinite(step_fn, model, batch, precision, scale) -> Diagnosis:
     watcher = _Watcher(model, chosen)
     step = as_step(step_fn)
     batch = to_device(batch, device)
-    diagnosis = Diagnosis(chosen.name, str(device), None, float(scale), len(watcher.names))
+    diagnosis = Diagnosis(chosen.name, str(device), None, float(scale), len(watcher.names),
+                          auto_reason=chosen.reason if precision == "auto" else None)
     with preserved(model):
         try:
             watcher.attach()

@@ -129,8 +129,9 @@ class DiagnoseMagics(Magics):
     @argument("--data", default="train_loader",
               help="iterable of batches; the first one is diagnosed (default: train_loader)")
     @argument("--batch", help="diagnose this batch (a notebook variable) instead")
-    @argument("--dtype", default="fp16", choices=precision.CHOICES,
-              help="autocast precision to diagnose (default: fp16)")
+    @argument("--dtype", default="auto", choices=precision.CHOICES,
+              help="autocast precision to diagnose (default: auto, the dtype that training "
+                   "with --dtype auto uses on the model's device)")
     @argument("--scale", type=number,
               help="loss scale for the backward pass, e.g. 2**14 (default: 2**16, GradScaler's "
                    "initial scale, with fp16; 1 otherwise)")
@@ -147,6 +148,10 @@ class DiagnoseMagics(Magics):
             %%amp_doctor --model net --dtype fp16
             x, y = batch
             loss = F.cross_entropy(net(x), y)
+
+        Without --dtype it diagnoses the dtype `--dtype auto` trains with on the model's device
+        and says so. Where that is bf16 or fp32 (fp32's range, e.g. on a CPU) only genuinely
+        non-finite values show: pass --dtype fp16 to see where fp16 would overflow.
 
         Returns the Diagnosis (`.forward`, `.backward`, `.advice`).
         """

@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..system import doctor
+from ..system import doctor, environment
 from ..system import gpu
 from .args import parse
 from ..views.status import status_html
@@ -112,7 +112,7 @@ class GpuMagics(Magics):
         report = doctor.run_checks()
         if args.export:
             try:
-                path = doctor.export_environment(args.export)
+                path = environment.export_environment(args.export)
             except OSError as e:
                 raise UsageError(f"cannot write {args.export}: {e}") from None
             print(f"Wrote {path}")

@@ -1,30 +1,28 @@
 """%amp_check: the environment checks an AMP notebook depends on, each with a concrete fix.
 
 Every check returns a `Check` (pass/warn/fail/info). The AMP smoke test is real: two optimizer
-steps under autocast on the active device. `export_environment` writes a conda environment file
-so that others can rebuild this environment.
+steps under autocast on the active device; the companions check imports torchvision and every
+other package built on torch in a subprocess (companions.py). `%amp_check --export` writes the
+environment down (environment.py).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import math
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .. import __version__
 from . import gpu
-from .host import cpu_has_native_bf16
+from .companions import IMPORT_TIMEOUT, companion_fix, find_companions, import_in_subprocess
+from .environment import GET_TORCH
+from .host import cpu_precision_flags
 
 if TYPE_CHECKING:
     from types import ModuleType
-
-_GET_TORCH = "pick the build for your driver at https://pytorch.org/get-started/locally/"
 
 
 @dataclass
@@ -66,7 +64,7 @@ def run_checks() -> Report:
     try:
         import torch
     except ImportError as e:
-        checks.append(Check("torch", "fail", f"cannot import torch: {e}", f"install torch: {_GET_TORCH}"))
+        checks.append(Check("torch", "fail", f"cannot import torch: {e}", f"install torch: {GET_TORCH}"))
     else:
         cuda = torch.cuda.is_available()
         capability = torch.cuda.get_device_capability() if cuda else None
@@ -79,6 +77,7 @@ def run_checks() -> Report:
             _bf16(capability),
             _driver(torch, status),
             amp_smoke_test(torch),
+            torch_companions(torch.__version__),
         ]
     return Report(checks + [_nvidia_ml_py(), _no_deprecated_pynvml(), _ipywidgets(), _conda()])
 
@@ -111,7 +110,7 @@ def _torch_build(torch, status) -> Check:
             return Check("torch", "fail", f"{version} is a CPU-only build, but this machine has "
                          f"{len(status.gpus)} NVIDIA GPU(s)",
                          f"install a CUDA build of torch for CUDA {status.cuda_driver_version} or older: "
-                         + _GET_TORCH)
+                         + GET_TORCH)
     if _major_minor(version) < (2, 4):
         return Check("torch", "fail", f"{version} ({build}): amp_magics needs torch 2.4 or newer "
                      "(torch.amp.GradScaler)", "pip install -U torch")
@@ -143,7 +142,7 @@ def _cudnn(torch, cuda: bool) -> Check:
     cudnn = torch.backends.cudnn
     if not cudnn.is_available():
         return Check("cuDNN", "warn", "this torch build has no cuDNN: convolutions run slowly",
-                     f"install an official CUDA build of torch (it bundles cuDNN): {_GET_TORCH}")
+                     f"install an official CUDA build of torch (it bundles cuDNN): {GET_TORCH}")
     version = _cudnn_version(cudnn.version())
     if not cudnn.enabled:
         return Check("cuDNN", "warn", f"cuDNN {version} is disabled: convolutions run slowly",
@@ -197,10 +196,16 @@ def _tensor_cores(capability) -> Check:
 
 def _bf16(capability) -> Check:
     if capability is None:
-        if cpu_has_native_bf16():
-            return Check("bf16", "pass", "this CPU has native bf16 instructions")
-        return Check("bf16", "warn", "this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 autocast "
-                     "is emulated, slower than fp32",
+        flags = cpu_precision_flags()
+        fp16 = (f"; fp16 is native too ({', '.join(flags['fp16'])})" if flags["fp16"]
+                else "; fp16 is emulated")
+        if flags["bf16"]:
+            return Check("bf16", "pass",
+                         f"this CPU has native bf16 instructions ({', '.join(flags['bf16'])}){fp16}")
+        fp16 = (f"; fp16 is native ({', '.join(flags['fp16'])}): --dtype fp16 may be faster"
+                if flags["fp16"] else "; so is fp16")
+        return Check("bf16", "warn", "this CPU has no native bf16 (no avx512_bf16, amx_bf16 or Arm "
+                     f"bf16 flag): bf16 autocast is emulated, slower than fp32{fp16}",
                      "--dtype auto picks fp32 on this CPU; force --dtype bf16 only to save activation memory")
     major, minor = capability
     if major >= 8:
@@ -325,45 +330,48 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-# --- environment export ----------------------------------------------------------------------
+def torch_companions(torch_version: str, timeout: float = IMPORT_TIMEOUT) -> Check:
+    """Import every installed package built on torch (torchvision, torchaudio...) in one
+    subprocess: a CUDA torchvision next to a CPU torch passes every other check, then fails
+    at `import torchvision` with `operator torchvision::nms does not exist`."""
+    name = "torch companions"
+    companions = find_companions()
+    known = [c for c in companions if c.modules]
+    unknown = ", ".join(f"{c.name} {c.version}" for c in companions if not c.modules)
+    skipped = f"; not checked ({unknown}): no importable module found" if unknown else ""
+    if not known:
+        return Check(name, "info", "none installed (torchvision, torchaudio or other packages "
+                     f"that need torch){skipped}")
+    results, stuck, problem = import_in_subprocess([m for c in known for m in c.modules], timeout)
+    timed_out = problem is not None and problem.startswith("did not finish")
+    failed, hung, unchecked = [], [], []
+    for c in known:
+        errors = [results[m] for m in c.modules if results.get(m)]
+        if errors:
+            failed.append((c, errors[0]))
+        elif stuck in c.modules and not timed_out:
+            failed.append((c, f"importing {stuck} {problem}"))
+        elif stuck in c.modules:
+            hung.append(c)
+        elif any(m not in results for m in c.modules):
+            unchecked.append(c)
+    found = ", ".join(f"{c.name} {c.version}" for c in known)
+    later = (f"; not reached, so not checked: {', '.join(c.name for c in unchecked)}"
+             if unchecked else "")
+    if failed:
+        details, fixes = [], []
+        for c, error in failed:
+            detail = f"{c.name} {c.version} fails to import with torch {torch_version}: {error}"
+            theirs, ours = c.version.partition("+")[2], torch_version.partition("+")[2]
+            if theirs and theirs != ours:
+                detail += f" (a {theirs} build of {c.name} next to a {ours or 'PyPI'} build of torch)"
+            details.append(detail)
+            fixes.append(companion_fix(c, torch_version))
+        return Check(name, "fail", "; ".join(details) + later + skipped, "; ".join(fixes))
+    if hung or unchecked or problem:
+        why = f"importing {stuck} {problem}" if stuck else problem or "some imports did not run"
+        return Check(name, "warn", f"{why}{later}{skipped}",
+                     f"import {stuck or known[0].modules[0]} in a fresh Python to see where it stops")
+    return Check(name, "pass", f"{found} import with torch {torch_version}{skipped}")
 
-_EXPORTED = ("torch", "numpy", "ipython", "ipykernel", "ipywidgets", "nvidia-ml-py")
 
-
-def environment_yml() -> str:
-    """This environment as a conda environment file: python, torch and what amp_magics uses."""
-    env = os.environ.get("CONDA_DEFAULT_ENV")
-    name = env if env and env != "base" else "amp-magics"  # `conda env create` refuses "base"
-    pins = []
-    for dist in _EXPORTED:
-        version = _distribution_version(dist)
-        if version is None:
-            continue
-        local = version.partition("+")[2]
-        if dist == "torch" and local:
-            # torch 2.4.0+cu121 and the like live on PyTorch's own index, named by that suffix.
-            pins.append(f"--extra-index-url https://download.pytorch.org/whl/{local}")
-        pins.append(f"{dist}=={version}")
-    pins.append(f"amp_magics=={_distribution_version('amp_magics') or __version__}")
-    lines = [
-        f"# Written by amp_magics on {time.strftime('%Y-%m-%d')}.",
-        "# Rebuild with: conda env create -f <this file>",
-        f"name: {json.dumps(name)}",
-        "channels:",
-        "  - pytorch",
-        "  - conda-forge",
-        "  - defaults",
-        "dependencies:",
-        f"  - python={sys.version_info.major}.{sys.version_info.minor}",
-        "  - pip",
-        "  - pip:",
-        *(f"      - {pin}" for pin in pins),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def export_environment(path: str | os.PathLike) -> str:
-    """Write `environment_yml()` to `path`; returns the path written."""
-    with open(path, "w") as f:
-        f.write(environment_yml())
-    return os.fspath(path)

@@ -87,8 +87,8 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
             f"{len(idle)} parameter tensor(s) ({sum(p.numel() for p in idle):,} values) require "
             "grad but no optimizer steps them: backward still computes their gradients (time "
             "and memory). Set requires_grad=False on them, or give them to an optimizer.")
-    if chosen.name == "fp16" and device.type == "cpu":
-        run.notes.append("fp16 autocast on a CPU is emulated and slow; bf16 or fp32 is faster here")
+    if chosen.name == "fp16" and device.type == "cpu" and precision_policy.cpu_fp16_note():
+        run.notes.append(precision_policy.cpu_fp16_note())  # None where the CPU has native fp16
     resumed = None
     if o.resume is not None:
         try:

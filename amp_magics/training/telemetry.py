@@ -138,6 +138,7 @@ class RunBooks:
         self.t0 = 0.0
         self.next_refresh = 0.0
         self.raised_alarms: set = set()
+        self.alarms = alarms.Alarms(device.type)
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -148,7 +149,7 @@ class RunBooks:
         run = self.run
         new = self.recorder.drain()
         run.history.extend(new)
-        for kind, message in alarms.check(new, run.history).items():
+        for kind, message in self.alarms.check(new, run.history).items():
             if kind not in self.raised_alarms:
                 self.raised_alarms.add(kind)
                 run.alarms.append(message)

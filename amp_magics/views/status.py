@@ -82,13 +82,16 @@ def _recommendation(rec) -> str:
 
 def _host_facts(host) -> list[tuple[str, str]]:
     usable = f", {host.usable_cpus} usable here" if host.usable_cpus not in (None, host.logical_cpus) else ""
-    bf16 = ("native (AVX512-BF16/AMX/Arm BF16)" if host.native_bf16
+    bf16 = (f"native ({', '.join(host.bf16_flags)})" if host.bf16_flags
             else "not native: bf16 autocast is emulated, slower than fp32")
+    fp16 = (f"native ({', '.join(host.fp16_flags)})" if host.fp16_flags
+            else "not native: fp16 autocast is emulated, slow")
     ram = (f"{format_bytes(host.ram_available, NA)} available of {format_bytes(host.ram_total, NA)}"
            if host.ram_total is not None else NA)
     return [
         ("CPU", f"{host.cpu_model} ({_or_na(host.logical_cpus)} logical CPUs{usable})"),
         ("bf16", bf16),
+        ("fp16", fp16),
         ("AMX", {None: "unknown", True: "yes", False: "no"}[host.amx]),
         ("torch", f"{host.torch_threads} threads" if host.torch_threads is not None
          else "not imported in this process"),
