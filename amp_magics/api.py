@@ -1,15 +1,36 @@
 """`amp_magics.train`: the Python entry point, for notebooks and scripts alike."""
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 
-from .training.engine import prepare
+from .errors import AmpUsageError
+from .training.distributed import prepare_training, torchrun_context, train_under_torchrun
 from .training.options import Optimizers, TrainOptions
 from .training.run import Run
 from .training.view import View
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `amp_magics.train` outside IPython. Raised after the clean stop, the
+    checkpoint (with `checkpoint=`), the Run's JSON (with `save=`) and the summary, so that an
+    uncaught one ends the program as Ctrl-C ends any Python program (exit status 130).
+    `.run` is the interrupted Run."""
+
+    def __init__(self, run: Run, checkpoint: Optional[str] = None, saved: Optional[str] = None):
+        parts = [f"{run.name} interrupted after {len(run.history)} optimizer step(s)"]
+        if checkpoint:  # a second Ctrl-C (or one landing mid-step) stops before the save
+            parts.append(f"checkpoint {checkpoint} " + (
+                "written at the stop" if getattr(run, "stop_reason", None) == "sigint"
+                else "not updated at the stop (it came mid-step)"))
+        if saved:
+            parts.append(f"run saved to {saved}")
+        super().__init__("; ".join(parts))
+        self.run = run
 
 
 def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Optimizers,
@@ -25,7 +46,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
           refresh_seconds: float = 0.5, handle_sigint: bool = True,
           checkpoint: Optional[str] = None, every: Optional[int] = None,
           resume: Optional[str] = None, diagnose: bool = False,
-          config: Optional[Mapping] = None) -> Run:
+          config: Optional[Mapping] = None, save: Optional[str] = None,
+          nproc: int | str = 1) -> Run:
     """Train a model with automatic mixed precision; return the Run.
 
     step_fn(batch) -> loss, or step_fn(batch, step, epoch) -> loss. It may also return a dict
@@ -41,10 +63,15 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
     gradients; by default they are freed when the run ends); name; progress (a text line when no
     observers are given); observers (View objects); refresh_seconds; handle_sigint;
     checkpoint (path) with every (steps; default each epoch end); resume (path); diagnose;
-    config (extra entries for the run's config).
+    config (extra entries for the run's config); nproc (processes with DistributedDataParallel,
+    or "auto": one per GPU; under torchrun each process trains its rank); save (path: the Run's JSON, written when the
+    run ends however it ends, before an error or Ctrl-C goes on to the caller).
 
-    On Ctrl-C the run ends after the current optimizer step with status "interrupted"; an
-    exception in step_fn or in the data marks the run "failed" and is re-raised.
+    On Ctrl-C the run ends after the current optimizer step with status "interrupted" (a
+    second Ctrl-C stops at once) and the checkpoint is written. Inside IPython the Run is
+    returned; elsewhere (a script) `Interrupted`, a KeyboardInterrupt carrying `.run`, is then
+    raised, so the process exits 130 as on any Ctrl-C. An exception in step_fn or in the data
+    marks the run "failed" and is re-raised.
     """
     __tracebackhide__ = True
     options = TrainOptions(
@@ -55,12 +82,59 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
         keep_grads=keep_grads,
         checkpoint=checkpoint, every=every, resume=resume, name=name,
         refresh_seconds=refresh_seconds, handle_sigint=handle_sigint, diagnose=diagnose,
-        config=config or {})
+        nproc=nproc, config=config or {})
+    save = _checked_save_path(save)
     views = list(observers)
     if progress and not views:
         from .views.reporter import ConsoleReporter
 
         views.append(ConsoleReporter())
-    training = prepare(step_fn, options, views)
-    training.execute()
-    return training.run
+    ranked = torchrun_context()
+    if ranked is not None:  # started by torchrun: this process trains its rank
+        return train_under_torchrun(step_fn, options, views, ranked)
+    training = prepare_training(step_fn, options, views)
+    run = training.run
+    try:
+        training.execute()
+    except BaseException:
+        if save is not None:
+            _save_quietly(run, save)  # the error that ended the run is what the caller sees
+        raise
+    if save is not None:
+        run.save(save)
+    if (run.status == "interrupted" and getattr(run, "stop_reason", None) is not None
+            and not _in_ipython()):  # Ctrl-C: engine.py marks it; %amp_stop and Stop do not
+        raise Interrupted(run, checkpoint, save) from None
+    return run
+
+
+def _in_ipython() -> bool:
+    """An IPython shell or Jupyter kernel is running (it is never imported for this)."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return get_ipython is not None and get_ipython() is not None
+
+
+def _checked_save_path(save) -> Optional[str]:
+    if save is None:
+        return None
+    path = os.fspath(save)
+    if os.path.isdir(path):
+        raise AmpUsageError(f"save={path!r} is a folder: give a file in it, e.g. "
+                            f"{os.path.join(path, 'run.json')!r}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # missing folders are made when it is written
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise AmpUsageError(f"save={path!r}: cannot write in {existing}")
+    return path
+
+
+def _save_quietly(run: Run, path: str) -> None:
+    import warnings
+
+    try:
+        run.save(path)
+    except Exception as e:
+        warnings.warn(f"could not save {run.name} to {path}: {e!r}", RuntimeWarning,
+                      stacklevel=3)

@@ -12,6 +12,7 @@ uncontended, taking it is one non-blocking acquire.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 from .errors import AmpUsageError
 
 _REGISTRY_LOCK = threading.Lock()
+# A process forked while another thread held the lock (a --nproc rank) starts with it free.
+os.register_at_fork(after_in_child=lambda: globals().update(_REGISTRY_LOCK=threading.Lock()))
 _OWNERS: dict[int, "Claim"] = {}  # id(object) -> the claim holding it
 
 

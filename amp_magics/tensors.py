@@ -21,9 +21,10 @@ StepFn = Callable[[Any, int, int], Any]
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking."""
+    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking. Tensors
+    already there are returned as they are (what .to() would do, without its dispatch)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
     if isinstance(obj, tuple):
         moved = [to_device(o, device) for o in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)

@@ -83,6 +83,10 @@ class AmpMagics(Magics):
     @argument("--every", type=int, metavar="N",
               help="checkpoint every N optimizer steps (default: at each epoch end)")
     @argument("--resume", metavar="PATH", help="continue from a --checkpoint file")
+    @argument_group("processes")
+    @argument("--nproc", default="1", metavar="N|auto",
+              help="train on N processes with DistributedDataParallel (gloo on the CPU, one GPU "
+                   "each with NCCL); auto: one per visible GPU (default 1)")
     @argument_group("runs and display")
     @argument("--name", help="name of this run (default run1, run2, ...)")
     @argument("-o", "--output", help="store the Run in this notebook variable")
@@ -111,7 +115,7 @@ class AmpMagics(Magics):
             loss = F.cross_entropy(net(x), y)
         """
         __tracebackhide__ = True
-        from ..training.engine import prepare
+        from ..training.distributed import prepare_training
         from ..training.options import TrainOptions
 
         args = parse(self.amp_train, line)
@@ -133,11 +137,12 @@ class AmpMagics(Magics):
                 every=args.every, resume=args.resume, diagnose=args.diagnose, name=args.name,
                 refresh_seconds=(args.refresh if args.refresh is not None
                                  else self.refresh_seconds),
-                config=self._flags(args))
+                nproc=_nproc(args.nproc), config=self._flags(args))
             if several:
                 return self._several_runs(args, step, options)
             view = self._view(args)
-            training = prepare(step, options, [view])  # from here on the run owns the model
+            # from here on the run owns the model
+            training = prepare_training(step, options, [view])
         run = training.run
         if args.output:
             self.shell.user_ns[args.output] = run
@@ -164,6 +169,7 @@ class AmpMagics(Magics):
     def _check_several(args):
         conflicts = [flag for flag, given in (("--background", args.background),
                      ("--checkpoint", args.checkpoint), ("--resume", args.resume),
+                     ("--nproc", args.nproc not in ("1", 1)),
                      ("--sweep with --compare", args.sweep and args.compare)) if given]
         if conflicts:
             raise UsageError(f"--sweep/--compare cannot be combined with {', '.join(conflicts)}")
@@ -339,3 +345,13 @@ class AmpMagics(Magics):
             found["scaler"] = lookup(ns, args.scaler, "--scaler", torch.amp.GradScaler,
                                      "a GradScaler")
         return found
+
+
+def _nproc(text: str) -> int | str:
+    """--nproc N or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--nproc {text}: give a number of processes or auto") from None

@@ -11,7 +11,7 @@ import contextlib
 import math
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -127,6 +127,8 @@ class Training:
         self.batches_in_epoch = 0
         self.epoch_rng = None
         self.books = RunBooks(run, amp.recorder, amp.device, views, options.refresh_seconds)
+        # Several processes stop at one step boundary they agree on (distributed.py).
+        self.stop_check: Callable[[int], bool] | None = None
 
     # -- driver --------------------------------------------------------------------------
     def execute(self) -> None:
@@ -158,6 +160,7 @@ class Training:
                     self._save_checkpoint()
         except KeyboardInterrupt:
             status = "interrupted"
+            self.run.stop_reason = "KeyboardInterrupt"  # mid-step: no checkpoint at the stop
             self._abandon_step()
         except BaseException as e:  # the user's code or data failed: keep what was done
             status, error = "failed", e
@@ -259,7 +262,8 @@ class Training:
 
     def _should_stop(self) -> bool:
         steps = self.options.steps
-        return self.run.stop_requested or (steps is not None and self.step >= steps)
+        return (self.run.stop_requested or (steps is not None and self.step >= steps)
+                or (self.stop_check is not None and self.stop_check(self.step)))
 
     def _diagnose_if_overflowed(self, scale: Any, found_inf: Any) -> None:
         __tracebackhide__ = True
@@ -318,8 +322,13 @@ class Training:
         if error is not None:
             run.error = f"{type(error).__name__}: {error}"
         if status == "interrupted":
-            run.notes.append(f"interrupted after {self.step} optimizer step(s): model, optimizer "
-                             "and scaler are as after the last completed step")
+            held = ["model", "optimizers" if len(self.options.optimizers) > 1 else "optimizer"]
+            held += [name for name, part in (("scaler", self.amp.scaler),
+                                             ("scheduler", self.options.scheduler))
+                     if part is not None]
+            run.notes.append(f"interrupted after {self.step} optimizer step(s): "
+                             f"{', '.join(held[:-1])} and {held[-1]} are as after the last "
+                             "completed step")
         notify(self.views, "on_end", run)
 
 
@@ -348,6 +357,7 @@ def _stop_on_sigint(run: Run, enabled: bool) -> Iterator[None]:
         previous = signal.default_int_handler
 
     def stop_softly(signum, frame):
+        run.stop_reason = "sigint"  # a script's train() raises after the clean stop (api.py)
         run.request_stop()
         signal.signal(signal.SIGINT, previous)
 

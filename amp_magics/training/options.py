@@ -65,6 +65,7 @@ class TrainOptions:
     handle_sigint: bool = True
     sync_timing: bool = False  # measurements (--compare) only: a sync per step on CUDA
     diagnose: bool = False
+    nproc: Union[int, str] = 1  # processes (DistributedDataParallel), or "auto": one per GPU
     config: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
@@ -128,6 +129,11 @@ class TrainOptions:
                                     f"{MAX_COUNT}, got {value!r}")
         if self.clip is not None and not self.clip >= 0:
             raise AmpUsageError(f"--clip must be a non-negative max gradient norm, got {self.clip!r}")
+        if not (self.nproc == "auto" or (isinstance(self.nproc, int) and
+                                         not isinstance(self.nproc, bool) and
+                                         1 <= self.nproc <= 1024)):
+            raise AmpUsageError(f"--nproc must be a number of processes (1 to 1024) or auto, "
+                                f"got {self.nproc!r}")
         if not self.refresh_seconds > 0:
             raise AmpUsageError(f"refresh interval must be positive, got {self.refresh_seconds!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):

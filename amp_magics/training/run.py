@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,6 @@ from ..files import atomic_write
 from ..views.format import escape, format_bytes, format_value, records_html, summary_table_html
 
 if TYPE_CHECKING:
-    import os
-
     from ..diagnostics.overflow import Diagnosis
     from ..views.dashboard import Picture
 
@@ -25,6 +24,8 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 
 _RUNS: list = []
 _RUNS_LOCK = threading.Lock()
+# A process forked while another thread held the lock (a --nproc rank) starts with it free.
+os.register_at_fork(after_in_child=lambda: globals().update(_RUNS_LOCK=threading.Lock()))
 
 
 def runs() -> list[Run]:

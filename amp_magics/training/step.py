@@ -73,12 +73,15 @@ class AmpStep:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        detached = loss.detach().float()
-        first = self.micro == 0
-        self.loss_sum = detached if first else self.loss_sum + detached
-        for name in self.log_names:
-            value = _detached(logs[name])
-            self.log_sums[name] = value if first else self.log_sums[name] + value
+        detached = loss.detach()  # made float at drain; summed in fp32 over a window
+        if self.micro == 0:
+            self.loss_sum = detached
+            for name in self.log_names:
+                self.log_sums[name] = _detached(logs[name])
+        else:
+            self.loss_sum = self.loss_sum.float() + detached.float()
+            for name in self.log_names:
+                self.log_sums[name] = self.log_sums[name] + _detached(logs[name])
         self.micro += 1
 
     def optimizer_step(self, step: int, epoch: int, t0: float) -> tuple[Any, Any, float]:
@@ -106,9 +109,9 @@ class AmpStep:
         if self.sync_timing:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.recorder.record(step=step, epoch=epoch, loss_sum=self.loss_sum, micro=self.micro,
-                             scale=scale, found_inf=found_inf, grad_norm=grad_norm, lr=lr,
-                             time=now - t0, samples=self.samples, logs=self.log_sums)
+        self.recorder.record(step, epoch, now - t0, self.samples, self.micro, self.loss_sum,
+                             scale, found_inf, grad_norm, lr,
+                             tuple(self.log_sums[n] for n in self.log_names))
         self.micro = 0
         self.samples = 0
         return scale, found_inf, now

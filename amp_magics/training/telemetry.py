@@ -7,8 +7,8 @@ values (time, lr, epoch, batch size) are plain Python numbers.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,78 +17,64 @@ from . import alarms
 from .view import View, notify
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable
 
     from .run import Run
 
 
 class StepRecorder:
+    """One tuple per optimizer step, appended on the hot path; columns are read back, one
+    device transfer each, when `drain()` is called at a refresh."""
+
     def __init__(self, log_names: Iterable[str] = ()):
         self.log_names = tuple(log_names)
-        self._clear()
+        self._steps: list[tuple] = []
 
-    def _clear(self):
-        self._loss = []  # sum of the window's micro-batch losses (device tensors)
-        self._micro = []  # micro-batches in the window
-        self._scale = []  # scale used this step (device tensor) or None
-        self._found_inf = []  # > 0 where the scaler skipped the step, or None
-        self._grad_norm = []  # total norm before clipping, or None
-        self._lr = []  # a float, or a device tensor for tensor learning rates
-        self._host = []  # (step, epoch, time, samples)
-        self._logs = {name: [] for name in self.log_names}
+    def __len__(self) -> int:
+        return len(self._steps)
 
-    def __len__(self):
-        return len(self._host)
-
-    def record(self, *, step: int, epoch: int, loss_sum: torch.Tensor, micro: int,
-               scale: torch.Tensor | float | None, found_inf: torch.Tensor | float | None,
-               grad_norm: torch.Tensor | None, lr: float | torch.Tensor, time: float,
-               samples: int, logs: Mapping[str, Any]) -> None:
-        self._loss.append(loss_sum)
-        self._micro.append(micro)
-        self._scale.append(scale)
-        self._found_inf.append(found_inf)
-        self._grad_norm.append(grad_norm)
-        self._lr.append(lr)
-        self._host.append((step, epoch, time, samples))
-        for name in self.log_names:
-            self._logs[name].append(logs[name])
+    def record(self, step: int, epoch: int, time: float, samples: int, micro: int,
+               loss_sum: torch.Tensor, scale: torch.Tensor | float | None,
+               found_inf: torch.Tensor | float | None, grad_norm: torch.Tensor | None,
+               lr: float | torch.Tensor, logs: tuple) -> None:
+        """`loss_sum`: the window's micro-batch losses summed (a device tensor); `scale`: the
+        scale used, or None; `found_inf` > 0 where the scaler skipped the step; `lr`: a float
+        or a device tensor; `logs`: the --log values summed, in `log_names` order."""
+        self._steps.append((step, epoch, time, samples, micro, loss_sum, scale, found_inf,
+                            grad_norm, lr, logs))
 
     def drain(self) -> list[dict]:
         """Turn the pending steps into history records (one device read per column)."""
-        if not self._host:
+        if not self._steps:
             return []
-        n = len(self._host)
-        losses = _to_floats(self._loss)
-        scales = _to_floats(self._scale)
-        found = _to_floats(self._found_inf)
-        norms = _to_floats(self._grad_norm)
-        lrs = _to_floats(self._lr)
-        logs = {name: _to_floats(values) for name, values in self._logs.items()}
+        steps, self._steps = self._steps, []
+        (step_, epoch_, time_, samples_, micro_, loss_, scale_, found_, norm_, lr_,
+         logs_) = zip(*steps)
+        losses, scales, found = _to_floats(loss_), _to_floats(scale_), _to_floats(found_)
+        norms, lrs = _to_floats(norm_), _to_floats(lr_)
+        logs = {name: _to_floats(column) for name, column in zip(self.log_names, zip(*logs_))}
         records = []
-        for i in range(n):
-            step, epoch, t, samples = self._host[i]
+        for i, micro in enumerate(micro_):
             rec = {
-                "step": step,
-                "epoch": epoch,
-                "loss": losses[i] / self._micro[i],
+                "step": step_[i],
+                "epoch": epoch_[i],
+                "loss": losses[i] / micro,
                 "scale": scales[i],
                 "skipped": bool(found[i]) if found[i] is not None else False,
                 "lr": lrs[i],
-                "time": t,
-                "samples": samples,
+                "time": time_[i],
+                "samples": samples_[i],
             }
             if norms[i] is not None:
                 rec["grad_norm"] = norms[i]
-            for name in self.log_names:
-                value = logs[name][i]
-                rec[name] = value / self._micro[i] if value is not None else None
+            for name, column in logs.items():
+                value = column[i]
+                rec[name] = value / micro if value is not None else None
             records.append(rec)
-        self._clear()
         return records
 
 
-def _to_floats(values: list) -> list:
+def _to_floats(values: Sequence) -> list:
     """Device tensors and numbers -> floats (None stays None), with one sync per device."""
     out: list = [None] * len(values)
     tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
@@ -129,10 +115,12 @@ class RunBooks:
     """
 
     def __init__(self, run: Run, recorder: StepRecorder, device: torch.device,
-                 views: Sequence[View], refresh_seconds: float):
+                 views: Sequence[View], refresh_seconds: float,
+                 sample_memory: Callable[[], dict] | None = None):
         self.run = run
-        self.recorder = recorder
+        self.recorder = recorder  # anything with drain() -> new history records
         self.device = device
+        self.sample_memory = sample_memory or (lambda: memory_snapshot(device))
         self.views = views
         self.refresh_seconds = refresh_seconds
         self.t0 = 0.0
@@ -160,6 +148,6 @@ class RunBooks:
         self.drain()
         run = self.run
         run.wall_time = now - self.t0
-        run.memory.append({"time": run.wall_time, "step": step, **memory_snapshot(self.device)})
+        run.memory.append({"time": run.wall_time, "step": step, **self.sample_memory()})
         notify(self.views, "on_refresh", run)
         run.refresh_costs.append(time.perf_counter() - now)
