@@ -15,24 +15,6 @@ from .training.run import Run
 from .training.view import View
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped `amp_magics.train` outside IPython. Raised after the clean stop, the
-    checkpoint (with `checkpoint=`), the Run's JSON (with `save=`) and the summary, so that an
-    uncaught one ends the program as Ctrl-C ends any Python program (exit status 130).
-    `.run` is the interrupted Run."""
-
-    def __init__(self, run: Run, checkpoint: Optional[str] = None, saved: Optional[str] = None):
-        parts = [f"{run.name} interrupted after {len(run.history)} optimizer step(s)"]
-        if checkpoint:  # a second Ctrl-C (or one landing mid-step) stops before the save
-            parts.append(f"checkpoint {checkpoint} " + (
-                "written at the stop" if getattr(run, "stop_reason", None) == "sigint"
-                else "not updated at the stop (it came mid-step)"))
-        if saved:
-            parts.append(f"run saved to {saved}")
-        super().__init__("; ".join(parts))
-        self.run = run
-
-
 def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Optimizers,
           data: Iterable, dtype: str = "auto", epochs: Optional[int] = None,
           steps: Optional[int] = None, accum: int = 1, clip: Optional[float] = None,
@@ -64,14 +46,15 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
     observers are given); observers (View objects); refresh_seconds; handle_sigint;
     checkpoint (path) with every (steps; default each epoch end); resume (path); diagnose;
     config (extra entries for the run's config); nproc (processes with DistributedDataParallel,
-    or "auto": one per GPU; under torchrun each process trains its rank); save (path: the Run's JSON, written when the
-    run ends however it ends, before an error or Ctrl-C goes on to the caller).
+    or "auto": one per GPU; under torchrun each process trains its rank); save (path: the
+    Run's JSON, written when the run ends however it ends, before an error or Ctrl-C goes on to
+    the caller).
 
     On Ctrl-C the run ends after the current optimizer step with status "interrupted" (a
     second Ctrl-C stops at once) and the checkpoint is written. Inside IPython the Run is
-    returned; elsewhere (a script) `Interrupted`, a KeyboardInterrupt carrying `.run`, is then
-    raised, so the process exits 130 as on any Ctrl-C. An exception in step_fn or in the data
-    marks the run "failed" and is re-raised.
+    returned; elsewhere (a script) KeyboardInterrupt is then raised with the Run as its `.run`,
+    so that the process ends as on any Ctrl-C (exit status 130). An exception in step_fn or in
+    the data marks the run "failed" and is re-raised.
     """
     __tracebackhide__ = True
     options = TrainOptions(
@@ -104,8 +87,23 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
         run.save(save)
     if (run.status == "interrupted" and getattr(run, "stop_reason", None) is not None
             and not _in_ipython()):  # Ctrl-C: engine.py marks it; %amp_stop and Stop do not
-        raise Interrupted(run, checkpoint, save) from None
+        raise _interrupt(run, checkpoint, save) from None
     return run
+
+
+def _interrupt(run: Run, checkpoint: Optional[str], saved: Optional[str]) -> KeyboardInterrupt:
+    """The Ctrl-C that stopped `run`, to go on to a script's caller. KeyboardInterrupt itself,
+    not a subclass: only then does an uncaught one end Python as SIGINT does (status 130)."""
+    parts = [f"{run.name} interrupted after {len(run.history)} optimizer step(s)"]
+    if checkpoint:  # a second Ctrl-C (or one landing mid-step) stops before the save
+        parts.append(f"checkpoint {checkpoint} " + (
+            "written at the stop" if getattr(run, "stop_reason", None) == "sigint"
+            else "not updated at the stop (it came mid-step)"))
+    if saved:
+        parts.append(f"run saved to {saved}")
+    interrupt = KeyboardInterrupt("; ".join(parts))
+    interrupt.run = run
+    return interrupt
 
 
 def _in_ipython() -> bool:

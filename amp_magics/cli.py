@@ -10,7 +10,8 @@ import time
 from .system import gpu
 from .views.status import checks_text, status_text
 
-_CLEAR = "\x1b[H\x1b[2J"
+_HOME, _CLEAR_SCREEN = "\x1b[H", "\x1b[2J"  # cursor to the top left; erase the screen
+_CLEAR_ROW, _CLEAR_BELOW = "\x1b[K", "\x1b[J"  # erase to the end of the row / of the screen
 
 
 def _indices(text: str) -> list[int]:
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch is None:
             _print_status(args.index, args.json, watching=False)
             return 0
+        first = True
         while True:
-            _print_status(args.index, args.json, watching=True)
+            _print_status(args.index, args.json, watching=args.watch, first=first)
+            first = False
             time.sleep(args.watch)
     except ValueError as e:  # a GPU index that does not exist
         parser.error(str(e))
@@ -59,14 +62,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _print_status(indices, as_json: bool, watching: bool) -> None:
+def _print_status(indices, as_json: bool, watching: float | bool, first: bool = True) -> None:
+    """One status; `watching` (seconds between refreshes) adds the time of this refresh, so a
+    frozen screen is never mistaken for an idle GPU."""
     status = gpu.probe(indices)
     if as_json:  # watching: one object per line, a stream other tools can read
         print(json.dumps(status.to_dict(), indent=None if watching else 2), flush=True)
-    elif watching and sys.stdout.isatty():
-        print(_CLEAR + status_text(status), flush=True)
+        return
+    text = status_text(status, this_process=False)  # this command's own process is no news
+    if not watching:
+        print(text, flush=True)
+        return
+    updated = time.strftime("%H:%M:%S", time.localtime(status.taken_at))
+    text = f"Updated {updated}, every {watching:g} s (Ctrl-C to stop)\n{text}"
+    if sys.stdout.isatty():  # redrawn over the last frame, row by row: no flicker, and no
+        # frames pushed into the scrollback (as a full-screen erase does in some terminals)
+        rows = "".join(row + _CLEAR_ROW + "\n" for row in text.split("\n"))
+        print((_CLEAR_SCREEN if first else "") + _HOME + rows + _CLEAR_BELOW, end="", flush=True)
     else:
-        print(status_text(status), end="\n\n" if watching else "\n", flush=True)
+        print(text, end="\n\n", flush=True)
 
 
 def _check(parser: argparse.ArgumentParser, export: str | None) -> int:

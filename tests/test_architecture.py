@@ -22,7 +22,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 try:
     import tomllib

@@ -1,14 +1,23 @@
 """End to end in a real browser: JupyterLab (started here, on 127.0.0.1) and headless Chromium.
 
-A notebook runs `%%amp_train --background`; the test waits for the dashboard, checks that its
-charts are drawn and grow while the run trains, clicks the dashboard's Stop button, sees the
-live widgets replaced by the static snapshot of an interrupted run, and saves a screenshot of
-the cell (to the test's tmp folder; with UPDATE_SCREENSHOT=1 to docs/dashboard.png, the
-picture in the README, so a plain test run leaves the repository untouched).
+One notebook, as a user would run it: two sweeps of the same model (one setting diverges), the
+run table, then `%%amp_train --background`. The test checks what is visible:
+- the sweep cell keeps its height from one run to the next;
+- `%amp_runs` lists every run under its own name (`sweep[...]` and `sweep2[...]`);
+- the live dashboard draws and grows; its Stop button ends the run and a static snapshot
+  replaces the widgets; the cell's "started ..." notice now says how the run ended;
+- the charts' axes follow the current run, with the diverged sweep runs drawn faded under it;
+- at 370 px nothing of the dashboard is cut off;
+- saved, then reopened untrusted (written by nbformat, unsigned, as a colleague would receive
+  it) and in the dark theme: every chart is an image that loaded, no chart text runs into the
+  page, and the faded earlier runs keep a visible contrast against the dark background.
+It saves a screenshot of the training cell (to the test's tmp folder; with UPDATE_SCREENSHOT=1
+to docs/dashboard.png, the picture in the README, so a plain test run leaves the repository
+untouched) and of the untrusted dark reopen (tmp folder).
 
 Needs Debian's Chromium at /usr/bin/chromium plus the `playwright` and `jupyterlab` packages
 (the `test` extra); the test skips only when one of those is missing. Playwright's own browser
-download is not used. Every process started here (the lab server and its kernel, the browser)
+download is not used. Every process started here (the lab server and its kernels, the browser)
 is stopped by its handle, pass or fail.
 """
 from __future__ import annotations
@@ -37,7 +46,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync", "--disable-dev-shm-usage"]
 README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 NOTEBOOK = "amp_dashboard.ipynb"
-VIEWPORT = {"width": 1280, "height": 1000}
+SHARED = "shared_with_me.ipynb"  # the executed notebook, rewritten unsigned: opens untrusted
+VIEWPORT = {"width": 1280, "height": 1400}
+NARROW = 370  # pixels: a phone, or a notebook beside a wide editor
 
 SETUP = """\
 import time
@@ -53,21 +64,36 @@ train_loader = []
 for _ in range(200):
     x = torch.randn(64, 64)
     train_loader.append((x, (x @ w).argmax(1)))
+sweep_loader = train_loader[10:]
 train_loader[5] = (train_loader[5][0] * 1e6, train_loader[5][1])  # overflows fp16: a skipped step
 """
+# lr=30 diverges: its loss reaches ~1e29 within a few steps, then NaN; lr=0.05 trains.
+SWEEP = """\
+%%amp_train --dtype bf16 --steps 40 --refresh 0.1 --data sweep_loader --sweep "lr=0.05,30"
+time.sleep(0.02)
+x, y = batch
+loss = F.cross_entropy(model(x), y)"""
+DIVERGED = ("import amp_magics, math\n"
+            "top = max(r['loss'] for run in amp_magics.runs() for r in run.history\n"
+            "          if math.isfinite(r['loss']))\n"
+            "print(f'largest loss so far: {top:.3g}')")
+CONTROL = ("from IPython.display import HTML  # inline SVG: what a sanitiser strips\n"
+           "HTML('<div class=\"amp-control\"><svg width=\"90\" height=\"14\">"
+           "<text y=\"12\">inline-svg-kept</text></svg></div>')")
 TRAIN = """\
 %%amp_train --dtype fp16 --epochs 1000 --background --refresh 0.3 -o run
 time.sleep(0.01)
 x, y = batch
 loss = F.cross_entropy(model(x), y)"""
-CELLS = ["%load_ext amp_magics", SETUP, TRAIN]
-TRAIN_CELL = 2
+CELLS = ["%load_ext amp_magics", SETUP, SWEEP, SWEEP, "%amp_runs", DIVERGED, CONTROL, TRAIN]
+SWEEP_CELLS, RUNS_CELL, DIVERGED_CELL, CONTROL_CELL, TRAIN_CELL = (2, 3), 4, 5, 6, 7
 
 
 def _missing() -> str | None:
     if not os.path.exists(CHROMIUM):
         return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    for module, package in (("playwright", "playwright"), ("jupyterlab", "jupyterlab")):
+    for module, package in (("playwright", "playwright"), ("jupyterlab", "jupyterlab"),
+                            ("nbformat", "nbformat")):
         if importlib.util.find_spec(module) is None:
             return f"the Python package {package} is not installed (pip install -e '.[test]')"
     return None
@@ -187,34 +213,77 @@ class Lab:
 
 # --- reading the page ----------------------------------------------------------------------------
 
+# A chart of a dashboard as an SVG element: drawn inline by the live widget, an <img> with an
+# SVG data URI in the snapshot (decoded here, as the browser decoded it to draw it).
+CHART = """(out, title) => {
+    const inline = out.querySelector(`svg[aria-label="${title}"]`);
+    if (inline) return inline;
+    const img = out.querySelector(`img.amp-chart[alt="${title} chart"]`);
+    if (!img) return null;
+    const bytes = Uint8Array.from(atob(img.getAttribute('src').split(',')[1]), c => c.charCodeAt(0));
+    const doc = new DOMParser().parseFromString(new TextDecoder().decode(bytes), 'image/svg+xml');
+    return doc.documentElement;
+}"""
+
 # The training cell's output, and what its dashboard shows, in one evaluation.
-READ_DASHBOARD = """(cell) => {
+READ_DASHBOARD = f"""(cell) => {{
+    const chart = {CHART};
     const out = cell.querySelector('.jp-OutputArea-output .amp-dashboard');
     if (!out) return null;
     const area = out.closest('.jp-OutputArea');
-    const loss = out.querySelector('svg[aria-label="Loss"]');
+    const loss = chart(out, 'Loss');
     const path = loss && loss.querySelector('path.series[data-series="loss"]');
-    const scale = out.querySelector('svg[aria-label="Loss scale"]');
+    const scale = chart(out, 'Loss scale');
     const bar = out.querySelector('.amp-progress');
     const summary = out.querySelector('table.amp-summary');
-    const rows = {};
+    const rows = {{}};
     if (summary) for (const tr of summary.querySelectorAll('tr'))
         rows[tr.querySelector('th').textContent] = tr.querySelector('td').textContent;
-    return {
+    const series = (svg) => svg ? [...svg.querySelectorAll('path.series')].map(
+        p => p.getAttribute('data-series')) : [];
+    return {{
         text: out.textContent,
         loss_d: path ? path.getAttribute('d') : null,
         smoothed_d: loss && loss.querySelector('path.series[data-series="smoothed"]')
             ? loss.querySelector('path.series[data-series="smoothed"]').getAttribute('d') : null,
+        loss_series: series(loss),
         x_ticks: loss ? [...loss.querySelectorAll('text.xtick')].map(t => t.textContent) : [],
+        y_ticks: loss ? [...loss.querySelectorAll('text.ytick')].map(t => t.textContent) : [],
         skipped_marks: scale ? scale.querySelectorAll('path.mark').length : 0,
         scale_d: scale && scale.querySelector('path.series[data-series="loss scale"]')
             ? scale.querySelector('path.series[data-series="loss scale"]').getAttribute('d') : null,
         fraction: bar ? parseFloat(bar.dataset.fraction) : null,
         summary: summary ? rows : null,
+        images: out.querySelectorAll('img.amp-chart').length,
+        inline_svgs: out.querySelectorAll('svg').length,
         buttons: [...area.querySelectorAll('.widget-button')].map(b => b.textContent.trim()),
         widgets: area.querySelectorAll('.jupyter-widgets').length,
-    };
-}"""
+        area_text: area.innerText,
+    }};
+}}"""
+
+# Every dashboard on the page: is anything cut off (wider than its box, or past the right edge
+# of the output area)? Are its chart images loaded and shown?
+READ_LAYOUT = """() => [...document.querySelectorAll('.jp-OutputArea-output .amp-dashboard')].map(d => {
+    const area = d.closest('.jp-OutputArea-output').getBoundingClientRect();
+    const cut = [];
+    for (const e of [d, ...d.querySelectorAll('.amp-runs, .amp-header, .amp-stats, .amp-charts, '
+                                             + '.amp-charts > div, table.amp-summary')]) {
+        const r = e.getBoundingClientRect();
+        if (e.scrollWidth > e.clientWidth + 1 || r.right > area.right + 1)
+            cut.push(`${e.className || e.tagName}: scrollWidth ${e.scrollWidth} > clientWidth `
+                     + `${e.clientWidth}, right ${r.right} > ${area.right}`);
+    }
+    const images = [...d.querySelectorAll('img.amp-chart')].map(img => {
+        const r = img.getBoundingClientRect();
+        return {alt: img.alt, loaded: img.complete && img.naturalWidth > 0, width: r.width,
+                height: r.height, natural: img.naturalWidth};
+    });
+    const header = d.querySelector('.amp-header');
+    return {cut, images, header_width: header ? header.getBoundingClientRect().width : 0,
+            area_width: area.width,
+            font_px: parseFloat(getComputedStyle(d).fontSize)};
+})"""
 
 
 def _points(d: str | None) -> int:
@@ -237,9 +306,45 @@ def _write_notebook(path: Path):
     nbformat.write(nb, path)
 
 
+# --- colours -------------------------------------------------------------------------------------
+
+def _rgb(text: str) -> tuple[float, float, float]:
+    """'#EE7733' or 'rgb(17, 17, 17)' -> (r, g, b) in 0..255."""
+    if text.startswith("#"):
+        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(float(v) for v in re.findall(r"[\d.]+", text)[:3])
+
+
+def _luminance(rgb) -> float:
+    def channel(c):
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = map(channel, rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _contrast(a, b) -> float:
+    """WCAG contrast ratio of two colours."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def _over(rgb, alpha: float, background):
+    """`rgb` drawn at `alpha` over `background`: the colour the eye gets."""
+    return tuple(alpha * c + (1 - alpha) * g for c, g in zip(rgb, background))
+
+
+# Faded lines (earlier runs) must stay visible in the dark theme: at least 2:1 against the page
+# behind them. The current run's lines and the chart text get 3:1, WCAG 1.4.11's floor for
+# graphics needed to read the chart; earlier runs are context, deliberately weaker, but at 2:1
+# they are still plainly seen (the old 0.35 opacity gave 1.5-1.8:1: "almost vanish").
+FADED_MIN_CONTRAST = 2.0
+BOLD_MIN_CONTRAST = 3.0
+
+
 # --- the test ----------------------------------------------------------------------------------
 
-def test_dashboard_live_in_jupyterlab_and_stop_button(tmp_path):
+def test_dashboard_in_jupyterlab_live_stopped_narrow_and_shared_untrusted_in_the_dark(tmp_path):
     reason = _missing()
     if reason:
         pytest.skip(reason)
@@ -264,9 +369,10 @@ def test_dashboard_live_in_jupyterlab_and_stop_button(tmp_path):
                     screenshot = (README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT")
                                   else tmp_path / "dashboard.png")
                     _drive(page, lab, session, clock, screenshot)
+                    _reopen_shared(page, lab, root, clock, tmp_path / "shared_dark.png")
                 except BaseException:
                     try:
-                        page.screenshot(path=str(failure_png))
+                        page.screenshot(path=str(failure_png), full_page=True)
                         print(f"screenshot of the failure: {failure_png}")
                     except Exception:  # noqa: BLE001 - the original error matters more
                         pass
@@ -295,7 +401,7 @@ class Clock:
                 + ", ".join(self.marks) + ")")
 
 
-def _open_notebook(page, lab: Lab, session: dict):
+def _open_notebook(page, lab: Lab, session: dict, path: str = NOTEBOOK):
     """Load the notebook until the page is connected to the session's kernel and it is idle;
     reload once if not.
 
@@ -308,7 +414,7 @@ def _open_notebook(page, lab: Lab, session: dict):
     spec = lab.api("GET", "/api/kernelspecs")["kernelspecs"]["python3"]["spec"]
     for attempt in range(2):
         if attempt == 0:
-            page.goto(f"{lab.base}/lab/tree/{NOTEBOOK}?reset&token={lab.token}")
+            page.goto(f"{lab.base}/lab/tree/{path}?reset&token={lab.token}")
         else:
             _dismiss_dialog(page)
             page.reload()
@@ -347,7 +453,7 @@ def _run_all(page, lab: Lab, cells, train):
         for _ in CELLS:
             page.keyboard.press("Shift+Enter")
         try:
-            train.locator(".jp-OutputArea-output .amp-dashboard").wait_for(timeout=45_000)
+            train.locator(".jp-OutputArea-output .amp-dashboard").wait_for(timeout=60_000)
             assert _kernel_ids(lab) == kernels, "the kernel changed while the cells ran"
             return
         except Exception:  # noqa: BLE001
@@ -361,6 +467,23 @@ def _run_all(page, lab: Lab, cells, train):
                         page.locator(".jp-Cell .jp-InputPrompt, .jp-OutputArea").all_inner_texts()))
 
 
+# Heights of each sweep cell's live widget, recorded by the page itself at every layout change
+# (a poll from here could miss a run boundary between two reads).
+WATCH_HEIGHTS = """(cells) => {
+    window.__ampHeights = cells.map(() => []);
+    cells.forEach((cell, i) => {
+        const area = cell.querySelector('.jp-Cell-outputArea') || cell;
+        new ResizeObserver(() => {
+            const live = area.querySelector('.jupyter-widgets .amp-dashboard');
+            if (live) window.__ampHeights[i].push({
+                height: area.getBoundingClientRect().height,
+                alarms: live.querySelectorAll('.amp-alarm').length,
+                text: live.querySelector('.amp-header')?.textContent || ''});
+        }).observe(area);
+    });
+}"""
+
+
 def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     from playwright.sync_api import expect
 
@@ -372,10 +495,29 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     expect(cells).to_have_count(len(CELLS))
     train = cells.nth(TRAIN_CELL)
+    page.evaluate(WATCH_HEIGHTS, [cells.nth(i).element_handle() for i in SWEEP_CELLS])
     clock.mark("notebook open, kernel idle")
 
     _run_all(page, lab, cells, train)
-    clock.mark("dashboard shown")
+    clock.mark("sweeps ran, dashboard shown")
+
+    # The sweeps: the cell kept its height from one run to the next (no summary table between
+    # runs, a one-line legend): each size it took was recorded, and without an alarm (the
+    # diverged run's adds its box) they differ by at most a line.
+    heights = page.evaluate("() => window.__ampHeights")
+    for samples in heights:
+        calm = [s["height"] for s in samples if s["alarms"] == 0]
+        assert calm and max(calm) - min(calm) <= 24, samples
+    # %amp_runs: four sweep runs, every one under its own name.
+    table = cells.nth(RUNS_CELL).locator(".jp-OutputArea-output table").inner_text()
+    names = re.findall(r"(sweep\d*\[lr=[\d.]+\])", table)
+    assert names == ["sweep[lr=0.05]", "sweep[lr=30]", "sweep2[lr=0.05]", "sweep2[lr=30]"], table
+    assert "4 runs this session" in table
+    assert "lr=30" in table.split("sweep[lr=30]")[1].splitlines()[0]  # the flags column too
+    largest = float(re.search(r"largest loss so far: ([\d.e+]+)",
+                              cells.nth(DIVERGED_CELL).inner_text()).group(1))
+    assert largest > 1e6  # one setting diverged
+    assert cells.nth(CONTROL_CELL).locator(".amp-control svg").count() == 1  # trusted: kept
 
     # The live view: widgets, the Stop button, and charts drawn from the first refreshes.
     stop = train.locator(".jp-OutputArea-output .widget-button", has_text="Stop")
@@ -387,6 +529,7 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     assert first["fraction"] is not None and 0 <= first["fraction"] < 1
     step1 = _step(first)
     assert _points(first["loss_d"]) >= 2, first["loss_d"]
+    assert "started at" in first["area_text"]  # the cell's notice, while it runs
 
     # It grows, while the cell that started the run has long returned: more steps, more points.
     page.wait_for_timeout(1500)
@@ -406,7 +549,14 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     assert _points(second["scale_d"]) >= 2
     assert second["skipped_marks"] >= 1, second["text"][:400]
     assert re.search(r"[1-9]\d* skipped steps?", second["text"]), second["text"][:400]
+    # The sweep runs trained this very model: drawn faded under it; the legend is one line.
+    earlier = [s for s in second["loss_series"] if s.startswith("sweep")]
+    assert len(earlier) >= 4, second["loss_series"]
+    _assert_axes_follow_the_current_run(second)
     clock.mark(f"grew from step {step1} to {step2}")
+
+    # Narrow, live: nothing cut off.
+    _assert_nothing_cut_off(page, "live")
 
     # A fuller picture for the README: up to ~100 steps, if they come within a few seconds.
     try:
@@ -423,18 +573,164 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
         "(cell) => cell.querySelectorAll('.jp-OutputArea .jupyter-widgets').length === 0"
         " && cell.querySelectorAll('.jp-OutputArea .widget-button').length === 0",
         arg=train.element_handle(), timeout=15_000)
+    page.wait_for_function("(cell) => !cell.innerText.includes('started at')",
+                           arg=train.element_handle(), timeout=15_000)
     final = train.evaluate(READ_DASHBOARD)
     assert final["summary"]["status"] == "interrupted", final["summary"]
     assert final["buttons"] == []
+    assert final["images"] == 3 and final["inline_svgs"] == 0  # what the saved notebook keeps
     steps_done = int(final["summary"]["steps"].split()[0])
     assert steps_done >= step2
     assert _step(final) == steps_done
     assert _points(final["loss_d"]) >= _points(second["loss_d"])
+    _assert_axes_follow_the_current_run(final)
+    # The notice the cell returned now says how the run ended, in words and in text/plain.
+    assert re.search(rf"Run run\d+ interrupted: {steps_done:,} steps", final["area_text"]), \
+        final["area_text"][-400:]
+    assert "Stop it with" not in final["area_text"]
+    # One number, one format: the header's rates are the summary's.
+    header = re.search(r"samples/s ([\d,.]+).*?steps/s ([\d,.]+)", final["text"]).groups()
+    assert final["summary"]["throughput (mean over the run)"] == \
+        f"{header[0]} samples/s, {header[1]} steps/s"
     assert page.locator(".jp-Dialog").count() == 0
     clock.mark(f"stopped at step {steps_done}, snapshot shown")
 
+    _assert_nothing_cut_off(page, "snapshot")
     _screenshot(page, cells, train, screenshot)
-    clock.mark("screenshot")
+    clock.mark("narrow checks, screenshot")
+    _save(page, lab)
+    clock.mark("saved")
+
+
+def _assert_axes_follow_the_current_run(state: dict):
+    """The diverged sweep runs (loss ~1e29) are drawn faded, yet the loss axis spans only the
+    current run's loss (cross-entropy of 10 classes: about 2.3 and falling)."""
+    ticks = [float(t) for t in state["y_ticks"]]
+    assert ticks and 0.5 < ticks[0] and ticks[-1] < 5, state["y_ticks"]
+    assert all("⁰" not in t and "¹" not in t for t in state["y_ticks"])  # a linear axis
+
+
+def _assert_nothing_cut_off(page, what: str):
+    page.set_viewport_size({"width": NARROW, "height": VIEWPORT["height"]})
+    try:
+        page.wait_for_timeout(300)  # let the lab lay out again
+        for dashboard in page.evaluate(READ_LAYOUT):
+            assert dashboard["cut"] == [], (what, dashboard)
+            assert dashboard["header_width"] <= dashboard["area_width"] + 1, (what, dashboard)
+            for image in dashboard["images"]:
+                assert image["loaded"] and image["width"] <= dashboard["area_width"] + 1, image
+    finally:
+        page.set_viewport_size(VIEWPORT)
+        page.wait_for_timeout(200)
+
+
+def _save(page, lab: Lab):
+    """Save the notebook (Ctrl+S) and wait until the file on disk has the training cell's
+    snapshot."""
+    before = lab.api("GET", f"/api/contents/{NOTEBOOK}?content=0")["last_modified"]
+    page.locator(".jp-NotebookPanel .jp-Notebook").first.click(position={"x": 5, "y": 5})
+    page.keyboard.press("Escape")
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + 20
+    while True:
+        model = lab.api("GET", f"/api/contents/{NOTEBOOK}?content=0")
+        if model["last_modified"] != before:
+            content = lab.api("GET", f"/api/contents/{NOTEBOOK}")["content"]
+            outputs = json.dumps(content["cells"][TRAIN_CELL]["outputs"])
+            if "amp-dashboard" in outputs and "interrupted" in outputs:
+                return
+        assert time.monotonic() < deadline, "the notebook was not saved"
+        time.sleep(0.2)
+
+
+def _reopen_shared(page, lab: Lab, root: Path, clock: Clock, screenshot: Path):
+    """The executed notebook as a colleague receives it: written by nbformat, unsigned (so
+    JupyterLab opens it untrusted and sanitises its HTML), opened in the dark theme."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    nb = nbformat.read(root / NOTEBOOK, as_version=4)
+    nb.metadata["shared_by"] = "a colleague"  # new content: no stored signature matches it
+    nbformat.write(nb, root / SHARED)
+    assert not NotebookNotary(data_dir=lab.env["JUPYTER_DATA_DIR"]).check_signature(
+        nbformat.read(root / SHARED, as_version=4))
+    lab.api("PUT", "/lab/api/settings/@jupyterlab/apputils-extension:themes",
+            {"raw": json.dumps({"theme": "JupyterLab Dark"})})
+    session = lab.start_kernel_session(SHARED)
+    _open_notebook(page, lab, session, SHARED)
+    _close_left_sidebar(page)
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'")
+    cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+    train = cells.nth(TRAIN_CELL)
+    train.locator(".jp-OutputArea-output .amp-dashboard").wait_for()
+    # Untrusted: the sanitiser removed the control's inline SVG (and would have the charts').
+    assert cells.nth(CONTROL_CELL).locator(".amp-control").count() == 1
+    assert cells.nth(CONTROL_CELL).locator(".amp-control svg").count() == 0
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.amp-chart')].every(i => i.complete)")
+    dashboards = page.locator(".jp-OutputArea-output .amp-dashboard")
+    assert dashboards.count() == 3  # two sweeps and the training run
+    for i in range(dashboards.count()):
+        text = dashboards.nth(i).inner_text()
+        # The charts are images: none of their text runs into the page.
+        for chart_text in ("smoothed", "skipped step (", "Losslosssmoothed"):
+            assert chart_text not in text, (chart_text, text[:500])
+        titles = {"Loss", "Loss scale", "Throughput", "Memory"} & set(text.splitlines())
+        assert not titles, (titles, text[:500])
+    layout = page.evaluate(READ_LAYOUT)
+    for dashboard in layout:
+        assert len(dashboard["images"]) == 3, dashboard
+        for image in dashboard["images"]:
+            assert image["loaded"] and image["width"] > 200 and image["height"] > 130, image
+            assert image["width"] <= image["natural"] + 0.5  # never scaled up: text stays 11 px
+    # Unique names, visible in the reopened table.
+    table = cells.nth(RUNS_CELL).inner_text()
+    assert "sweep[lr=30]" in table and "sweep2[lr=30]" in table
+    # The run that ended: no stale notice, even untrusted.
+    assert "started at" not in train.inner_text() and "interrupted" in train.inner_text()
+    final = train.evaluate(READ_DASHBOARD)
+    _assert_axes_follow_the_current_run(final)
+    _assert_readable_in_the_dark(train)
+    _assert_nothing_cut_off(page, "untrusted reopen")
+    clock.mark("reopened untrusted, dark")
+    train.scroll_into_view_if_needed()
+    train.screenshot(path=str(screenshot), animations="disabled")
+
+
+# The colours a chart draws with, and the page behind it.
+READ_COLOURS = f"""(cell) => {{
+    const chart = {CHART};
+    const out = cell.querySelector('.jp-OutputArea-output .amp-dashboard');
+    const img = out.querySelector('img.amp-chart');
+    let e = img, bg = 'rgba(0, 0, 0, 0)';
+    while (e && /rgba\\(0, 0, 0, 0\\)|transparent/.test(bg)) {{
+        bg = getComputedStyle(e).backgroundColor; e = e.parentElement; }}
+    const svg = chart(out, 'Loss');
+    const series = [...svg.querySelectorAll('path.series')].map(p => ({{
+        name: p.getAttribute('data-series'), stroke: p.getAttribute('stroke'),
+        opacity: parseFloat(p.getAttribute('stroke-opacity') || '1'),
+        style: p.getAttribute('stroke-dasharray')}}));
+    return {{background: bg, ink: svg.getAttribute('fill'), series}};
+}}"""
+
+
+def _assert_readable_in_the_dark(cell):
+    """Against the dark page behind the chart image: text, the current run's smoothed line and
+    every faded earlier run reach their contrast floors."""
+    found = cell.evaluate(READ_COLOURS)
+    background = _rgb(found["background"])
+    assert _luminance(background) < 0.05, found["background"]  # the dark theme, really
+    assert _contrast(_rgb(found["ink"]), background) >= BOLD_MIN_CONTRAST, found
+    by_name = {s["name"]: s for s in found["series"]}
+    smoothed = by_name["smoothed"]
+    assert _contrast(_over(_rgb(smoothed["stroke"]), smoothed["opacity"], background),
+                     background) >= BOLD_MIN_CONTRAST
+    faded = [s for s in found["series"] if s["name"].startswith("sweep") and s["name"].endswith(" loss")]
+    assert len(faded) >= 4, found["series"]
+    for line in faded:
+        seen = _over(_rgb(line["stroke"]), line["opacity"], background)
+        assert _contrast(seen, background) >= FADED_MIN_CONTRAST, (line, found["background"])
+
 
 def _close_left_sidebar(page):
     """Collapse the file browser so the dashboard gets the page's width."""

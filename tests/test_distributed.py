@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from IPython.core.error import UsageError
 from torch.multiprocessing import start_processes
 
-import amp_magics
 from recipes import assert_same_state, make_data, make_model
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"

@@ -1,4 +1,5 @@
 """%%amp_train in real Jupyter kernels: the widget view, the saved snapshot, interrupts."""
+import base64
 import queue
 import re
 import time
@@ -54,7 +55,10 @@ def test_widget_view_then_static_snapshot():
 
     (output,) = nb.cells[2].outputs  # the saved notebook keeps only the static snapshot
     snapshot = output["data"]["text/html"]
-    assert "<svg" in snapshot and "Loss scale" in snapshot and "skipped step" in snapshot
+    # Charts are SVG images (an untrusted notebook strips inline <svg>); the summary says the rest.
+    assert "<svg" not in snapshot and snapshot.count("data:image/svg+xml;base64,") == 3
+    charts = [base64.b64decode(c).decode() for c in re.findall(r"base64,([\w+/=]+)", snapshot)]
+    assert any("Loss scale" in c and "skipped step (2)" in c for c in charts)
     assert "finished" in snapshot and "&lt;b&gt;mine&lt;/b&gt;" in snapshot
     assert "<b>mine</b>" not in snapshot
     assert nb.cells[3].outputs[0]["text"].split() == ["finished", "100", "2"]
@@ -75,8 +79,15 @@ def test_background_run_while_other_cells_execute():
     # The dashboard was shown in the training cell and its snapshot replaced it there.
     shown = [m for i, m in messages if i == 2 and m["msg_type"] == "display_data"]
     assert any("application/vnd.jupyter.widget-view+json" in m["content"]["data"] for m in shown)
-    snapshot = [o["data"]["text/html"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
-    assert len(snapshot) == 1 and "interrupted" in snapshot[0] and "<svg" in snapshot[0]
+    shown = [o["data"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    snapshot = [d["text/html"] for d in shown if "amp-dashboard" in d["text/html"]]
+    assert len(snapshot) == 1 and "interrupted" in snapshot[0]
+    assert "data:image/svg+xml;base64," in snapshot[0]
+    # The Run the cell returned was rewritten when it ended: no "started ... Stop it" left.
+    (notice,) = [d for d in shown if "amp-dashboard" not in d["text/html"]]
+    assert "interrupted" in notice["text/html"] and "started at" not in notice["text/html"]
+    assert notice["text/plain"].startswith("<Run 'run") and "running" not in notice["text/plain"]
+    assert not [o for o in nb.cells[2].outputs if o["output_type"] == "execute_result"]
 
 
 def wait_for_steps(kc, msg_id, at_least, timeout=120.0):

@@ -30,7 +30,7 @@ EXPECTED = {
         ("--name slow", "slow finished: 48 steps"),
         ("--name fast", "fast finished: 48 steps"),
         ("--sweep", "<Sweep of 3 runs, best sweep[lr="),
-        ("%amp_runs --plot fast slow", "<svg"),
+        ("%amp_runs --plot fast slow", "data:image/svg+xml;base64,"),
         ("--compare fp32,bf16 --steps 20", "compare[bf16] finished: 20 steps"),
         ("print(showdown)", "bf16: "),
     ],
@@ -56,7 +56,8 @@ EXPECTED = {
     "05_scripts_and_ssh": [
         ("tail -n 3 train.log", "digits-script finished: 72 steps"),
         ('Run.load("digits_run.json")', "<Run 'digits-script' finished: 72 steps"),
-        ("run.plot()", "<svg"),
+        ("run.plot()", "data:image/svg+xml;base64,"),
+        ("--nproc-per-node 2 train_ddp.py", "ddp-script finished: 40 steps"),
         ("python -m amp_magics status", "Recommendation: --dtype auto picks"),
         ("python -m amp_magics check", "PASS  AMP smoke test"),
     ],

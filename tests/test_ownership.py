@@ -132,7 +132,7 @@ def test_every_ending_lets_go_of_the_model(nb, ending):
     else:  # Ctrl-C arriving mid-step, as the kernel's interrupt does
         nb.run(f"%%amp_train --dtype bf16 -o run\nif step == 2: raise KeyboardInterrupt\n{BODY}")
         assert nb.user_ns["run"].status == "interrupted"
-    run = nb.run(f"%%amp_train --dtype bf16 --steps 2 -o again\n{BODY}")
+    nb.run(f"%%amp_train --dtype bf16 --steps 2 -o again\n{BODY}")
     assert nb.user_ns["again"].status == "finished"
 
 

@@ -1,4 +1,6 @@
-"""The dashboard's pure rendering: reduction, charts, escaping and empty states."""
+"""The dashboard's pure rendering: reduction, charts, escaping and empty states; what a saved
+notebook keeps (charts as SVG images), axes, legends, labels and numbers that agree."""
+import base64
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from amp_magics.views.charts import (
+    FADED_OPACITY,
     DashboardView,
     RunTrace,
     Series,
@@ -122,7 +125,7 @@ def test_each_series_is_a_named_path_and_earlier_runs_are_faded():
                                   Series("smoothed", xs, xs * 1.0, "#222222")])
     paths = {p.get("data-series"): p for p in by_class(parse(svg), "series")}
     assert set(paths) == {"old run", "loss", "smoothed"}
-    assert float(paths["old run"].get("stroke-opacity")) == pytest.approx(0.35)
+    assert float(paths["old run"].get("stroke-opacity")) == pytest.approx(FADED_OPACITY)
     assert paths["smoothed"].get("stroke-opacity") is None  # the current run is bold
     assert len(path_points(paths["loss"].get("d"))) >= 2
     legend = [t.text for t in parse(svg).iter(SVG + "text")]
@@ -264,8 +267,15 @@ def view(**kw) -> DashboardView:
     return DashboardView(**{**defaults, **kw})
 
 
+IMAGE = re.compile(r'<img class="amp-chart" src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"')
+
+
 def svgs(page: str) -> list[ET.Element]:
-    """The page's charts: each outermost <svg> element, parsed."""
+    """The page's charts, parsed: decoded from its SVG images, or (the live widget's inline
+    markup) each outermost <svg> element."""
+    images = IMAGE.findall(page)
+    if images:
+        return [parse(base64.b64decode(data).decode()) for data in images]
     charts, depth = [], 0
     for tag in re.finditer(r"<(/?)svg\b", page):
         if not tag.group(1):
@@ -293,18 +303,26 @@ def test_dashboard_has_three_charts_stats_progress_and_all_runs():
     assert 'data-fraction="0.5000"' in page and "amp-summary" not in page
 
 
-def test_dashboard_without_scaler_says_so():
-    page = dashboard_html(view(scaler=False, current=trace("run3", scale=[])))
-    _, scale, _ = svgs(page)
-    assert "no scaler" in "".join(scale.itertext())
-    assert by_class(scale, "mark") == []
-    assert {p.get("data-series") for p in by_class(scale, "series")} == {
-        "run1 loss scale", "run2 loss scale"}
+def test_dashboard_without_scaler_shows_throughput_in_its_place():
+    timed = dict(time=np.arange(1, 201) * 0.02, samples=np.full(200, 64.0))
+    page = dashboard_html(view(scaler=False, current=trace("run3", scale=[], **timed),
+                               earlier=[trace("run1", **timed)]))
+    loss, middle, memory = svgs(page)
+    assert middle.get("aria-label") == "Throughput" and "no scaler" not in page
+    assert by_class(middle, "mark") == []
+    assert {p.get("data-series") for p in by_class(middle, "series")} == {
+        "run1 samples/s", "samples/s"}
+    ticks = [t.text for t in by_class(middle, "ytick")]
+    assert ticks[0] == "0" and any(t.endswith("k") for t in ticks)  # 3,200 samples/s
+    # The same three chart sizes as with a scaler: a sweep over dtypes keeps its height.
+    sizes = {(c.get("width"), c.get("height")) for c in (loss, middle, memory)}
+    assert sizes == {(c.get("width"), c.get("height")) for c in svgs(dashboard_html(view()))}
 
 
 def test_dashboard_before_the_first_step_and_with_one_step():
     empty = dashboard_html(DashboardView(current=RunTrace("run1")))
-    assert len(svgs(empty)) == 3 and "no data yet" in empty
+    assert len(svgs(empty)) == 3
+    assert all("no data yet" in "".join(chart.itertext()) for chart in svgs(empty))
     one = dashboard_html(view(current=trace("run3", n=1), earlier=[], total_steps=None, step=1))
     assert len(svgs(one)) == 3 and "amp-progress" not in one  # no total: no bar to fill
 
@@ -320,15 +338,308 @@ def test_dashboard_shows_alarms_and_the_final_summary():
 def test_hostile_text_is_escaped_everywhere_in_the_dashboard():
     for bad in HOSTILE:
         current = trace(bad, flags=bad, memory={bad: np.full(200, 1.0)})
-        page = dashboard_html(view(current=current, earlier=[trace(bad, flags=bad)], status=bad,
-                                   alarms=[bad], summary=[(bad, bad)]))
-        assert "<script" not in page and "<img" not in page
-        assert page.count("<svg") == page.count("</svg>")  # no element broken out of
-        for chart in svgs(page):
-            assert chart.tag == SVG + "svg"
-        assert html_escaped(bad) in page
+        for inline in (False, True):
+            page = dashboard_html(view(current=current, earlier=[trace(bad, flags=bad)],
+                                       status=bad, alarms=[bad], summary=[(bad, bad)]),
+                                  inline=inline)
+            assert "<script" not in page
+            images = re.findall(r"<img\b[^>]*>", page)  # only our three charts
+            assert len(images) == (0 if inline else 3)
+            assert all(IMAGE.match(image) for image in images)
+            assert page.count("<svg") == page.count("</svg>")  # no element broken out of
+            for chart in svgs(page):
+                assert chart.tag == SVG + "svg"
+                assert "<script" not in ET.tostring(chart, encoding="unicode")
+            assert html_escaped(bad) in page
 
 
 def html_escaped(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
         '"', "&quot;").replace("'", "&#x27;")
+
+
+# --- what a saved notebook keeps -----------------------------------------------------------------
+
+def test_the_snapshot_holds_no_inline_svg_only_chart_images_that_decode():
+    page = dashboard_html(view(summary=[("run", "run3")]))
+    assert "<svg" not in page  # the sanitiser of an untrusted notebook strips inline <svg>
+    images = IMAGE.findall(page)
+    assert len(images) == 3
+    charts = []
+    for data in images:
+        svg = base64.b64decode(data).decode()
+        assert "currentColor" not in svg  # an <img> inherits no text colour
+        charts.append(parse(svg))
+    texts = ["".join(chart.itertext()) for chart in charts]
+    assert "Loss" in texts[0] and "smoothed" in texts[0] and "2k" not in texts[0]
+    assert "Loss scale" in texts[1] and "skipped step (2)" in texts[1]
+    assert "Memory" in texts[2] and "3 GiB" in texts[2]
+    assert "smoothed" not in re.sub(r"<[^>]+>", "", page)  # no chart text left in the page
+    # The live widget draws the same charts inline.
+    live = svgs(dashboard_html(view(), inline=True))
+    assert ["".join(c.itertext()) for c in live] == texts
+
+
+def test_chart_text_never_grows_past_its_pixel_size():
+    page = dashboard_html(view())
+    images = re.findall(r"<img\b[^>]*>", page)
+    for image, chart in zip(images, svgs(page)):
+        width = chart.get("width")
+        assert f'width="{width}"' in image and f"max-width:{width}px" in image
+        assert chart.get("viewBox") == f"0 0 {width} {chart.get('height')}"
+        assert float(chart.get("font-size")) <= 12
+
+
+def test_the_axes_follow_the_current_run_not_a_diverged_earlier_one():
+    n = 1000
+    diverged = trace("sweep[lr=50]", n=n, loss=np.r_[np.linspace(2.3, 40, 300),
+                                                     np.full(n - 300, 1e6)],
+                     memory={"allocated": np.full(n, 40 * 2 ** 30)})
+    current = trace("run3", n=200, loss=0.02 + 0.01 / np.sqrt(np.arange(1, 201)))
+    loss, _, memory = svgs(dashboard_html(view(current=current, earlier=[diverged])))
+    ticks = [float(t.text) for t in by_class(loss, "ytick")]
+    assert 0.015 < ticks[0] and ticks[-1] < 0.04, ticks  # the current run's range
+    x_ticks = [t.text for t in by_class(loss, "xtick")]
+    assert x_ticks[-1] == "200", x_ticks  # the current run's steps, not the earlier 1000
+    faded = {p.get("data-series"): p for p in by_class(loss, "series")}["sweep[lr=50] loss"]
+    assert path_points(faded.get("d"))  # drawn, clipped to the plot
+    memory_ticks = [t.text for t in by_class(memory, "ytick")]
+    assert memory_ticks[-1] == "3 GiB", memory_ticks  # the current run's 3 GiB, not the 40
+
+
+def test_the_runs_legend_stays_one_line_or_collapses():
+    def legend(earlier):
+        page = dashboard_html(view(earlier=earlier))
+        block = re.search(r'<div class="amp-runs".*?</div>', page).group(0)
+        return block, re.sub(r"<[^>]+>", "", block)
+
+    one = [trace("sweep[lr=0.001]", flags="lr=0.001")]
+    _, text = legend(one)
+    assert "sweep[lr=0.001] lr=0.001" in text and "earlier run" not in text
+    many = [trace(f"sweep[lr=0.00{i} momentum=0.9]", flags=f"lr=0.00{i} momentum=0.9 wd=0.01")
+            for i in range(1, 7)]
+    block, text = legend(many)
+    assert re.search(r"\+\d earlier runs|\+\d more earlier runs", text), text
+    assert len(text) <= 110, text  # about one line of body text at 1000 px
+    assert "sweep[lr=0.001 momentum=0.9]" in block  # the collapsed ones, in the tooltip
+
+
+def test_a_short_run_still_gets_time_ticks():
+    svg = line_chart_svg("Memory", [Series("rss", [0.1, 0.2, 0.35], [1e6, 2e6, 2e6], "#000")],
+                         x_scale="seconds", y_scale="bytes", x_label="time")
+    labels = [t.text for t in by_class(parse(svg), "xtick")]
+    assert len(labels) >= 2 and all(label.endswith("s") for label in labels), labels
+
+
+def test_smoothing_follows_the_log_axis():
+    rng = np.random.default_rng(3)
+    steps = np.arange(1, 3001, dtype=float)
+    loss = 10 ** (1 - 4 * steps / 3000) * np.exp(rng.normal(0, 1.0, 3000))  # 10 -> 1e-3
+    typical = np.exp(np.mean(np.log(loss[-150:])))  # the raw line's middle on a log axis
+    _, on_log = smooth(steps, loss, log=True)
+    _, on_linear = smooth(steps, loss)
+    assert 0.5 < on_log[-1] / typical < 2
+    assert on_linear[-1] / typical > 2  # averaging raw values: far above the data on a log axis
+
+    loss_chart = svgs(dashboard_html(view(current=trace("run3", n=3000, loss=loss))))[0]
+    assert by_class(loss_chart, "ytick")[0].text.startswith("10")  # a log10 axis
+    paths = {p.get("data-series"): path_points(p.get("d")) for p in by_class(loss_chart, "series")}
+    raw_end = np.median([y for _, y in paths["loss"][-60:]])
+    top, bottom = min(y for _, y in paths["loss"]), max(y for _, y in paths["loss"])
+    assert abs(paths["smoothed"][-1][1] - raw_end) < 0.08 * (bottom - top)
+
+
+# --- runs: names, labels, numbers ----------------------------------------------------------------
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
+
+
+@pytest.fixture
+def nb(ip):
+    import torch
+    import torch.nn.functional as F
+    from recipes import make_data, make_model
+
+    model = make_model()
+    ip.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      train_loader=make_data(n=4), F=F, torch=torch)
+    return ip
+
+
+def finished_run(name, n=50, rate=2000.0, samples=64, **kw):
+    from amp_magics.training.run import Run
+
+    run = Run(name, **kw)
+    run.history = [{"step": i, "epoch": 0, "loss": 1.0 / (i + 1), "scale": None,
+                    "skipped": False, "lr": 0.1, "time": (i + 1) * samples / rate * (1 + i % 3),
+                    "samples": samples} for i in range(n)]
+    run.memory = [{"time": 0.2 * i, "step": i, "rss": 2 ** 28, "allocated": None,
+                   "reserved": None, "peak": None} for i in range(5)]
+    run.status, run.wall_time = "finished", run.history[-1]["time"] + 0.4
+    return run
+
+
+def test_names_are_unique_whatever_was_asked_for():
+    from amp_magics.training import run as runs_module
+
+    made = []
+    try:
+        for name in ("first", "first", "sweep9[lr=0.1]", "sweep9[lr=0.1]", "model2", "model2"):
+            made.append(finished_run(name))
+            runs_module.register(made[-1])
+        assert [r.name for r in made] == ["first", "first2", "sweep9[lr=0.1]",
+                                          "sweep9-2[lr=0.1]", "model2", "model2-2"]
+        assert runs_module.unique_group("sweep9") == "sweep9-3"
+        assert runs_module.unique_group("never-used-group") == "never-used-group"
+    finally:
+        with runs_module._RUNS_LOCK:
+            for run in made:
+                runs_module._RUNS.remove(run)
+
+
+def test_two_sweeps_get_unique_names_and_amp_runs_reaches_every_one(nb):
+    before = len(nb.run("%amp_runs"))
+    for _ in range(2):
+        nb.run('%%amp_train --dtype fp32 --sweep "lr=0.001,0.01"\n' + BODY)
+    table = nb.run("%amp_runs")
+    names = [row["run"] for row in table.rows()][before:]
+    assert len(names) == len(set(names)) == 4, names
+    one, two = names[0].partition("[")[0], names[2].partition("[")[0]
+    assert one != two and names[1].startswith(one) and names[3].startswith(two)
+    assert [n.partition("[")[2] for n in names] == ["lr=0.001]", "lr=0.01]"] * 2
+    assert f"{len(table)} runs this session" in table._repr_html_()
+    picture = nb.run(f"%amp_runs --plot {names[0]} {names[2]}")  # the older one is reachable
+    assert names[0] in repr(picture) and names[2] in repr(picture)
+    # The flags column says what each sweep run set.
+    assert [row["flags"] for row in table.rows()][before:] == [
+        "dtype=fp32 lr=0.001", "dtype=fp32 lr=0.01"] * 2
+
+
+def test_compare_and_sweep_runs_are_labelled_with_what_they_ran(nb):
+    from amp_magics.training.sweeps import LOSS_GAP, speed_words
+    from amp_magics.views.dashboard import flags_that_differ
+    from amp_magics.views.format import format_percent
+
+    nb.run("%%amp_train --compare fp32,bf16 --steps 3 -o cmp\n" + BODY)
+    showdown = nb.user_ns["cmp"]
+    fp32, bf16 = showdown.runs.values()
+    assert [fp32.flags_text(), bf16.flags_text()] == ["steps=3 dtype=fp32", "steps=3 dtype=bf16"]
+    nb.run("%%amp_train --dtype fp32 --epochs 1 -o later\n" + BODY)
+    later = nb.user_ns["later"]
+    legend = flags_that_differ(bf16, later)
+    assert legend == "dtype=bf16 steps=3", legend  # never dtype=auto, never epochs=-
+    assert flags_that_differ(fp32, later) == "steps=3"
+
+    # The loss gap: one number, one format, in the table and in the verdict.
+    gap = format_percent(showdown.rows()[1][LOSS_GAP])
+    assert f"<td style='text-align:left;padding:1px 14px 1px 0;vertical-align:middle'>{gap}</td>" \
+        in showdown._repr_html_()
+    assert f"final loss within {gap} of fp32" in showdown.verdicts()[0]
+    assert "peak memory" not in showdown.rows()[0]  # it measured something else: named so
+    assert speed_words(10.0, 10.3) == "about as fast as fp32 (3% slower)"
+    assert speed_words(10.0, 9.8) == "about as fast as fp32 (2% faster)"
+    assert (speed_words(10.0, 5.0), speed_words(10.0, 25.0)) == ("2x faster", "2.5x slower")
+
+    nb.run('%%amp_train --dtype fp32 --sweep "lr=0.0001,0.001,0.01" -o sw\n' + BODY)
+    sweep = nb.user_ns["sw"]
+    cells = re.findall(r"<tr[^>]*><td[^>]*>([^<]*)</td>", sweep._repr_html_())
+    assert cells == ["1e-04", "1e-03", "1e-02"]  # one format per column
+
+
+def test_header_and_summary_show_the_same_rates_in_one_format():
+    from amp_magics.views.dashboard import _Columns, build_view, overlay_html
+
+    run = finished_run("rates", rate=23_390.0)
+    page = overlay_html([run])
+    header = re.search(r"samples/s</span> <b>([^<]+)</b>", page).group(1)
+    per_step = re.search(r"steps/s</span> <b>([^<]+)</b>", page).group(1)
+    assert "(mean over the run)" in page
+    summary = dict(run.summary_rows())["throughput (mean over the run)"]
+    assert summary == f"{header} samples/s, {per_step} steps/s"
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*", header), header  # 11,695, not 1.17e+04
+    live = build_view(run, _Columns(run).update(), [], final=False)
+    assert (live.samples_per_s, live.steps_per_s) == run.rates(last=50)
+    assert "peak memory" in dict(run.summary_rows())
+    assert dict(run.summary_rows())["peak memory"].endswith("(process RSS, highest sample)")
+
+
+def test_a_picture_reads_as_text_in_a_terminal():
+    a, b = finished_run("a"), finished_run("b")
+    b.precision = "bf16"
+    text = repr(a.plot(b))
+    lines = text.splitlines()
+    assert lines[0] == "2 runs overlaid; the axes follow a:"
+    assert lines[1].startswith("  <Run 'a' finished: 50 steps")
+    assert lines[2].startswith("  <Run 'b' finished") and "(faded: dtype=bf16)" in lines[2]
+    assert "<amp_magics" not in text and "IMAGE" not in text
+
+
+def test_earlier_runs_are_those_of_the_same_model_object(nb):
+    import gc
+
+    import torch
+    from recipes import make_model
+
+    from amp_magics.magics.args import parse
+    from amp_magics.training.run import Run
+
+    net = nb.user_ns["model"]
+    nb.run(f"%%amp_train --dtype fp32 --steps 2 -o mine\n{BODY}")
+    mine = nb.user_ns["mine"]
+    other = make_model(seed=5)  # another network under the same name
+    nb.user_ns.update(model=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    nb.run(f"%%amp_train --dtype fp32 --steps 2 -o theirs\n{BODY}")
+    theirs = nb.user_ns["theirs"]
+    magics = nb.magics_manager.registry["AmpMagics"]
+    magics.view = "dashboard"
+    try:
+        args = parse(magics.amp_train, "--model model")
+        assert theirs in magics._view(args).earlier_runs
+        assert mine not in magics._view(args).earlier_runs
+        nb.user_ns["model"] = net
+        assert mine in magics._view(args).earlier_runs
+        assert theirs not in magics._view(args).earlier_runs
+    finally:
+        magics.view = "text"
+    gone = torch.nn.Linear(2, 2)
+    run = Run("weak", model=gone)
+    assert run.same_model(gone)
+    del gone
+    gc.collect()
+    assert run._model() is None  # the run does not keep its model alive
+
+
+def test_a_running_runs_notice_is_rewritten_when_it_ends(nb):
+    from IPython.utils.capture import capture_output
+
+    from amp_magics.views.dashboard import end_notices
+
+    run = finished_run("bg")
+    run.status = "running"
+    nb.user_ns["bg"] = run
+    with capture_output() as captured:
+        nb.run("bg")  # what a --background cell returns
+    (shown,) = captured.outputs
+    assert "started at" in shown.data["text/html"] and "running" in shown.data["text/plain"]
+    display_id = shown.transient["display_id"]
+    run.status = "interrupted"
+    with capture_output() as captured:
+        end_notices(run)
+    (ended,) = captured.outputs
+    assert ended.update and ended.transient["display_id"] == display_id
+    assert "interrupted: 50 steps" in ended.data["text/html"]
+    assert "started" not in ended.data["text/html"] and "Stop" not in ended.data["text/html"]
+    assert ended.data["text/plain"].startswith("<Run 'bg' interrupted: 50 steps")
+
+
+def test_torch_threads_are_counted_in_words():
+    from types import SimpleNamespace
+
+    from amp_magics.views.status import _host_facts
+
+    host = SimpleNamespace(cpu_model="cpu", logical_cpus=1, usable_cpus=1, bf16_flags=[],
+                           fp16_flags=[], ram_total=None, ram_available=None, amx=None,
+                           torch_threads=1, process_rss=None)
+    assert dict(_host_facts(host))["torch"] == "1 thread"
+    assert dict(_host_facts(SimpleNamespace(**{**vars(host), "torch_threads": 4})))["torch"] \
+        == "4 threads"

@@ -148,3 +148,94 @@ def test_python_api_in_a_script_without_ipython():
     assert out.returncode == 0, out.stderr
     assert "OK 5" in out.stdout
     assert "finished: 5 steps" in out.stderr  # the console progress line
+
+
+# -- Ctrl-C and save= (issue 16) -------------------------------------------------------------
+
+def ctrl_c_at(n, dtype="fp32", optimizers=1, scheduler=False, in_ipython=False, **kw):
+    """train() with a real SIGINT sent to this process at step n (the engine's handler turns it
+    into a stop at the step boundary), outside or inside IPython as asked."""
+    import os
+    import signal
+    from amp_magics import api
+
+    model = make_model()
+    opts = [torch.optim.SGD(model.parameters(), lr=0.1) for _ in range(optimizers)]
+
+    def step(batch, step, epoch):
+        if step == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    sched = torch.optim.lr_scheduler.StepLR(opts[0], 5) if scheduler else None
+    real = api._in_ipython
+    api._in_ipython = lambda: in_ipython
+    try:
+        return amp_magics.train(step, model=model, optimizer=opts if optimizers > 1 else opts[0],
+                                data=make_data(), dtype=dtype, scheduler=sched, progress=False,
+                                **kw)
+    finally:
+        api._in_ipython = real
+
+
+def test_ctrl_c_in_a_script_saves_then_raises_keyboard_interrupt_with_the_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        ctrl_c_at(3, checkpoint=str(tmp_path / "ckpt.pt"), save=tmp_path / "run.json")
+    assert type(stopped.value) is KeyboardInterrupt  # exactly: only then does Python exit 130
+    run = stopped.value.run
+    assert run.status == "interrupted" and len(run.history) == 4
+    assert str(stopped.value) == (f"{run.name} interrupted after 4 optimizer step(s); checkpoint "
+                                  f"{tmp_path / 'ckpt.pt'} written at the stop; run saved to "
+                                  f"{tmp_path / 'run.json'}")
+    assert Run.load(tmp_path / "run.json").history == run.history
+    checkpoint = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["step"] == 4
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_inside_ipython_returns_the_run():
+    run = ctrl_c_at(3, in_ipython=True)
+    assert run.status == "interrupted" and len(run.history) == 4
+
+
+def test_a_requested_stop_returns_the_run_in_a_script():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch, step, epoch):
+        if step == 2:
+            amp_magics.runs()[-1].request_stop()  # as %amp_stop or another thread would
+        return F.cross_entropy(model(batch[0]), batch[1])
+    run = amp_magics.train(step, model=model, optimizer=opt, data=make_data(), progress=False)
+    assert run.status == "interrupted" and len(run.history) == 3
+
+
+@pytest.mark.parametrize("dtype, optimizers, scheduler, held", [
+    ("fp32", 1, False, "model and optimizer"),
+    ("fp16", 1, False, "model, optimizer and scaler"),
+    ("fp32", 2, True, "model, optimizers and scheduler"),
+])
+def test_the_interrupt_note_names_what_the_run_has(dtype, optimizers, scheduler, held):
+    run = ctrl_c_at(1, dtype=dtype, optimizers=optimizers, scheduler=scheduler, in_ipython=True)
+    assert f"interrupted after 2 optimizer step(s): {held} are as after the last completed step" \
+        in run.notes
+
+
+def test_save_writes_the_run_however_it_ends(tmp_path):
+    run = quick_run(dtype="fp32", save=tmp_path / "out" / "done.json")
+    assert Run.load(tmp_path / "out" / "done.json").status == "finished" == run.status
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def failing(batch, step, epoch):
+        if step == 2:
+            raise ValueError("bad batch")
+        return F.cross_entropy(model(batch[0]), batch[1])
+    with pytest.raises(ValueError, match="bad batch"):
+        amp_magics.train(failing, model=model, optimizer=opt, data=make_data(), progress=False,
+                         save=tmp_path / "failed.json")
+    failed = Run.load(tmp_path / "failed.json")
+    assert failed.status == "failed" and len(failed.history) == 2
+    with pytest.raises(AmpUsageError, match="is a folder"):
+        quick_run(dtype="fp32", save=tmp_path)

@@ -210,6 +210,9 @@ class AmpMagics(Magics):
         finally:
             self._export_logged(step, log_names)
             AmpMagics._background.pop(training.run, None)
+            from ..views.dashboard import end_notices
+
+            end_notices(training.run)  # the cell's "started ..." notice says how it ended
 
     def _export_logged(self, step, log_names):
         for name in log_names:
@@ -288,9 +291,10 @@ class AmpMagics(Magics):
         if args.clear:
             print(f"forgot {forget_runs()} run(s)")
             return None
-        known = {r.name: r for r in runs()}
+        every = runs()
         if not args.plot:
-            return RunList(known.values())
+            return RunList(every)
+        known = {r.name: r for r in every}  # names are unique (training.run.register)
         missing = [n for n in args.plot if n not in known]
         if missing:
             raise UsageError(f"no run named {', '.join(map(repr, missing))}; runs this "
@@ -317,7 +321,10 @@ class AmpMagics(Magics):
 
         if several:
             return Dashboard(several=True)
-        earlier = [r for r in runs() if r.done and r.config.get("model_name") == args.model]
+        # Earlier runs of this very model object, whatever it was called then: `--model net`
+        # bound to another network is another model.
+        model = lookup(self.shell.user_ns, args.model, "--model", object, "a model")
+        earlier = [r for r in runs() if r.done and r.same_model(model)]
         return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
     def _flags(self, args) -> dict:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from .. import ownership
 from ..errors import AmpUsageError
 from ..tensors import StepFn, plain_module
+from .engine import prepare, stop_on_sigint
 from .options import TrainOptions
 from .run import Run, next_name, register
 from .scaler import persistent_scaler
@@ -343,8 +344,6 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
     training = None
     try:
         rank_options, restore = setup_rank(options, ctx)
-        from .engine import prepare
-
         training = prepare(step_fn, rank_options, [RankRelay(channel, rank)], claim)
         training.stop_check = StopAgreement(requested, stop_at)
         data = rank_options.data
@@ -506,12 +505,13 @@ class DistributedTraining:
             _worker, args=(self.world, free_port(), self.device_type, channel, requested,
                            stop_at, state_path, self.step_fn, self.options, self.claim),
             nprocs=self.world, join=False, start_method="fork")
-        interrupts = 0
         try:
-            self._wait_for_rank0(channel, rank_errors, processes)
-            self.books.start()
-            while True:
-                try:
+            # The first Ctrl-C (the notebook's interrupt) stops every rank at one boundary; a
+            # second one ends the wait, and the finally below ends the ranks.
+            with stop_on_sigint(self.run, self.options.handle_sigint):
+                self._wait_for_rank0(channel, rank_errors, processes)
+                self.books.start()
+                while True:
                     self._receive(channel, rank_errors)
                     if self.run.stop_requested:
                         requested.value = 1
@@ -519,14 +519,10 @@ class DistributedTraining:
                         break
                     if time.perf_counter() >= self.books.next_refresh:
                         self._refresh()
-                except KeyboardInterrupt:  # the notebook's interrupt: stop all ranks together
-                    interrupts += 1
-                    self.run.request_stop()
-                    requested.value = 1
-                    if interrupts > 1:  # a second one: stop waiting for a step boundary
-                        for p in processes.processes:
-                            if p.is_alive():
-                                p.kill()
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except RankFailed as e:
+            status, error = "failed", e
         except (ProcessRaisedException, ProcessExitedException) as e:
             status = "failed"
             failed_rank = e.error_index
@@ -543,7 +539,7 @@ class DistributedTraining:
                 p.join()
             self._receive(channel, rank_errors)
             channel.close()
-        if status != "failed" and self.run.stop_requested:
+        if status == "finished" and self.run.stop_requested:
             status = "interrupted"
         self._load_state(state_path)
         self._finish(status, error, failed_rank)
@@ -578,10 +574,14 @@ class DistributedTraining:
         """Until rank 0 says which precision it trains in (the views show it from the start),
         or a rank ends (join raises when it failed)."""
         deadline = time.perf_counter() + STARTUP_TIMEOUT
-        while not self.hello and time.perf_counter() < deadline:
+        while not self.hello:
             self._receive(channel, rank_errors)
             if processes.join(timeout=0.02, grace_period=RANK_GRACE_SECONDS):
                 return
+            if time.perf_counter() > deadline:  # never hang: the finally ends the ranks
+                raise RankFailed(f"the {self.world} ranks did not start training within "
+                                 f"{STARTUP_TIMEOUT:.0f} s (process group on 127.0.0.1); "
+                                 "nothing was trained")
 
     def _refresh(self) -> None:
         self.books.refresh(self.merger.done_step)
@@ -649,7 +649,7 @@ def prepare_distributed(step_fn: StepFn, options: TrainOptions, views: Sequence[
                           "optimizer": ", ".join(type(opt).__name__ for opt in o.optimizers),
                           **o.config},
                   device=f"{device_type} x{world}", precision=o.dtype,
-                  model_label=type(o.model).__name__)
+                  model_label=type(o.model).__name__, model=o.model)
         run.ranks = world
         register(run)
         claim.run = run
@@ -677,8 +677,6 @@ def train_under_torchrun(step_fn: StepFn, options: TrainOptions, views: Sequence
                          ctx: RankContext) -> Run:
     """Each torchrun process trains its rank; rank 0 reports and saves."""
     __tracebackhide__ = True
-    from .engine import prepare
-
     with joined_process_group(ctx):
         rank_options, restore = setup_rank(options, ctx)
         try:
@@ -692,8 +690,6 @@ def train_under_torchrun(step_fn: StepFn, options: TrainOptions, views: Sequence
 def prepare_training(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = ()) -> Any:
     """The training for these options: one process (engine.Training), or --nproc N > 1
     (DistributedTraining). Both have `.run`, `.execute()` and `.release()`."""
-    from .engine import prepare
-
     world = world_size(options.nproc)
     if world == 1:
         return prepare(step_fn, options, views)

@@ -79,7 +79,7 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
         device=str(device), precision=chosen.name, precision_reason=chosen.reason,
         scaler_settings=scalers.describe(scaler),
         total_steps=_total_steps(o.epochs, o.steps, per_epoch), steps_per_epoch=per_epoch,
-        model_label=type(o.model).__name__,
+        model_label=type(o.model).__name__, model=o.model,
     )
     idle = untrained_parameters(o.model, o.optimizers)
     if idle:
@@ -137,7 +137,7 @@ class Training:
         try:
             if self.options.seed is not None and self.resumed is None:
                 seed_everything(self.options.seed)
-            with _stop_on_sigint(self.run, self.options.handle_sigint):
+            with stop_on_sigint(self.run, self.options.handle_sigint):
                 self._execute()
         finally:
             self.release()
@@ -347,7 +347,7 @@ def _total_steps(epochs: int | None, steps: int | None, per_epoch: int | None) -
 
 
 @contextlib.contextmanager
-def _stop_on_sigint(run: Run, enabled: bool) -> Iterator[None]:
+def stop_on_sigint(run: Run, enabled: bool) -> Iterator[None]:
     """First Ctrl-C: stop after the current optimizer step. A second one interrupts at once."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield

@@ -8,15 +8,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 # views/format.py is a leaf of pure string functions: the one views module data may import.
 from ..files import atomic_write
-from ..views.format import escape, format_bytes, format_value, records_html, summary_table_html
+from ..views.format import (escape, format_bytes, format_duration, format_number,
+                            format_setting, format_value, records_html, summary_table_html)
 
 if TYPE_CHECKING:
+    import torch
+
     from ..diagnostics.overflow import Diagnosis
     from ..views.dashboard import Picture
 
@@ -35,8 +40,32 @@ def runs() -> list[Run]:
 
 
 def register(run: "Run") -> None:
+    """Add the run to `runs()` under a name no other run of the session has: a taken name
+    gets a number, `first` -> `first2`, `sweep[lr=0.001]` -> `sweep2[lr=0.001]`."""
     with _RUNS_LOCK:
+        taken = {r.name for r in _RUNS}
+        base, bracket, rest = run.name.partition("[")
+        n = 1
+        while run.name in taken:
+            n += 1
+            run.name = f"{_numbered(base, n)}{bracket}{rest}"
         _RUNS.append(run)
+
+
+def unique_group(base: str) -> str:
+    """A prefix for a group of runs (a sweep's `sweep[lr=...]`, a showdown's `compare[bf16]`)
+    that no run of the session uses yet: `base`, else `base2`, `base3` ..."""
+    with _RUNS_LOCK:
+        taken = {r.name.partition("[")[0] for r in _RUNS}
+    n, name = 1, base
+    while name in taken:
+        n += 1
+        name = _numbered(base, n)
+    return name
+
+
+def _numbered(base: str, n: int) -> str:
+    return f"{base}-{n}" if re.search(r"\d$", base) else f"{base}{n}"
 
 
 def forget_runs() -> int:
@@ -56,16 +85,13 @@ class RunList(list):
 
     @staticmethod
     def _row(run, summary) -> dict:
-        flags = run.config.get("flags", {})
         return {"run": run.name, "model": run.config.get("model_name", run.model_label),
-                "flags": " ".join(f"{k}={v}" for k, v in flags.items()
-                                  if k not in ("model", "optimizer", "data")),
-                "status": run.status, "steps": len(run.history),
+                "flags": run.flags_text(), "status": run.status, "steps": len(run.history),
                 "final loss": summary["final_loss"], "time s": run.wall_time,
                 "peak memory": summary["peak_memory"]}
 
     def _repr_html_(self) -> str:
-        return records_html(self.rows(), f"{len(self)} runs this session")
+        return records_html(self.rows(), f"{len(self)} run{'s' * (len(self) != 1)} this session")
 
     def __repr__(self) -> str:
         return "\n".join(repr(r) for r in self) or "no runs yet"
@@ -84,6 +110,12 @@ def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
+# Flags that say where things are or how to show them, not how the run trained.
+_NOT_SETTINGS = {"model", "optimizer", "data", "output", "name", "resume", "checkpoint", "every",
+                 "refresh", "no_plot", "background", "keep", "sweep", "compare", "log"}
+_FLAG_DEFAULTS = {"accum": 1, "nproc": "1"}  # left out of the flags column
+
+
 class Run:
     """One `%%amp_train` / `amp_magics.train` run.
 
@@ -95,7 +127,8 @@ class Run:
     def __init__(self, name: str, *, config: dict | None = None, device: str = "cpu",
                  precision: str = "fp32", precision_reason: str = "",
                  scaler_settings: dict | None = None, total_steps: int | None = None,
-                 steps_per_epoch: int | None = None, model_label: str = ""):
+                 steps_per_epoch: int | None = None, model_label: str = "",
+                 model: torch.nn.Module | None = None):
         self.name = name
         self.config = dict(config or {})
         self.device = device
@@ -117,8 +150,12 @@ class Run:
         self.epoch = 0
         self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
         self.paused_for: str | None = None  # what holds it at a step boundary (e.g. "%amp_memory")
+        self.ranks = 1  # processes training it (--nproc); memory then has "<key> rank<r>" keys
         self.diagnosis: Diagnosis | None = None  # --diagnose: the Diagnosis of the first bad step
         self._stop = threading.Event()
+        # Which model object trained, without keeping it alive: earlier runs of the same
+        # model (not of the same variable name) are the ones a dashboard overlays.
+        self._model = weakref.ref(model) if model is not None else None
 
     # -- control -------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -133,14 +170,59 @@ class Run:
     def done(self) -> bool:
         return self.status != "running"
 
+    def same_model(self, model: object) -> bool:
+        """Whether this run trained `model` (this very object; False once it is gone, and for
+        a loaded run)."""
+        return self._model is not None and self._model() is model
+
+    # -- what it ran with and how fast -------------------------------------------------
+    def settings(self) -> dict:
+        """What this run trained with, for legends: the precision it ran (bf16, never "auto"),
+        lr at the start, its length and step options, the other flags given, and a sweep's
+        setting."""
+        c = self.config
+        out = {"dtype": self.precision, "lr": c.get("lr")}
+        out.update({k: c.get(k) for k in ("epochs", "steps", "accum", "clip", "seed")})
+        out.update({k: v for k, v in c.get("flags", {}).items()
+                    if k not in _NOT_SETTINGS and k not in out})
+        out.update(c.get("sweep", {}))
+        out["dtype"] = self.precision
+        return {k: v for k, v in out.items() if v is not None}
+
+    def flags_text(self) -> str:
+        """The flags given, as run: "dtype=bf16 steps=20" for a `--compare` run (not
+        dtype=auto), a sweep's own setting included; no flags that only place things."""
+        c = self.config
+        flags = {k: v for k, v in c.get("flags", {}).items()
+                 if k not in _NOT_SETTINGS and _FLAG_DEFAULTS.get(k, object()) != v}
+        flags.update(c.get("sweep", {}))
+        if "dtype" in flags or c.get("dtype") != self.precision:
+            flags["dtype"] = self.precision
+        return " ".join(f"{k}={format_setting(v)}" for k, v in flags.items())
+
+    def rates(self, last: int | None = None) -> tuple[float | None, float | None]:
+        """(samples/s, steps/s) from the steps' end times: over the last `last` steps, or over
+        the whole run, from its start to the end of its last step. The one definition every
+        view uses (the dashboard's header, its throughput chart, the summary)."""
+        h = self.history
+        first = 0 if last is None else max(len(h) - last, 0)
+        if first >= len(h):
+            return None, None
+        start = h[first - 1]["time"] if first > 0 else 0.0
+        span = h[-1]["time"] - start
+        if not span > 0:
+            return None, None
+        samples = sum(r.get("samples") or 0 for r in h[first:])
+        return samples / span, (len(h) - first) / span
+
     # -- views ---------------------------------------------------------------------
     @property
     def summary(self) -> dict:
         h = self.history
         losses = _finite(r["loss"] for r in h)
         vals = _finite(r["val_loss"] for r in self.val_history)
-        samples = sum(r.get("samples") or 0 for r in h)
         wall = self.wall_time or 0.0
+        samples_per_s, steps_per_s = self.rates()
         peaks = [m.get("peak") if m.get("peak") is not None else m.get("rss") for m in self.memory]
         peaks = [p for p in peaks if p is not None]
         return {
@@ -156,8 +238,8 @@ class Run:
             "best_val_loss": min(vals) if vals else None,
             "final_scale": h[-1]["scale"] if h else None,
             "wall_time": wall,
-            "samples_per_s": samples / wall if wall > 0 else None,
-            "steps_per_s": len(h) / wall if wall > 0 else None,
+            "samples_per_s": samples_per_s,
+            "steps_per_s": steps_per_s,
             "peak_memory": max(peaks) if peaks else None,
         }
 
@@ -173,7 +255,7 @@ class Run:
     _FIELDS = ("name", "config", "device", "precision", "precision_reason", "scaler_settings",
                "total_steps", "steps_per_epoch", "model_label", "status", "history",
                "val_history", "memory", "alarms", "notes", "error", "started", "wall_time",
-               "epoch", "refresh_costs")
+               "epoch", "refresh_costs", "ranks")
 
     def to_dict(self) -> dict:
         return {field: getattr(self, field) for field in self._FIELDS}
@@ -216,13 +298,21 @@ class Run:
             rows.append(("final loss scale", f"{scale:g}{power}"))
         rows += [
             ("wall time", f"{s['wall_time']:.2f} s"),
-            ("throughput", f"{format_value(s['samples_per_s'])} samples/s, "
-                           f"{format_value(s['steps_per_s'])} steps/s"),
-            ("peak memory", format_bytes(s["peak_memory"])),
+            ("throughput (mean over the run)",
+             f"{format_number(s['samples_per_s'])} samples/s, "
+             f"{format_number(s['steps_per_s'])} steps/s"),
+            ("peak memory", f"{format_bytes(s['peak_memory'])} ({self.peak_memory_source()})"
+             if s["peak_memory"] is not None else "-"),
         ]
         rows += [("alarm", a) for a in self.alarms]
         rows += [("note", n) for n in self.notes]
         return rows
+
+    def peak_memory_source(self) -> str:
+        """What `summary["peak_memory"]` measured."""
+        if any(m.get("peak") is not None for m in self.memory):
+            return "CUDA allocator peak"
+        return "process RSS, highest sample"
 
     def plot(self, *others: "Run") -> Picture:
         """A static picture of this run's dashboard, `others` drawn faded underneath
@@ -245,3 +335,19 @@ class Run:
                     "shows it live and keeps its final picture. Stop it with "
                     "<code>%amp_stop</code> or the Stop button.</p>")
         return summary_table_html(self.summary_rows())
+
+    def ended_html(self) -> str:
+        """One sentence for where the running notice was: how the run ended."""
+        s = self.summary
+        return (f"<p>Run <b>{escape(self.name)}</b> {escape(self.status)}: {s['steps']:,} "
+                f"steps ({s['skipped_steps']} skipped) in {format_duration(s['wall_time'])}, "
+                f"final loss {escape(format_value(s['final_loss']))}.</p>")
+
+    def _ipython_display_(self) -> None:
+        # IPython shows a cell's result once and cannot update it, so a running run (what a
+        # --background cell returns) is displayed with a display_id instead and rewritten when
+        # it ends; a sentence saying it runs must not outlive the run in the saved notebook.
+        # Lazy, as for plot(): only IPython calls this.
+        from ..views.dashboard import display_run
+
+        display_run(self)

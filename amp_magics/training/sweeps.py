@@ -26,7 +26,8 @@ from .view import View
 from ..errors import AmpUsageError
 from ..precision import CHOICES, resolve
 from ..tensors import capture_rng, model_device, restore_rng
-from ..views.format import records_html
+from ..views.format import format_percent, format_setting, records_html
+from .run import unique_group
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -217,7 +218,7 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     """
     __tracebackhide__ = True
     model, optimizers, scheduler = options.model, options.optimizers, options.scheduler
-    name = options.name or "sweep"
+    name = unique_group(options.name or "sweep")  # a second sweep's runs: sweep2[...]
     claim = _claim(name, options)
     start = StartingState(model, optimizers, scheduler)
     result = Sweep(settings, criterion="validation loss" if options.val is not None
@@ -227,7 +228,7 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
         for i, setting in enumerate(settings):
             start.restore()
             applied = apply_hyperparameters(setting, optimizers, scheduler)
-            label = " ".join(f"{k}={v}" for k, v in setting.items())
+            label = " ".join(f"{k}={format_setting(v)}" for k, v in setting.items())
             run_options = dataclasses.replace(
                 options, name=f"{name}[{label}]",
                 config={**options.config, "sweep": setting, "set": applied},
@@ -259,13 +260,20 @@ class Showdown:
     peaks: dict = field(default_factory=dict)  # precision -> bytes above the starting state
     peak_method: str = ""
 
+    @property
+    def memory_label(self) -> str:
+        """What the memory column measured: not the runs' "peak memory" (the whole process)."""
+        return ("peak memory above the start" if self.peak_method.startswith("CUDA")
+                else "memory kept for backward")
+
     def rows(self) -> list[dict]:
         base = self.runs.get("fp32")
         out = []
         for precision, run in self.runs.items():
             out.append({"precision": precision, "median step ms": self.step_ms(run),
-                        "peak memory": self.peaks.get(precision), "final loss": final_loss(run),
-                        "loss vs fp32": _relative(final_loss(run), final_loss(base))
+                        self.memory_label: self.peaks.get(precision),
+                        FINAL_LOSS: final_loss(run),
+                        LOSS_GAP: _relative(final_loss(run), final_loss(base))
                         if base is not None else None,
                         "skipped": run.summary["skipped_steps"]})
         return out
@@ -287,29 +295,45 @@ class Showdown:
             parts = []
             ms = self.step_ms(run)
             if ms and base_ms:
-                ratio = base_ms / ms
-                parts.append(f"{ratio:.2g}x faster" if ratio >= 1 else f"{1 / ratio:.2g}x slower")
+                parts.append(speed_words(base_ms, ms))
             peak = self.peaks.get(precision)
             if peak is not None and base_peak:
                 change = 1 - peak / base_peak
-                parts.append(f"{abs(change):.0%} {'less' if change >= 0 else 'more'} memory")
+                parts.append(f"{abs(change):.0%} {'less' if change >= 0 else 'more'} "
+                             f"{self.memory_label}")
             gap = _relative(final_loss(run), final_loss(base))
             if gap is not None:
-                parts.append(f"loss within {gap:.2%} of fp32" if math.isfinite(gap)
-                             else "loss not finite")
+                parts.append(f"final loss within {format_percent(gap)} of fp32"
+                             if math.isfinite(gap) else "loss not finite")
             skipped = run.summary["skipped_steps"]
             if skipped:
-                parts.append(f"{skipped} skipped steps")
+                parts.append(f"{skipped} skipped step{'s' * (skipped != 1)}")
             lines.append(f"{precision}: " + ", ".join(parts))
         return lines
 
     def _repr_html_(self) -> str:
         verdict = "".join(f"<li>{html.escape(v)}</li>" for v in self.verdicts())
         caption = f"memory: {self.peak_method}"
-        return records_html(self.rows(), caption) + f"<ul>{verdict}</ul>"
+        return records_html(self.rows(), caption, byte_columns=(self.memory_label,),
+                            formats={LOSS_GAP: format_percent}) + f"<ul>{verdict}</ul>"
 
     def __repr__(self) -> str:
         return "\n".join(self.verdicts()) or f"<Showdown of {', '.join(self.runs)}>"
+
+
+FINAL_LOSS = "final loss (mean of last 5)"
+LOSS_GAP = "loss gap to fp32"
+SAME_SPEED = 0.10  # step times within 10% of fp32's read as "about as fast"
+
+
+def speed_words(base_ms: float, ms: float) -> str:
+    """fp32's median step time against another's, in words: "1.8x faster", or within
+    SAME_SPEED "about as fast as fp32 (3% slower)" (a "1x slower" says nothing)."""
+    ratio = base_ms / ms
+    if abs(ms / base_ms - 1) < SAME_SPEED:
+        change = ms / base_ms - 1
+        return f"about as fast as fp32 ({abs(change):.0%} {'slower' if change > 0 else 'faster'})"
+    return f"{ratio:.2g}x faster" if ratio >= 1 else f"{1 / ratio:.2g}x slower"
 
 
 def final_loss(run: Run, last: int = 5) -> float | None:
@@ -340,7 +364,7 @@ def showdown(step_fn: StepFn, precisions: list[str], options: TrainOptions,
     model, optimizers, steps = options.model, options.optimizers, options.steps
     if steps is None:
         raise AmpUsageError("a precision comparison needs a number of steps, e.g. --steps 50")
-    name = options.name or "compare"
+    name = unique_group(options.name or "compare")
     claim = _claim(name, options)
     start = StartingState(model, optimizers, options.scheduler)
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))

@@ -1,9 +1,17 @@
 """The training dashboard as SVG and HTML strings: data in, markup out.
 
 Pure functions with no IPython, widget or torch dependency, so the same markup serves the live
-widget and the static snapshot left in the saved notebook. Charts are inline SVG that take
-their text colour from the page (`currentColor`), so they read on light and dark themes, and
-use presentation attributes rather than a <style> block, which sanitisers strip.
+widget and the static snapshot left in the saved notebook.
+
+Every chart is a standalone SVG document. What stays in a saved notebook (the snapshot at the
+end of a run, `Run.plot()` pictures) places each one as `<img src="data:image/svg+xml;base64,
+...">`: notebooks opened untrusted (any notebook a colleague sends) sanitise inline `<svg>`
+away, but keep images, as nbconvert's HTML and GitHub's viewer do. An SVG inside an <img>
+inherits no text colour, so charts use fixed colours chosen to read on light and dark
+backgrounds: mid-luminance greys for text and axes (about 4.3:1 against white and against
+JupyterLab's dark background) and a mid-luminance palette. The live widget places the same SVG
+inline (no image decode per refresh, so no flicker). Charts have a fixed pixel size and never
+grow past it, so chart text stays at 11 px however wide the page is.
 
 Cost is bounded whatever the run length: every series is reduced to about `max_points` points
 before drawing. Columns may be lists or numpy arrays; pass arrays (and keep them for finished
@@ -11,24 +19,31 @@ runs), since turning a list into an array costs ~3.5 ms per 100,000 values, on e
 """
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .format import BYTE_UNITS, escape as _e, format_duration, format_number, summary_table_html
+from .format import (BYTE_UNITS, escape as _e, format_duration, format_number,
+                     summary_table_html)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-# Paul Tol's "vibrant" scheme (its blue lightened): colour-blind safe and mid-luminance, so it
-# reads on light and dark themes.
-PALETTE = ("#1E88E5", "#EE7733", "#009988", "#EE3377", "#33BBEE", "#BBBBBB")
+# Paul Tol's "vibrant" scheme (its blue lightened, its grey replaced by olive, which the axes'
+# grey cannot be mistaken for): colour-blind safe and mid-luminance, so it reads on light and
+# dark themes.
+PALETTE = ("#1E88E5", "#EE7733", "#009988", "#EE3377", "#33BBEE", "#999933")
 ALERT = "#CC3311"  # skipped steps and non-finite values; no run gets this colour
-FADED_OPACITY = 0.35
+INK = "#777777"  # text and axes: 4.5:1 on white, 4.2:1 on JupyterLab's dark #111111
+# Earlier runs: translucent and thinner than the current run, yet at least 2.4:1 against
+# JupyterLab's dark background for every palette colour (0.35 left them at 1.5:1, barely seen).
+FADED_OPACITY = 0.6
 MAX_POINTS = 1000
 SMOOTH_POINTS = 200  # for slow lines (smoothed loss, memory): fewer points, same look
+CHART_WIDTH, CHART_HEIGHT = 360, 240  # pixels: charts shrink to fit, never grow
 
 _DASHES = {"line": None, "faint": None, "dashed": "6 3", "dotted": "1.5 3", "dashdot": "7 3 1.5 3",
            "markers": "2 3"}
@@ -95,7 +110,7 @@ def robust_band(values: np.ndarray, sample: int = 2000) -> tuple[float, float]:
 
 
 def smooth(xs: Sequence[float], ys: Sequence[float | None], max_points: int = SMOOTH_POINTS,
-           weight: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+           weight: float = 0.9, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A smoothed line through (xs, ys) with at most `max_points` points.
 
     The finite values are averaged per bucket of consecutive points, then a debiased exponential
@@ -103,10 +118,17 @@ def smooth(xs: Sequence[float], ys: Sequence[float | None], max_points: int = SM
     the run however long it gets. Non-finite values are left out and outliers are clipped to the
     `robust_band`, so one overflowed batch does not drag the line off the chart for the rest of
     the run: the raw line shows them.
+
+    With `log`, the smoothing happens on log10(y) (for a log axis: an average of raw values is
+    dominated by the largest ones, so on a log axis it would lag far above the raw line) and
+    values <= 0 are left out.
     """
     x, y = _floats(xs), _floats(ys)
     if len(x) != len(y):
         raise ValueError(f"xs and ys differ in length: {len(x)} != {len(y)}")
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.where(y > 0, np.log10(y), np.nan)
     finite = np.isfinite(y)
     if not finite.all():
         x, y = x[finite], y[finite]
@@ -126,7 +148,28 @@ def smooth(xs: Sequence[float], ys: Sequence[float | None], max_points: int = SM
         ema = weight * ema + (1 - weight) * value
         norm = weight * norm + (1 - weight)
         out.append(ema / norm)
-    return means_x, np.array(out)
+    smoothed = np.array(out)
+    return means_x, (10.0 ** smoothed if log else smoothed)
+
+
+def throughput(steps: Sequence[float], times: Sequence[float], samples: Sequence[float],
+               max_points: int = SMOOTH_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Samples per second along the run: per bucket of consecutive steps, the samples of its
+    steps over the time between the previous step's end and its last step's end (the first
+    bucket counts from the start, time 0). The same definition as `Run.rates`, so the last
+    bucket agrees with a rate over the same steps. x is each bucket's last step."""
+    x, t, n_samples = _floats(steps), _floats(times), _floats(samples)
+    n = len(x)
+    if n == 0 or len(t) != n or len(n_samples) != n:
+        return np.empty(0), np.empty(0)
+    t_end = np.concatenate([[0.0], t])
+    total = np.concatenate([[0.0], np.cumsum(np.nan_to_num(n_samples))])
+    edges = np.unique(np.linspace(0, n, min(n, max_points) + 1).astype(int))
+    dt = t_end[edges[1:]] - t_end[edges[:-1]]
+    done = total[edges[1:]] - total[edges[:-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.where(dt > 0, done / dt, np.nan)
+    return x[edges[1:] - 1], rate
 
 
 # --- tick labels -------------------------------------------------------------------------------
@@ -139,7 +182,9 @@ def _fmt_steps(v: float) -> str:
 
 
 def _fmt_seconds(v: float) -> str:
-    """A time tick: 45s, 2m, 2m30s, 1h, 1h30m."""
+    """A time tick: 0.5s, 45s, 2m, 2m30s, 1h, 1h30m."""
+    if abs(v - round(v)) > 1e-6:
+        return f"{round(v, 6):g}s"
     s = int(round(v))
     hours, minutes, seconds = s // 3600, s % 3600 // 60, s % 60
     if hours:
@@ -168,6 +213,8 @@ def _linear_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 def _time_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     raw = (hi - lo) / target
+    if raw < 1:  # a short run: ticks every 0.1s, 0.2s ... rather than none at all
+        return _linear_ticks(lo, hi, target)
     step = next((s for s in _TIME_STEPS if s >= raw), None) or _nice_step(hi - lo, target)
     return _ticks_between(lo, hi, step)
 
@@ -204,6 +251,10 @@ def _y_axis(values: np.ndarray, y_scale: str, ignore_outliers: bool):
         ticks, unit_name, unit = _byte_ticks(hi)
         labels = [f"{t / unit:g} {unit_name}" if t else "0" for t in ticks]
         return 0.0, hi, ticks, labels
+    if y_scale == "rate":  # from 0, so a drop in throughput reads at its true size
+        hi = float(values.max()) * 1.08 if len(values) and values.max() > 0 else 1.0
+        ticks = _linear_ticks(0.0, hi, 4)
+        return 0.0, hi, ticks, [_fmt_steps(t) for t in ticks]
     if len(values):
         lo, hi = float(values.min()), float(values.max())
         if ignore_outliers:
@@ -255,7 +306,7 @@ class Series:
 
 def _stroke(series: Series, width: float | None = None) -> str:
     if width is None:
-        width = {"faint": 1.0, "markers": 1.2}.get(series.style, 1.3 if series.faded else 1.8)
+        width = {"faint": 1.0, "markers": 1.2}.get(series.style, 1.4 if series.faded else 1.9)
     opacity = (0.3 if series.style == "faint" else 1.0) * (FADED_OPACITY if series.faded else 1)
     attrs = f'stroke="{_e(series.color)}" stroke-width="{width}" fill="none"'
     if opacity < 1:
@@ -292,7 +343,7 @@ def _triangle(x: float, y: float) -> str:
     return f"M{x - 3.5:.1f},{y - 6:.1f}h7l-3.5,6z"
 
 
-_TITLE_FONT, _FONT = 13.0, 10.5
+_TITLE_FONT, _FONT = 12.5, 11.0  # pixels: charts never scale up, so this is what is seen
 _LEGEND_ROW = 15.0
 
 
@@ -310,7 +361,7 @@ def _legend(entries, width: float) -> tuple[list[str], int]:
             swatch = f'<path d="M{x + 7},{y - 5}v9" stroke="{ALERT}" stroke-width="2"/>'
         elif style == "off_scale":  # an arrow pointing up and out of the plot
             swatch = (f'<path d="M{x + 7},{y + 4}v-9m-3.5,3.5l3.5,-3.5l3.5,3.5" '
-                      f'stroke="currentColor" stroke-width="1.5" fill="none"/>')
+                      f'stroke="{INK}" stroke-width="1.5" fill="none"/>')
         else:  # a faint line is drawn wider here, or it could not be seen
             sample = _stroke(Series("", (), (), color, style), 3.0 if style == "faint" else None)
             swatch = f'<path d="M{x},{y - 1}h16" {sample}/>'
@@ -333,49 +384,76 @@ def _auto_scale(values: np.ndarray, ignore_outliers: bool) -> str:
     return "log10" if hi > 1000 * lo else "linear"
 
 
+def _x_window(xs, ys, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """The points of an ascending series within [lo, hi], plus one on each side, so the line
+    still runs out of the plot where the data goes on."""
+    x, y = _floats(xs), _floats(ys)
+    if len(x) != len(y):
+        raise ValueError(f"xs and ys differ in length: {len(x)} != {len(y)}")
+    first = max(int(np.searchsorted(x, lo, "left")) - 1, 0)
+    last = int(np.searchsorted(x, hi, "right")) + 1
+    return x[first:last], y[first:last]
+
+
 def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step",
                    x_scale: str = "linear", y_scale: str = "linear", marks: Sequence[float] = (),
                    marks_label: str = "skipped step", note: str = "",
                    ignore_outliers: bool = False, max_points: int = MAX_POINTS,
-                   width: int = 360, height: int = 240) -> str:
-    """A self-contained <svg> line chart with title, legend, ticks and gridlines.
+                   width: int = CHART_WIDTH, height: int = CHART_HEIGHT) -> str:
+    """A standalone SVG document: a line chart with title, legend, ticks and gridlines,
+    `width` x `height` pixels, in fixed colours (it must read inside an <img>, on any theme).
 
-    x_scale: "linear" (steps, labelled 5k, 10k ...) or "seconds" (30s, 2m ...);
-    y_scale: "linear", "log2" (ticks 2¹⁰, 2¹⁶ ...), "bytes" (from 0, in KiB/MiB/GiB) or "auto":
-    linear, or log10 when positive data spans more than 1000x (a loss that diverged).
+    x_scale: "linear" (steps, labelled 5k, 10k ...) or "seconds" (0.5s, 30s, 2m ...);
+    y_scale: "linear", "log2" (ticks 2¹⁰, 2¹⁶ ...), "log10", "bytes" (from 0, in KiB/MiB/GiB),
+    "rate" (from 0, labelled 500, 1.5k ...) or "auto": linear, or log10 when positive data
+    spans more than 1000x (a loss that diverged).
+    The axes follow the bold (not faded) series: faded series, earlier runs, are drawn
+    underneath, clipped to the plot and left out of the legend, so a diverged earlier run
+    cannot flatten the current one. (With no bold data yet, the axes fit the faded series.)
     `marks` are x positions flagged by red triangles above the plot (skipped steps); non-finite
     values of the bold series get a red tick there too. `note` is written across the plot
     (e.g. "no scaler"). With `ignore_outliers`, the y axis spans the `robust_band` of the data,
     not its extremes (lines run off the plot there and the legend counts them), so a single
     overflowed batch cannot flatten the rest of the loss curve.
-    Every series is reduced to about `max_points` points first; faded series are drawn
-    underneath and left out of the legend.
+    Every series is reduced to about `max_points` points first.
     """
-    if x_scale not in ("linear", "seconds") or y_scale not in ("linear", "log2", "bytes", "auto"):
+    scales = ("linear", "log2", "log10", "bytes", "rate", "auto")
+    if x_scale not in ("linear", "seconds") or y_scale not in scales:
         raise ValueError(f"unknown scale: x_scale={x_scale!r}, y_scale={y_scale!r}")
-    drawn, bold, nonfinite = [], [], 0
-    for s in sorted(series, key=lambda s: not s.faded):
-        ys = _floats(s.ys)
-        drawn.append((s, *downsample(s.xs, ys, max_points)))
-        if not s.faded:
-            bold.append(ys)
-            nonfinite += len(ys) - int(np.isfinite(ys).sum())
+    bold_series = [s for s in series if not s.faded]
+    bold = [_floats(s.ys) for s in bold_series]
+    nonfinite = sum(len(ys) - int(np.isfinite(ys).sum()) for ys in bold)
     if y_scale == "auto":
-        y_scale = _auto_scale(np.concatenate([v for *_, v in drawn] + [np.empty(0)]),
-                              ignore_outliers)
+        y_scale = _auto_scale(np.concatenate(bold + [np.empty(0)]), ignore_outliers)
 
     def to_axis(values: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             log = {"log2": np.log2, "log10": np.log10}.get(y_scale)
             return log(values) if log else values
 
-    reduced = [(s, x, values, to_axis(values)) for s, x, values in drawn]
+    def finite(columns: list[np.ndarray]) -> np.ndarray:
+        joined = np.concatenate(columns + [np.empty(0)])
+        return joined[np.isfinite(joined)]
+
     mark_xs = _floats(marks)
-    all_x = np.concatenate([x for _, x, _, _ in reduced] + [mark_xs, np.empty(0)])
-    all_y = np.concatenate([y for *_, y in reduced] + [np.empty(0)])
-    all_y = all_y[np.isfinite(all_y)]
-    x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x[np.isfinite(all_x)], x_scale)
+    reduced = [(s, *downsample(s.xs, ys, max_points)) for s, ys in zip(bold_series, bold)]
+    reduced = [(s, x, values, to_axis(values)) for s, x, values in reduced]
+    all_y = finite([y for *_, y in reduced])
+    faded = [s for s in series if s.faded]
+    if len(all_y):  # the axes follow the bold series; earlier runs are cut to their x range
+        all_x = finite([x for _, x, _, _ in reduced] + [mark_xs])
+        x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x, x_scale)
+        faded_reduced = [(s, *downsample(*_x_window(s.xs, s.ys, x_lo, x_hi), max_points))
+                         for s in faded]
+        faded_reduced = [(s, x, values, to_axis(values)) for s, x, values in faded_reduced]
+    else:  # no bold data yet: the earlier runs set the axes
+        faded_reduced = [(s, *downsample(s.xs, s.ys, max_points)) for s in faded]
+        faded_reduced = [(s, x, values, to_axis(values)) for s, x, values in faded_reduced]
+        all_x = finite([x for _, x, _, _ in faded_reduced] + [mark_xs])
+        all_y = finite([y for *_, y in faded_reduced])
+        x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x, x_scale)
     y_lo, y_hi, y_ticks, y_tick_labels = _y_axis(all_y, y_scale, ignore_outliers)
+    reduced = faded_reduced + reduced  # drawn underneath
     off_scale = 0
     if ignore_outliers:
         for ys in bold:
@@ -390,7 +468,7 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
     if nonfinite:
         entries.append((f"NaN/inf ({nonfinite:,})", ALERT, "nonfinite"))
     if off_scale:
-        entries.append((f"off scale ({off_scale:,})", "currentColor", "off_scale"))
+        entries.append((f"off scale ({off_scale:,})", INK, "off_scale"))
     legend, legend_rows = _legend(entries, width)
     if not len(all_y):  # no data: an empty frame, not made-up ticks
         x_ticks, x_tick_labels, y_ticks, y_tick_labels = [], [], [], []
@@ -404,10 +482,10 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
     def sy(v):
         return bottom - (np.asarray(v, float) - y_lo) / (y_hi - y_lo) * (bottom - top)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
-           f'style="display:block;max-width:{width * 2}px" role="img" aria-label="{_e(title)}" '
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}" '
            f'font-family="system-ui,-apple-system,Segoe UI,Roboto,sans-serif" font-size="{_FONT}" '
-           f'fill="currentColor" stroke-linecap="round" '
+           f'fill="{INK}" stroke-linecap="round" '
            f'stroke-linejoin="round"><title>{_e(title)}</title>'
            f'<text x="8" y="17" font-size="{_TITLE_FONT}" font-weight="600">{_e(title)}</text>',
            *legend]
@@ -422,15 +500,16 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         grid.append(f"M{px:.1f},{top}V{bottom}")
         out.append(f'<text class="xtick" x="{px:.1f}" y="{bottom + 14}" text-anchor="middle">'
                    f"{_e(label)}</text>")
-    out.append(f'<path d="{" ".join(grid)}" stroke="currentColor" stroke-opacity="0.13" '
-               f'fill="none"/><path d="M{left},{top}V{bottom}H{right}" stroke="currentColor" '
-               f'stroke-opacity="0.45" fill="none"/>')
+    out.append(f'<path d="{" ".join(grid)}" stroke="{INK}" stroke-opacity="0.3" '
+               f'fill="none"/><path d="M{left},{top}V{bottom}H{right}" stroke="{INK}" '
+               f'fill="none"/>')
     if x_label:
-        out.append(f'<text x="{right}" y="{height - 3}" text-anchor="end" opacity="0.7">'
+        out.append(f'<text x="{right}" y="{height - 3}" text-anchor="end">'
                    f"{_e(x_label)}</text>")
 
-    # Lines are clipped to the plot (off-scale values run out of it) by a nested viewport,
-    # which needs no id: ids would clash between the many charts of one notebook.
+    # Lines are clipped to the plot (off-scale values and earlier runs beyond the axes run out
+    # of it) by a nested viewport, which needs no id: ids would clash between the many charts
+    # of one notebook.
     out.append(f'<svg x="{left - 2}" y="{top - 2}" width="{right - left + 4}" '
                f'height="{bottom - top + 4}" viewBox="{left - 2} {top - 2} {right - left + 4} '
                f'{bottom - top + 4}" overflow="hidden">')
@@ -464,9 +543,25 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
                    f"{_e(x_label)} {m:g}</title></path>")
     if note or not len(all_y):
         out.append(f'<text x="{(left + right) / 2}" y="{(top + bottom) / 2}" text-anchor="middle" '
-                   f'opacity="0.6" font-size="{_TITLE_FONT}">{_e(note or "no data yet")}</text>')
+                   f'font-size="{_TITLE_FONT}">{_e(note or "no data yet")}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def svg_image(svg: str, alt: str, width: int = CHART_WIDTH, height: int = CHART_HEIGHT) -> str:
+    """The SVG as an <img> with a data URI: survives the sanitiser of untrusted notebooks,
+    nbconvert's HTML and GitHub's viewer. At most its own pixel size, smaller in a narrower
+    box; the width and height attributes reserve its space before it is decoded."""
+    data = base64.b64encode(svg.encode()).decode("ascii")
+    return (f'<img class="amp-chart" src="data:image/svg+xml;base64,{data}" alt="{_e(alt)}" '
+            f'width="{width}" height="{height}" style="display:block;width:100%;'
+            f'max-width:{width}px;height:auto">')
+
+
+def svg_inline(svg: str, width: int = CHART_WIDTH) -> str:
+    """The SVG placed in the page itself (the live widget): the same size rules as svg_image."""
+    return svg.replace("<svg ", '<svg style="display:block;width:100%;max-width:'
+                       f'{width}px;height:auto" ', 1)
 
 
 # --- the dashboard -----------------------------------------------------------------------------
@@ -475,8 +570,9 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
 class RunTrace:
     """One run's history as plain columns.
 
-    steps/loss/scale are aligned per optimizer step (scale empty without a GradScaler);
-    memory maps a label ("allocated", "reserved", "peak", "device used (NVML)", or
+    steps/loss/scale/time/samples are aligned per optimizer step (scale empty without a
+    GradScaler; time: seconds since the start at the step's end; samples: the step's batch
+    size); memory maps a label ("allocated", "reserved", "peak", "device used (NVML)", or
     "resident (RSS)") to bytes aligned with memory_time (seconds since the start); the first
     label is the one drawn for earlier runs.
     """
@@ -490,9 +586,12 @@ class RunTrace:
     val_loss: Sequence[float | None] = ()
     memory_time: Sequence[float] = ()
     memory: dict[str, Sequence[float | None]] = field(default_factory=dict)
+    time: Sequence[float] = ()
+    samples: Sequence[float] = ()
 
 
-_COLUMNS = ("steps", "loss", "scale", "skipped", "val_steps", "val_loss", "memory_time")
+_COLUMNS = ("steps", "loss", "scale", "skipped", "val_steps", "val_loss", "memory_time", "time",
+            "samples")
 
 
 @dataclass
@@ -501,13 +600,14 @@ class DashboardView:
     current: RunTrace
     earlier: list[RunTrace] = field(default_factory=list)  # oldest first, drawn faded
     status: str = ""  # device, dtype, scaler settings, skipped steps so far
-    scaler: bool = False  # False: the scale panel says "no scaler"
+    scaler: bool = False  # True: a loss-scale chart; False: a throughput chart in its place
     step: int = 0
     total_steps: int | None = None
     epoch: int = 1  # 1-based
     epochs: int | None = None
     samples_per_s: float | None = None
     steps_per_s: float | None = None
+    rate_window: str = ""  # what the rates were measured over, e.g. "last 50 steps"
     lr: float | None = None
     elapsed: float = 0.0  # seconds
     eta: float | None = None  # seconds
@@ -521,29 +621,44 @@ def _run_colors(view: DashboardView) -> list[str]:
     return [PALETTE[0]] + [earlier[i % len(earlier)] for i in range(len(view.earlier))]
 
 
+def loss_axis(loss: np.ndarray) -> str:
+    """The loss chart's y scale for the current run's losses: "log10" or "linear"."""
+    return _auto_scale(loss, ignore_outliers=True)
+
+
 def _loss_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
-    series = []
-    for run, color in zip(view.earlier, colors[1:]):
-        series += [Series(f"{run.name} loss", *smooth(run.steps, run.loss), color, faded=True),
-                   Series(f"{run.name} val loss", run.val_steps, run.val_loss, color, "markers",
-                          faded=True)]
     run, color = view.current, colors[0]
+    y_scale = loss_axis(run.loss)
+    log = y_scale == "log10"  # smooth in the axis' space, or the line lags above the data
+    series = []
+    for earlier, c in zip(view.earlier, colors[1:]):
+        series += [Series(f"{earlier.name} loss", *smooth(earlier.steps, earlier.loss, log=log), c,
+                          faded=True),
+                   Series(f"{earlier.name} val loss", earlier.val_steps, earlier.val_loss, c,
+                          "markers", faded=True)]
     series += [Series("loss", run.steps, run.loss, color, "faint"),
-               Series("smoothed", *smooth(run.steps, run.loss), color)]
+               Series("smoothed", *smooth(run.steps, run.loss, log=log), color)]
     if len(run.val_steps):
         series.append(Series("val loss", run.val_steps, run.val_loss, color, "markers"))
-    return line_chart_svg("Loss", series, y_scale="auto", ignore_outliers=True)
+    return line_chart_svg("Loss", series, y_scale=y_scale, ignore_outliers=True)
 
 
 def _scale_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
     series = [Series(f"{run.name} loss scale", run.steps, run.scale, color, faded=True)
               for run, color in zip(view.earlier, colors[1:]) if len(run.scale)]
     run = view.current
-    if view.scaler:
-        series.append(Series("loss scale", run.steps, run.scale, colors[0]))
-    return line_chart_svg("Loss scale", series, y_scale="log2",
-                          marks=run.skipped if view.scaler else (),
-                          note="" if view.scaler else "no scaler (only fp16 needs one)")
+    series.append(Series("loss scale", run.steps, run.scale, colors[0]))
+    return line_chart_svg("Loss scale", series, y_scale="log2", marks=run.skipped)
+
+
+def _throughput_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
+    """In the loss-scale chart's place for runs without a scaler (bf16, fp32)."""
+    series = [Series(f"{run.name} samples/s", *throughput(run.steps, run.time, run.samples),
+                     color, faded=True)
+              for run, color in zip(view.earlier, colors[1:])]
+    run = view.current
+    series.append(Series("samples/s", *throughput(run.steps, run.time, run.samples), colors[0]))
+    return line_chart_svg("Throughput", series, y_scale="rate", max_points=SMOOTH_POINTS)
 
 
 def _memory_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
@@ -559,47 +674,81 @@ def _memory_chart_svg(view: DashboardView, colors: Sequence[str]) -> str:
                           max_points=SMOOTH_POINTS)
 
 
+LEGEND_CHARS = 90  # the runs legend lists earlier runs while it fits about this many characters
+
+
+def _swatch(color: str) -> str:
+    return (f'<span style="display:inline-block;width:14px;height:3px;background:{_e(color)};'
+            f'vertical-align:middle;margin-right:5px;border-radius:2px"></span>')
+
+
 def _runs_legend(view: DashboardView, colors: Sequence[str]) -> str:
+    """One line: the current run, then the earlier runs (newest first) while they fit in about
+    LEGEND_CHARS characters; the rest collapse into "+N earlier runs" (their names and flags
+    in its tooltip)."""
     def item(run: RunTrace, color: str, faded: bool, note: str) -> str:
         flags = f' <span style="opacity:.75">{_e(run.flags)}</span>' if run.flags else ""
-        return (f'<span style="display:inline-block;margin-right:16px'
-                f'{";opacity:.6" if faded else ""}"><span style="white-space:nowrap">'
-                f'<span style="display:inline-block;width:14px;height:3px;background:{_e(color)};'
-                f'vertical-align:middle;margin-right:5px;border-radius:2px"></span>'
+        fade = ' style="opacity:.75"' if faded else ""
+        return (f'<span{fade}><span style="white-space:nowrap">{_swatch(color)}'
                 f'<b>{_e(run.name)}</b>{note}</span>{flags}</span>')
 
+    current = f"{view.current.name} (this run)"
     items = [item(view.current, colors[0], False, " (this run)")]
-    items += [item(run, color, True, "") for run, color in zip(view.earlier, colors[1:])]
-    return f'<div style="margin:2px 0 6px 0;line-height:1.8">{"".join(items)}</div>'
+    used = len(current)
+    earlier = list(zip(view.earlier, colors[1:]))[::-1]  # newest first
+    shown = 0
+    for run, color in earlier:
+        width = len(run.name) + len(run.flags) + 4
+        rest = len(earlier) - shown - 1
+        if used + width + (18 if rest else 0) > LEGEND_CHARS:
+            break
+        items.append(item(run, color, True, ""))
+        used += width
+        shown += 1
+    hidden = earlier[shown:]
+    if hidden:
+        tip = "; ".join(f"{run.name} {run.flags}".strip() for run, _ in hidden)
+        swatches = "".join(_swatch(color).replace("width:14px", "width:8px")
+                           for _, color in hidden[:6])
+        more = "" if shown == 0 else "more "
+        plural = "s" if len(hidden) != 1 else ""
+        items.append(f'<span class="amp-more-runs" title="{_e(tip)}" style="white-space:nowrap;'
+                     f'opacity:.75">{swatches}+{len(hidden)} {more}earlier run{plural}</span>')
+    return (f'<div class="amp-runs" style="display:flex;flex-wrap:wrap;column-gap:16px;'
+            f'margin:2px 0 6px 0">{"".join(items)}</div>')
 
 
 def _progress_html(view: DashboardView) -> str:
     fraction = (min(1.0, max(0.0, view.step / view.total_steps)) if view.total_steps else None)
     epochs = f"/{view.epochs}" if view.epochs else ""
     total = f" / {view.total_steps:,}" if view.total_steps else ""
-    percent = f" · {fraction:.0%}" if fraction is not None else ""
     bar = ""
     if fraction is not None:
-        bar = (f'<div style="flex:1;min-width:120px;height:8px;border-radius:4px;'
+        bar = (f'<div style="flex:1 1 160px;min-width:120px;height:8px;border-radius:4px;'
                f'background:rgba(128,128,128,.25);overflow:hidden">'
                f'<div class="amp-progress" data-fraction="{fraction:.4f}" style="height:100%;'
                f'width:{fraction * 100:.2f}%;background:{PALETTE[0]}"></div></div>')
-    label = f"epoch {view.epoch}{epochs} · step {view.step:,}{total}{percent}"
-    return (f'<div style="display:flex;align-items:center;gap:10px;margin:4px 0">{bar}'
-            f'<span style="white-space:nowrap;font-variant-numeric:tabular-nums">{label}'
-            f"</span></div>")
+    parts = [f"epoch {view.epoch}{epochs}", f"step {view.step:,}{total}"]
+    if fraction is not None:
+        parts.append(f"{fraction:.0%}")
+    label = " · ".join(f'<span style="white-space:nowrap">{p}</span>' for p in parts)
+    return (f'<div class="amp-header" style="display:flex;flex-wrap:wrap;align-items:center;'
+            f'gap:2px 10px;margin:4px 0">{bar}<span>{label}</span></div>')
 
 
 def _stats_html(view: DashboardView) -> str:
-    stats = [("samples/s", format_number(view.samples_per_s)),
-             ("steps/s", format_number(view.steps_per_s)),
-             ("lr", "—" if view.lr is None else f"{view.lr:.3g}"),
-             ("elapsed", format_duration(view.elapsed)),
-             ("ETA", format_duration(view.eta))]
+    window = (f' <span style="opacity:.65">({_e(view.rate_window)})</span>'
+              if view.rate_window else "")
+    stats = [("samples/s", format_number(view.samples_per_s), ""),
+             ("steps/s", format_number(view.steps_per_s), window),
+             ("lr", "—" if view.lr is None else f"{view.lr:.3g}", ""),
+             ("elapsed", format_duration(view.elapsed), ""),
+             ("ETA", format_duration(view.eta), "")]
     cells = "".join(
-        f'<span style="margin-right:22px;white-space:nowrap"><span style="opacity:.65">{k}</span> '
-        f'<b style="font-variant-numeric:tabular-nums">{v}</b></span>' for k, v in stats)
-    return f'<div style="margin:2px 0 4px 0">{cells}</div>'
+        f'<span style="white-space:nowrap"><span style="opacity:.65">{k}</span> '
+        f'<b>{v}</b>{extra}</span>' for k, v, extra in stats)
+    return (f'<div class="amp-stats" style="display:flex;flex-wrap:wrap;gap:0 20px;'
+            f'margin:2px 0 4px 0">{cells}</div>')
 
 
 def _alarms_html(alarms: Sequence[str]) -> str:
@@ -615,19 +764,34 @@ def _with_arrays(run: RunTrace) -> RunTrace:
     return replace(run, memory={k: _floats(v) for k, v in run.memory.items()}, **columns)
 
 
-def dashboard_html(view: DashboardView) -> str:
-    """The whole dashboard as one self-contained HTML string (no scripts, inline styles)."""
+CHART_TITLES = {"loss": "Loss", "scale": "Loss scale", "throughput": "Throughput",
+                "memory": "Memory"}
+
+
+def dashboard_html(view: DashboardView, inline: bool = False) -> str:
+    """The whole dashboard as one self-contained HTML string (no scripts, inline styles).
+
+    Charts are <img> elements with SVG data URIs (what a saved notebook must hold: it reads
+    untrusted, in nbconvert and on GitHub); `inline=True` places the same SVG in the page
+    instead, for the live widget. Three charts of fixed size in a wrapping row: loss, then the
+    loss scale (fp16) or the throughput (no scaler), then memory."""
     view = replace(view, current=_with_arrays(view.current),
                    earlier=[_with_arrays(run) for run in view.earlier])
     colors = _run_colors(view)
-    charts = "".join(f'<div style="min-width:0">{svg}</div>' for svg in (
-        _loss_chart_svg(view, colors), _scale_chart_svg(view, colors),
-        _memory_chart_svg(view, colors)))
+    middle = ("scale", _scale_chart_svg) if view.scaler else ("throughput", _throughput_chart_svg)
+    drawn = [("loss", _loss_chart_svg(view, colors)), (middle[0], middle[1](view, colors)),
+             ("memory", _memory_chart_svg(view, colors))]
+
+    def place(name: str, svg: str) -> str:
+        return svg_inline(svg) if inline else svg_image(svg, f"{CHART_TITLES[name]} chart")
+
+    charts = "".join(f'<div style="flex:1 1 300px;min-width:0;max-width:{CHART_WIDTH}px">'
+                     f"{place(name, svg)}</div>" for name, svg in drawn)
     status = f'<div style="opacity:.8;margin:2px 0">{_e(view.status)}</div>' if view.status else ""
     summary = summary_table_html(view.summary) if view.summary is not None else ""
     return (f'<div class="amp-dashboard" style="font-family:system-ui,-apple-system,\'Segoe UI\','
             f'Roboto,sans-serif;font-size:12.5px;line-height:1.45;color:inherit;padding:4px 0">'
             f"{_runs_legend(view, colors)}{_progress_html(view)}{_stats_html(view)}{status}"
             f"{_alarms_html(view.alarms)}"
-            f'<div style="display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));'
-            f'gap:8px 16px;margin-top:6px">{charts}</div>{summary}</div>')
+            f'<div class="amp-charts" style="display:flex;flex-wrap:wrap;gap:8px 16px;'
+            f'margin-top:6px">{charts}</div>{summary}</div>')

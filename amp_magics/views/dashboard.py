@@ -3,13 +3,16 @@
 A View (training/view.py): `on_refresh` runs on the training thread at the engine's refresh
 interval, never per step. History is turned into columns incrementally (only the records
 added since the last refresh), so a refresh costs the same after 100 or 100,000 steps apart
-from charts.py's downsampling. When the run ends, the widget is replaced in the output by a
-static HTML snapshot (a display_id update), which survives saving the notebook and shows
-without a kernel, in nbconvert and on GitHub.
+from charts.py's downsampling. The live widget draws the charts inline; when the run ends, the
+widget is replaced in the output by a static HTML snapshot (a display_id update) whose charts
+are SVG images with data URIs: it survives saving the notebook and reads without a kernel,
+opened untrusted, in nbconvert and on GitHub.
 """
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from array import array
 from typing import TYPE_CHECKING
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from ..training.view import View
 from . import charts
-from .format import format_number
+from .format import format_number, format_setting
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -32,9 +35,14 @@ class _Columns:
 
     def __init__(self, run: Run):
         self.run = run
-        self.memory_labels = (("allocated", "reserved", "peak", "device_used")
-                              if run.device.startswith("cuda") else ("rss",))
+        cuda = run.device.startswith("cuda")
+        self.memory_labels = (("allocated", "reserved", "peak", "device_used") if cuda
+                              else ("rss",))
+        if run.ranks > 1:  # --nproc: one line per rank, of what each rank holds
+            self.memory_labels = tuple(f"{'allocated' if cuda else 'rss'} rank{r}"
+                                       for r in range(run.ranks))
         self.steps, self.loss, self.scale, self.skipped = (array("d") for _ in range(4))
+        self.time, self.samples = array("d"), array("d")
         self.val_steps, self.val_loss, self.memory_time = (array("d") for _ in range(3))
         self.memory = {label: array("d") for label in self.memory_labels}
         self._seen = [0, 0, 0]  # history, val_history, memory records consumed
@@ -45,6 +53,8 @@ class _Columns:
         for record in history[seen[0]:]:
             self.steps.append(record["step"])
             self.loss.append(_nan(record["loss"]))
+            self.time.append(_nan(record.get("time")))
+            self.samples.append(record.get("samples") or 0)
             if record["scale"] is not None:
                 self.scale.append(record["scale"])
             if record["skipped"]:
@@ -62,14 +72,21 @@ class _Columns:
         return self
 
     def trace(self, flags: str = "") -> charts.RunTrace:
-        memory = {MEMORY_LABELS[k]: _as_numpy(v) for k, v in self.memory.items()}
+        memory = {_memory_label(k): _as_numpy(v) for k, v in self.memory.items()}
         return charts.RunTrace(
             name=self.run.name, flags=flags, steps=_as_numpy(self.steps),
             loss=_as_numpy(self.loss),
             scale=_as_numpy(self.scale) if len(self.scale) == len(self.steps) else (),
             skipped=_as_numpy(self.skipped), val_steps=_as_numpy(self.val_steps),
             val_loss=_as_numpy(self.val_loss), memory_time=_as_numpy(self.memory_time),
-            memory={k: v for k, v in memory.items() if not np.isnan(v).all()})
+            memory={k: v for k, v in memory.items() if not np.isnan(v).all()},
+            time=_as_numpy(self.time), samples=_as_numpy(self.samples))
+
+
+def _memory_label(key: str) -> str:
+    """"rss" -> "resident (RSS)"; "rss rank1" -> "rank 1 resident (RSS)"."""
+    base, _, rank = key.partition(" rank")
+    return f"rank {rank} {MEMORY_LABELS[base]}" if rank else MEMORY_LABELS[base]
 
 
 MEMORY_LABELS = {"allocated": "allocated", "reserved": "reserved", "peak": "peak",
@@ -86,16 +103,19 @@ def _nan(value) -> float:
     return math.nan if value is None else float(value)
 
 
+_LENGTH = ("epochs", "steps")
+
+
 def flags_that_differ(run: Run, current: Run) -> str:
-    """ "lr=0.01 dtype=bf16": what an earlier run did differently, for the legend."""
-    def settings(r: Run) -> dict:
-        return {**r.config.get("flags", {}), "lr": r.config.get("lr"),
-                **r.config.get("sweep", {})}
-    mine, theirs = settings(run), settings(current)
-    ignore = {"output", "name", "resume", "checkpoint", "every"}
-    keys = sorted(k for k in mine.keys() | theirs.keys()
-                  if k not in ignore and mine.get(k) != theirs.get(k))
-    return " ".join(f"{k}={mine.get(k, '-')}" for k in keys)
+    """ "dtype=bf16 lr=0.01 steps=20": how an earlier run trained differently, for the legend:
+    its own values (the precision it ran, never "auto"); "no clip" where only the current run
+    has a setting (a length is always given by the other one)."""
+    mine, theirs = run.settings(), current.settings()
+    order = ("dtype", "lr")
+    keys = sorted((k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)),
+                  key=lambda k: (order.index(k) if k in order else len(order), k))
+    return " ".join(f"{k}={format_setting(mine[k])}" if k in mine else f"no {k}"
+                    for k in keys if k in mine or k not in _LENGTH)
 
 
 def status_line(run: Run, skipped: int) -> str:
@@ -114,15 +134,17 @@ def status_line(run: Run, skipped: int) -> str:
 
 
 def build_view(run: Run, columns: _Columns, earlier: list[charts.RunTrace],
-               final: bool) -> charts.DashboardView:
+               final: bool, summary: bool | None = None) -> charts.DashboardView:
+    """The dashboard's values. Live, the rates are those of the last RATE_WINDOW steps; once
+    final, the run's mean, the very numbers of its summary (Run.rates either way).
+    `summary` (default: `final`) adds the summary table."""
     h = run.history
-    steps_per_s = samples_per_s = None
-    if len(h) >= 2:
-        window = h[-RATE_WINDOW - 1:]
-        span = window[-1]["time"] - window[0]["time"]
-        if span > 0:
-            steps_per_s = (len(window) - 1) / span
-            samples_per_s = sum(r["samples"] for r in window[1:]) / span
+    if final:
+        samples_per_s, steps_per_s = run.rates()
+        window = "mean over the run"
+    else:
+        samples_per_s, steps_per_s = run.rates(last=RATE_WINDOW)
+        window = f"last {RATE_WINDOW} steps" if len(h) > RATE_WINDOW else "since the start"
     eta = None
     if run.total_steps and steps_per_s and not final:
         eta = max(run.total_steps - len(h), 0) / steps_per_s
@@ -132,13 +154,14 @@ def build_view(run: Run, columns: _Columns, earlier: list[charts.RunTrace],
         status=status_line(run, skipped=len(columns.skipped)),
         scaler=run.scaler_settings is not None, step=len(h), total_steps=run.total_steps,
         epoch=run.epoch + 1, epochs=epochs, samples_per_s=samples_per_s,
-        steps_per_s=steps_per_s, lr=h[-1]["lr"] if h else None, elapsed=run.wall_time,
-        eta=eta, alarms=list(run.alarms),
-        summary=run.summary_rows() if final else None)
+        steps_per_s=steps_per_s, rate_window=window if h else "",
+        lr=h[-1]["lr"] if h else None, elapsed=run.wall_time, eta=eta, alarms=list(run.alarms),
+        summary=run.summary_rows() if (final if summary is None else summary) else None)
 
 
 def overlay_html(runs: Sequence[Run]) -> str:
-    """A static picture of several runs: the first drawn bold, the others faded."""
+    """A static picture of several runs: the first drawn bold (the axes follow it), the
+    others faded. Charts are SVG images: it reads in any saved notebook."""
     first, *others = runs
     columns = _Columns(first).update()
     earlier = [_Columns(r).update().trace(flags_that_differ(r, first)) for r in others]
@@ -146,18 +169,61 @@ def overlay_html(runs: Sequence[Run]) -> str:
 
 
 class Picture:
-    """HTML that notebooks display as it is (nbconvert and GitHub show it too): Run.plot()."""
+    """HTML that notebooks display as it is (untrusted too; nbconvert and GitHub show it):
+    what Run.plot() and `%amp_runs --plot` return. In a terminal, a few lines of text."""
 
-    def __init__(self, html_text: str):
+    def __init__(self, html_text: str, text: str = ""):
         self.html = html_text
+        self.text = text
 
     def _repr_html_(self) -> str:
         return self.html
 
+    def __repr__(self) -> str:
+        return self.text or f"<Picture: {len(self.html):,} characters of HTML>"
+
 
 def overlay_picture(runs: Sequence[Run]) -> Picture:
     """`overlay_html` as an object a notebook displays: what Run.plot() returns."""
-    return Picture(overlay_html(runs))
+    first, *others = runs
+    lines = [f"{len(runs)} run{'s' * (len(runs) != 1)} overlaid; the axes follow {first.name}:",
+             f"  {first!r}"]
+    for other in others:
+        differs = flags_that_differ(other, first)
+        lines.append(f"  {other!r} (faded{': ' + differs if differs else ''})")
+    return Picture(overlay_html(runs), "\n".join(lines))
+
+
+# -- a running run's notice, rewritten when the run ends --------------------------------------
+_NOTICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Run -> [DisplayHandle]
+_NOTICES_LOCK = threading.Lock()
+
+
+def display_run(run: Run) -> None:
+    """Display a Run (its `_ipython_display_`). A running one gets a display_id, kept until
+    `end_notices(run)` rewrites it with how the run ended: the result of a --background cell
+    must not say "started ... Stop it" in the saved notebook once it has stopped."""
+    from IPython.display import display
+
+    if run.done:
+        display({"text/plain": repr(run), "text/html": run._repr_html_()}, raw=True)
+        return
+    handle = display({"text/plain": repr(run), "text/html": run._repr_html_()}, raw=True,
+                     display_id=True)
+    if handle is None:
+        return
+    with _NOTICES_LOCK:
+        _NOTICES.setdefault(run, []).append(handle)
+    if run.done:  # it ended meanwhile: nobody else will rewrite this one
+        end_notices(run)
+
+
+def end_notices(run: Run) -> None:
+    """Rewrite every running notice of `run` (now ended) with how it ended."""
+    with _NOTICES_LOCK:
+        handles = _NOTICES.pop(run, [])
+    for handle in handles:
+        handle.update({"text/plain": repr(run), "text/html": run.ended_html()}, raw=True)
 
 
 class Dashboard(View):
@@ -215,8 +281,8 @@ class Dashboard(View):
         self._html.value = self._render(run, final=False)
 
     def on_end(self, run: Run) -> None:
-        if self.several:
-            self._html.value = self._render(run, final=True)
+        if self.several:  # the next run follows: no summary table, so the cell keeps its height
+            self._html.value = self._render(run, final=True, summary=False)
         else:
             self.finish()
 
@@ -227,17 +293,19 @@ class Dashboard(View):
         if self._box is None:
             return
         run = self._columns.run
-        snapshot = self._render(run, final=True)
+        snapshot = self._render(run, final=True, inline=False)
         self._html.value = snapshot
         if self._handle is not None:
             text = "\n".join(end_lines(run) + [f"ALARM: {a}" for a in run.alarms])
             self._handle.update({"text/html": snapshot, "text/plain": text}, raw=True)
         self._box.close()  # the snapshot replaces the widgets; free their comms
         self._box = None
+        end_notices(run)
 
-    def _render(self, run, final):
+    def _render(self, run, final, summary=None, inline=True):
         self._columns.update()
-        return charts.dashboard_html(build_view(run, self._columns, self._earlier, final))
+        view = build_view(run, self._columns, self._earlier, final, summary)
+        return charts.dashboard_html(view, inline=inline)
 
     def _stop(self):
         self._columns.run.request_stop()

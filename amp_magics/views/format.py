@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -44,6 +44,34 @@ def format_number(v: float | None) -> str:
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     return f"{v:.3g}"
+
+
+def format_scientific(v: float) -> str:
+    """1e-04 / 2.5e-04 / 3.14e+07: three significant digits at most, no trailing zeros."""
+    if not math.isfinite(v):
+        return str(v)
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
+def format_setting(v: object) -> str:
+    """A setting as typed: 0.001 / 1e-05 / 65536 / bf16 (floats in Python's shortest form)."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def format_percent(v: float | None, missing: str = "-") -> str:
+    """A fraction as a percentage with two decimals: 0.00379 -> '0.38%'."""
+    if v is None:
+        return missing
+    return f"{v:.2%}" if math.isfinite(v) else "not finite"
+
+
+def column_format(values: Sequence[object]) -> Callable[[float], str]:
+    """One number format for a whole column: `format_scientific` for every number when any
+    needs it (below 1e-3 or from 1e7 on), else `format_number`; never a mix of the two."""
+    scientific = any(isinstance(v, float) and math.isfinite(v) and v != 0
+                     and (abs(v) < 1e-3 or abs(v) >= 1e7) for v in values)
+    return format_scientific if scientific else format_number
 
 
 def format_value(v: object, missing: str = "-") -> str:
@@ -91,28 +119,37 @@ def table_html(headers: Sequence, rows: Sequence[Sequence], caption: str = "",
 
 
 def records_html(records: Sequence[dict], caption: str = "", highlight: int | None = None,
-                 byte_columns: Sequence[str] = ("peak memory",)) -> str:
-    """Dicts with the same keys as a table; numbers formatted, byte columns in KiB/MiB/GiB."""
+                 byte_columns: Sequence[str] = ("peak memory",),
+                 formats: Mapping[str, Callable[[object], str]] | None = None) -> str:
+    """Dicts with the same keys as a table: byte columns in KiB/MiB/GiB, `formats` as given
+    per column, other numbers in one format per column (`column_format`)."""
     if not records:
         return "<p>nothing to show</p>"
+    keys = list(records[0])
+    given = {key: format_bytes for key in byte_columns}
+    given.update(formats or {})
+    per_column = {key: given.get(key) or column_format([r.get(key) for r in records])
+                  for key in keys}
 
     def text(key, value):
         if value is None:
             return "-"
-        if key in byte_columns:
-            return format_bytes(value)
-        return format_number(value) if isinstance(value, float) else str(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        if isinstance(value, int) and key not in given:
+            return str(value)  # counts (steps, skipped) as they are
+        return per_column[key](value)
 
     rows = [[text(k, v) for k, v in record.items()] for record in records]
-    return table_html(list(records[0]), rows, caption, highlight)
+    return table_html(keys, rows, caption, highlight)
 
 
 def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
     """A two-column table of label and value (e.g. Run.summary_rows())."""
     cells = "".join(
         f'<tr><th style="text-align:left;font-weight:600;padding:1px 16px 1px 0;'
-        f'white-space:nowrap;vertical-align:top">{escape(k)}</th>'
-        f'<td style="text-align:left;padding:1px 0">{escape(v)}</td></tr>'
+        f'vertical-align:top">{escape(k)}</th>'
+        f'<td style="text-align:left;padding:1px 0;overflow-wrap:anywhere">{escape(v)}</td></tr>'
         for k, v in rows)
     return (f'<table class="amp-summary" style="border-collapse:collapse;margin:8px 0 0 0;'
             f'font-size:12px">{cells}</table>')

@@ -93,17 +93,23 @@ def _host_facts(host) -> list[tuple[str, str]]:
         ("bf16", bf16),
         ("fp16", fp16),
         ("AMX", {None: "unknown", True: "yes", False: "no"}[host.amx]),
-        ("torch", f"{host.torch_threads} threads" if host.torch_threads is not None
+        ("torch", f"{host.torch_threads} thread{'s' * (host.torch_threads != 1)}"
+         if host.torch_threads is not None
          else "not imported in this process"),
         ("RAM", ram),
         ("process", f"{format_bytes(host.process_rss, NA)} resident"),
     ]
 
 
-def _host_line(host) -> str:
+# Facts about the process that probes (torch in it, its memory): they describe the kernel in
+# a notebook, but only the status command itself in a terminal, so `amp-magics status` omits them.
+_PROCESS_FACTS = ("torch", "process")
+
+
+def _host_line(host, this_process: bool = True) -> str:
     return (f"Host: {host.cpu_model}, {_or_na(host.logical_cpus)} CPUs, RAM "
-            f"{format_bytes(host.ram_available, NA)} free of {format_bytes(host.ram_total, NA)}, "
-            f"this process {format_bytes(host.process_rss, NA)}")
+            f"{format_bytes(host.ram_available, NA)} free of {format_bytes(host.ram_total, NA)}"
+            + (f", this process {format_bytes(host.process_rss, NA)}" if this_process else ""))
 
 
 def _clock(status) -> str:
@@ -134,7 +140,9 @@ def _bar_text(fraction: float | None, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-def status_text(status: Status) -> str:
+def status_text(status: Status, this_process: bool = True) -> str:
+    """The status as 80-column text; `this_process=False` leaves out the facts about the
+    probing process (the command line's own torch and memory mean nothing to its reader)."""
     lines: list[str] = []
     if status.gpus:
         lines += _fit(f"Driver {_or_na(status.driver_version)}, supports CUDA "
@@ -145,11 +153,12 @@ def status_text(status: Status) -> str:
             lines += _fit(_torch_headline(mem))
             lines += _fit(_torch_held(mem), indent="  ")
             lines += _fit(_torch_gap(mem), indent="  ")
-        lines += _fit(_host_line(status.host))
+        lines += _fit(_host_line(status.host, this_process))
     else:
         lines += _fit(f"No GPU: {status.no_gpu_reason}")
         for label, value in _host_facts(status.host):
-            lines += _fit(f"{label:<8} {value}", hang=" " * 9)
+            if this_process or label not in _PROCESS_FACTS:
+                lines += _fit(f"{label:<8} {value}", hang=" " * 9)
     lines += _fit(_recommendation(status.recommendation))
     for note in status.notes:
         lines += _fit(f"Note: {note}")
