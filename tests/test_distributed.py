@@ -58,6 +58,7 @@ def _reference_rank(rank, port, dtype, data, epochs, path, loader_args):
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None}, path)
+    del ddp  # before the group: a Reducer outliving a gloo group can hang its teardown
     dist.destroy_process_group()
 
 

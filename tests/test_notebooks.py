@@ -57,7 +57,7 @@ EXPECTED = {
         ("tail -n 3 train.log", "digits-script finished: 72 steps"),
         ('Run.load("digits_run.json")', "<Run 'digits-script' finished: 72 steps"),
         ("run.plot()", "data:image/svg+xml;base64,"),
-        ("--nproc-per-node 2 train_ddp.py", "ddp-script finished: 40 steps"),
+        ("-m torch.distributed.run --standalone", "ddp-script finished: 40 steps"),
         ("python -m amp_magics status", "Recommendation: --dtype auto picks"),
         ("python -m amp_magics check", "PASS  AMP smoke test"),
     ],
