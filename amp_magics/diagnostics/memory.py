@@ -76,7 +76,9 @@ class MemoryReport:
         for cat in CATEGORIES:
             parts = self.by_category[cat]
             detail = ", ".join(f"{d} {format_bytes(b)}" for d, b in sorted(parts.items())) or "none"
-            if self.in_flux and cat in ("gradients", "optimizer state"):
+            if self.in_flux and cat == "gradients":
+                detail = f"not read: being written by {self.in_flux}"
+            elif self.in_flux and cat == "optimizer state":
                 detail += f" (being written by {self.in_flux})"
             rows.append((cat, format_bytes(self.total(cat)), detail))
         rows.append(("total", format_bytes(self.total()), ""))
@@ -98,8 +100,9 @@ def model_memory(model: torch.nn.Module,
                  ) -> MemoryReport:
     """Memory held by the model's parameters, their gradients, the optimizers' state and buffers.
 
-    Read-only and never blocks: while a run trains the model, gradients and optimizer state
-    are counted as they stand and marked as being written by that run.
+    Read-only and never blocks: while a run trains the model its gradients are not read at
+    all (autograd replaces `.grad` tensors from the training thread; reading one meanwhile is
+    a data race in C++), and gradients and optimizer state are marked as being written.
     """
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers = [optimizers]
@@ -122,7 +125,7 @@ def model_memory(model: torch.nn.Module,
     params = list(model.parameters())
     by_category = {
         "parameters": tally(params),
-        "gradients": tally(p.grad for p in params),
+        "gradients": tally(p.grad for p in params) if owner is None else {},
         # list(): one atomic copy, as a training thread may add state meanwhile
         "optimizer state": tally(t for opt in optimizers for state in list(opt.state.values())
                                  for t in tensors_in(state)),
@@ -469,14 +472,18 @@ def notebook_names(namespace: dict) -> dict:
 
     items = [(k, v) for k, v in namespace.items() if not k.startswith("_")]  # skip Out, _1...
     for var, value in items:
+        # A .grad that a run is writing is not read (see model_memory).
         if isinstance(value, torch.Tensor):
             add(var, value)
-            add(f"{var}.grad", value.grad)
+            if ownership.owner_of([value]) is None:
+                add(f"{var}.grad", value.grad)
         elif isinstance(value, torch.nn.Module):
+            owned = ownership.owner_of([value, *value.parameters()]) is not None
             for pname, p in value.named_parameters():
                 param_names.setdefault(p, f"{var}.{pname}")
                 add(f"{var}.{pname}", p)
-                add(f"{var}.{pname}.grad", p.grad)
+                if not owned:
+                    add(f"{var}.{pname}.grad", p.grad)
             for bname, b in value.named_buffers():
                 add(f"{var}.{bname}", b)
     for var, value in items:
