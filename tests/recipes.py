@@ -48,14 +48,16 @@ def fp32(model, opt, data, epochs=1):
             opt.step()
 
 
-def clipping(model, opt, data, scaler, max_norm):
+def clipping(model, opt, data, scaler, max_norm, params=None):
+    """`params`: what to clip (default all of the model's parameters)."""
     for x, y in data:
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
             loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters() if params is None else params,
+                                       max_norm)
         scaler.step(opt)
         scaler.update()
 

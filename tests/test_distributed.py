@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from IPython.core.error import UsageError
 from torch.multiprocessing import start_processes
 
-from recipes import assert_same_state, make_data, make_model
+from recipes import assert_same_state, make_data, make_model, plain
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +44,7 @@ def _reference_rank(rank, port, dtype, data, epochs, path, loader_args):
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for x, y in batches:
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=dtype):
-                loss = F.cross_entropy(ddp(x), y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+        plain(ddp, opt, batches, dtype=dtype, scaler=scaler)
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None}, path)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from IPython.core.error import UsageError
 
 import amp_magics
-from recipes import assert_same_state, make_data, make_model
+from recipes import assert_same_state, clipping, make_data, make_model
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
 
@@ -92,16 +92,7 @@ def test_clip_with_fp16_clips_what_the_optimizer_steps(ip):
 
     # ...and exactly what the recipe computes when it clips the optimizer's parameters
     model, head, opt = frozen_backbone()
-    scaler = torch.amp.GradScaler("cpu")
-    for x, y in data:
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
+    clipping(model, opt, data, torch.amp.GradScaler("cpu"), 1.0, params=list(head.parameters()))
     model_fp16 = ip.user_ns["model"]  # the last run was bf16: train the fp16 one again
     model2, head2, opt2 = frozen_backbone()
     ip.user_ns.update(model=model2, optimizer=opt2)

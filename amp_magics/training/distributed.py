@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .. import ownership
 from ..errors import AmpUsageError
-from ..tensors import StepFn, plain_module
+from ..tensors import StepFn, plain_module, tensors_in
 from .engine import prepare, stop_on_sigint
 from .options import TrainOptions
 from .run import Run, next_name, register
@@ -117,7 +117,7 @@ def check_fork_safe(options: TrainOptions, world: int, script_hint: str) -> None
         raise AmpUsageError(f"--nproc must be a positive number of processes, got {world}")
 
 
-def torchrun_command(script: str = "train.py", world: int = 2) -> str:
+def torchrun_command(script: str, world: int) -> str:
     return f"torchrun --standalone --nproc-per-node {world} {script}"
 
 
@@ -244,16 +244,11 @@ def same_stream_on_every_rank(data: Iterable, ctx: RankContext) -> bool:
         first = next(iter(data))
     except StopIteration:
         first = None
-    tensors = [t for t in _tensors(first) if t.is_floating_point() or not t.is_complex()]
+    tensors = list(tensors_in(first))
     mark = float(sum(t.double().sum().item() for t in tensors)) if tensors else 0.0
     marks: list = [None] * ctx.world_size
     dist.all_gather_object(marks, mark)
     return len(set(marks)) == 1
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    from ..tensors import tensors_in
-    return list(tensors_in(obj))
 
 
 class StopAgreement:
@@ -343,7 +338,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
                             timeout=_timedelta(STARTUP_TIMEOUT))
     training = None
     try:
-        rank_options, restore = setup_rank(options, ctx)
+        rank_options, _ = setup_rank(options, ctx)  # the process ends with its routing
         training = prepare(step_fn, rank_options, [RankRelay(channel, rank)], claim)
         training.stop_check = StopAgreement(requested, stop_at)
         data = rank_options.data
@@ -373,8 +368,8 @@ def _save_state(path: str, training: Any) -> None:
     torch.save({"model": plain_module(o.model).state_dict(),
                 "optimizers": [opt.state_dict() for opt in o.optimizers],
                 "scaler": amp.scaler.state_dict() if amp.scaler is not None else None,
-                "scheduler": o.scheduler.state_dict() if o.scheduler is not None else None,
-                "step": training.step}, path)
+                "scheduler": o.scheduler.state_dict() if o.scheduler is not None else None},
+               path)
 
 
 def _user_traceback(error: BaseException) -> str:
@@ -474,7 +469,6 @@ class DistributedTraining:
         self.merger = RecordMerger(world, options.log)
         self.books = RunBooks(run, self.merger, torch.device("cpu"), views,
                               options.refresh_seconds, self.merger.sample_memory)
-        self.step = 0  # completed steps, for the notes
         self.hello = False  # rank 0 has said how it trains
 
     def release(self) -> None:
@@ -607,7 +601,6 @@ class DistributedTraining:
             scaler.load_state_dict(state["scaler"])
         if state["scheduler"] is not None and o.scheduler is not None:
             o.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
 
     def _finish(self, status: str, error: BaseException | None, failed_rank: int | None) -> None:
         run = self.run
