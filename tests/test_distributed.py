@@ -199,3 +199,28 @@ def test_the_same_call_runs_under_torchrun(tmp_path):
     assert ckpt.exists()
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16))
     assert_same_state(torch.load(out), ref["model"])
+
+
+def test_routing_lets_ddp_go_before_the_group_is_destroyed():
+    """A Reducer that outlives its gloo group can abort the process at exit (seen under
+    torchrun): putting the class back must free DDP at once, without a gc pass."""
+    import gc
+    import weakref
+
+    from amp_magics.training.distributed import route_through
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    gc.disable()
+    try:
+        model = make_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        release = route_through(model, ddp)
+        model(torch.randn(4, 8)).sum().backward()  # through DDP: its Reducer is in use
+        freed = weakref.ref(ddp)
+        del ddp
+        assert freed() is not None  # the routing holds it while it routes
+        release()
+        assert freed() is None and type(model) is type(make_model())
+    finally:
+        gc.enable()
+        dist.destroy_process_group()

@@ -106,8 +106,11 @@ def test_demo_notebook_runs(path, tmp_path):
     for source, text in expected:
         matching = [c for c in cells if source in c.source]
         assert len(matching) == 1, f"{path.name}: {len(matching)} code cells contain {source!r}"
+        logs = "".join(f"\n--- {log.name}:\n{log.read_text()[-3000:]}"
+                       for log in tmp_path.glob("*.log"))  # what a shell cell's tail cut off
         assert text in shown(matching[0]), (f"{path.name}: the cell with {source!r} does not "
-                                           f"show {text!r}; it shows:\n{shown(matching[0])[-800:]}")
+                                           f"show {text!r}; it shows:\n{shown(matching[0])[-800:]}"
+                                           f"{logs}")
 
 
 def test_there_are_notebooks():

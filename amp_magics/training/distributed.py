@@ -136,7 +136,8 @@ def torchrun_context() -> RankContext | None:
 def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, Callable[[], None]]:
     """The options this rank trains with: the model on its device and called through DDP, the
     optimizers' state on that device, its shard of the data, checkpoints only on rank 0.
-    Returns them and the function that undoes the routing."""
+    Returns them and the function that undoes the routing and frees DDP (call it before the
+    process group is destroyed)."""
     model = plain_module(options.model)
     if ctx.cuda:
         torch.cuda.set_device(ctx.device)
@@ -145,7 +146,7 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         opt.load_state_dict(opt.state_dict())  # casts the state onto the parameters' device
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.local_rank] if ctx.cuda else None)
-    restore = route_through(model, ddp)
+    release = route_through(model, ddp)
     first = ctx.rank == 0
     start_epoch = 0
     if options.resume is not None:  # a shuffled shard resumes with the checkpoint's epoch order
@@ -154,23 +155,25 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         options, data=shard(options.data, ctx, start_epoch), nproc=1,
         val=shard(options.val, ctx) if options.val is not None else None,
         checkpoint=options.checkpoint if first else None,
-        every=options.every if first else None), restore
+        every=options.every if first else None), release
 
 
 def route_through(model: torch.nn.Module, ddp: torch.nn.Module) -> Callable[[], None]:
     """Make `model(...)` run through `ddp`, so a step body that calls the notebook's model
     (`net(x)`) gets DDP's gradient all-reduce. The instance's class becomes a subclass whose
     __call__ goes to DDP, which calls the model back with the ordinary __call__ (hooks run
-    once). Returns the function that puts the class back."""
+    once). Returns the function that puts the class back and lets DDP go: its Reducer must
+    be freed while the process group lives, or gloo's teardown can abort the process."""
     original = type(model)
     inside = [False]
+    target = [ddp]  # emptied by restore(); the subclass may outlive it until a gc pass
 
     def __call__(self, *args, **kwargs):
         if inside[0]:
             return original.__call__(self, *args, **kwargs)
         inside[0] = True
         try:
-            return ddp(*args, **kwargs)
+            return target[0](*args, **kwargs)
         finally:
             inside[0] = False
 
@@ -179,6 +182,7 @@ def route_through(model: torch.nn.Module, ddp: torch.nn.Module) -> Callable[[], 
 
     def restore() -> None:
         model.__class__ = original
+        target.clear()
     return restore
 
 
@@ -336,9 +340,9 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
                       torch.device("cpu"), "nccl" if cuda else "gloo")
     dist.init_process_group(ctx.backend, rank=rank, world_size=world,
                             timeout=_timedelta(STARTUP_TIMEOUT))
-    training = None
+    training, release = None, None
     try:
-        rank_options, _ = setup_rank(options, ctx)  # the process ends with its routing
+        rank_options, release = setup_rank(options, ctx)
         training = prepare(step_fn, rank_options, [RankRelay(channel, rank)], claim)
         training.stop_check = StopAgreement(requested, stop_at)
         data = rank_options.data
@@ -358,6 +362,8 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
         sys.stderr.flush()
         channel.close()
         channel.join_thread()
+        if release is not None:
+            release()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -661,6 +667,8 @@ def joined_process_group(ctx: RankContext) -> Iterator[None]:
         dist.init_process_group(ctx.backend)
     try:
         yield
+        if started:  # no rank closes its connections while another still uses them
+            dist.barrier()
     finally:
         if started:
             dist.destroy_process_group()
@@ -671,12 +679,12 @@ def train_under_torchrun(step_fn: StepFn, options: TrainOptions, views: Sequence
     """Each torchrun process trains its rank; rank 0 reports and saves."""
     __tracebackhide__ = True
     with joined_process_group(ctx):
-        rank_options, restore = setup_rank(options, ctx)
+        rank_options, release = setup_rank(options, ctx)
         try:
             training = prepare(step_fn, rank_options, list(views) if ctx.rank == 0 else [])
             training.execute()
         finally:
-            restore()
+            release()
     return training.run
 
 
