@@ -18,7 +18,8 @@ from .training.view import View
 def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Optimizers,
           data: Iterable, dtype: str = "auto", epochs: Optional[int] = None,
           steps: Optional[int] = None, accum: int = 1, clip: Optional[float] = None,
-          scheduler: Any = None, val: Optional[Iterable] = None,
+          scheduler: Any = None, skip_aware_scheduler: bool = False,
+          val: Optional[Iterable] = None,
           scaler: Optional[torch.amp.GradScaler] = None, init_scale: Optional[float] = None,
           growth_interval: Optional[int] = None, growth_factor: Optional[float] = None,
           backoff_factor: Optional[float] = None, seed: Optional[int] = None,
@@ -39,7 +40,9 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
     model, optimizer (one or a list), data (any iterable of batches); dtype "auto" | "fp16" |
     "bf16" | "fp32"; epochs (default 1, unlimited when only `steps` is given); steps (optimizer
     steps); accum (micro-batches per optimizer step, the loss divided by it); clip (max grad
-    norm); scheduler; val (evaluated each epoch end); your own scaler, or init_scale /
+    norm); scheduler; skip_aware_scheduler (the scheduler steps only after optimizer steps the
+    loss scaler did not skip: free with ordinary optimizers, one sync per step with fused
+    ones); val (evaluated each epoch end); your own scaler, or init_scale /
     growth_interval / growth_factor / backoff_factor; seed; log (other scalars the step
     returns); move (batch tensors to the model's device); keep_grads (keep the last step's
     gradients; by default they are freed when the run ends); name; progress (a text line when no
@@ -61,7 +64,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
         model=model, optimizer=optimizer, data=data, val=val, scheduler=scheduler,
         epochs=epochs, steps=steps, dtype=dtype, scaler=scaler, init_scale=init_scale,
         growth_interval=growth_interval, growth_factor=growth_factor,
-        backoff_factor=backoff_factor, accum=accum, clip=clip, log=log, seed=seed, move=move,
+        backoff_factor=backoff_factor, accum=accum, clip=clip,
+        skip_aware_scheduler=skip_aware_scheduler, log=log, seed=seed, move=move,
         keep_grads=keep_grads,
         checkpoint=checkpoint, every=every, resume=resume, name=name,
         refresh_seconds=refresh_seconds, handle_sigint=handle_sigint, diagnose=diagnose,

@@ -55,6 +55,9 @@ class AmpMagics(Magics):
               help="iterable of batches, e.g. a DataLoader (default: train_loader)")
     @argument("--val", help="validation iterable, evaluated at each epoch end")
     @argument("--scheduler", help="LR scheduler, stepped after each optimizer step")
+    @argument("--skip-aware-scheduler", action="store_true",
+              help="step --scheduler only after optimizer steps the loss scaler did not skip "
+                   "(free with ordinary optimizers; one sync per step with fused ones)")
     @argument_group("how long")
     @argument("--epochs", type=int, help="passes over --data (default 1; unlimited with --steps)")
     @argument("--steps", type=int, help="stop after this many optimizer steps")
@@ -131,6 +134,7 @@ class AmpMagics(Magics):
             options = TrainOptions(
                 **objects, epochs=args.epochs, steps=args.steps, dtype=args.dtype,
                 accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
+                skip_aware_scheduler=args.skip_aware_scheduler,
                 move=not args.no_move, keep_grads=args.keep_grads, init_scale=args.init_scale,
                 growth_interval=args.growth_interval, growth_factor=args.growth_factor,
                 backoff_factor=args.backoff_factor, checkpoint=args.checkpoint,

@@ -29,6 +29,12 @@ from .telemetry import RunBooks, reset_peak
 from .view import View, notify
 
 _END = object()  # the data ran out
+FALSE_SCHEDULER_WARNING = (
+    "the loss scaler skipped the first optimizer step (inf/NaN gradients at the initial "
+    "scale), so PyTorch's warning \"Detected call of lr_scheduler.step() before "
+    "optimizer.step()\" would be a false alarm and is not shown. As in PyTorch's recipe, the "
+    "schedule still advanced at that step; --skip-aware-scheduler advances it only after "
+    "steps that happened")
 
 
 def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = (),
@@ -102,7 +108,8 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
     claim.run = run
     amp = AmpStep(step_fn, o.model, o.optimizers, chosen, scaler, device, accum=o.accum,
                   clip=o.clip, scheduler=o.scheduler, move=o.move, log_names=o.log,
-                  sync_timing=o.sync_timing and device.type == "cuda", keep_batches=o.diagnose)
+                  sync_timing=o.sync_timing and device.type == "cuda", keep_batches=o.diagnose,
+                  skip_aware_scheduler=o.skip_aware_scheduler)
     return Training(run, amp, o, views, resumed, claim, own)
 
 
@@ -144,6 +151,7 @@ class Training:
 
     def release(self) -> None:
         """Let the model go (also for a prepared run that will never execute)."""
+        self.amp.close()
         if self.owns_claim:
             self.claim.release()
 
@@ -243,7 +251,8 @@ class Training:
         self.step += 1  # the update happened and is recorded, whatever the scheduler does
         self.position = (epoch, self.batches_in_epoch, self.epoch_rng)
         try:
-            self.amp.step_scheduler()
+            if self.amp.step_scheduler():
+                self.run.notes.append(FALSE_SCHEDULER_WARNING)
         except Exception:
             self.run.notes.append(f"the scheduler failed after optimizer step {self.step - 1}: "
                                   "that step updated the model and is in the history")

@@ -51,6 +51,7 @@ class TrainOptions:
     # the step
     accum: int = 1
     clip: Optional[float] = None
+    skip_aware_scheduler: bool = False  # the scheduler advances only after real steps
     log: tuple = ()
     seed: Optional[int] = None
     move: bool = True
@@ -112,6 +113,8 @@ class TrainOptions:
         if self.scheduler is not None and not callable(getattr(self.scheduler, "step", None)):
             raise AmpUsageError(f"scheduler must have a step() method (a torch.optim."
                                 f"lr_scheduler), got {type(self.scheduler).__name__}")
+        if self.skip_aware_scheduler:
+            self._check_skip_aware_scheduler()
         if self.scaler is not None and not isinstance(self.scaler, torch.amp.GradScaler):
             raise AmpUsageError(f"scaler must be a torch.amp.GradScaler, "
                                 f"got {type(self.scaler).__name__}")
@@ -120,6 +123,18 @@ class TrainOptions:
                                 "growth_interval, growth_factor, backoff_factor), not both")
         if self.dtype not in CHOICES:
             raise AmpUsageError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(CHOICES)}")
+
+    def _check_skip_aware_scheduler(self):
+        flag = "--skip-aware-scheduler"
+        if self.scheduler is None:
+            raise AmpUsageError(f"{flag} needs a scheduler: give --scheduler NAME, or drop it")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise AmpUsageError(f"{flag} does not apply to ReduceLROnPlateau, which steps once "
+                                "per epoch with the loss, not after each optimizer step: drop it")
+        driven = getattr(self.scheduler, "optimizer", None)
+        if not any(driven is opt for opt in self.optimizers):
+            raise AmpUsageError(f"{flag}: the scheduler drives an optimizer that is not trained "
+                                "here; build the scheduler on one of the run's optimizers")
 
     def _check_numbers(self):
         for label in ("epochs", "steps", "accum"):

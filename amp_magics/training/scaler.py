@@ -100,6 +100,37 @@ class StepReading:
         return used, float(scaler.get_scale() < used)
 
 
+class RealSteps:
+    """Which optimizers really stepped at one optimizer step, for a scheduler that advances
+    only after steps that happened. GradScaler checks found_inf on the host and calls an
+    ordinary optimizer's step() only when its gradients are finite, so a step post-hook sees
+    a skip with no sync. Optimizers that unscale and skip on the device themselves (fused=True:
+    `_step_supports_amp_scaling`) are always called; for them found_inf is read: one sync."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.ran: set[int] = set()
+        self.handles = [opt.register_step_post_hook(self._ran) for opt in optimizers]
+
+    def _ran(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.ran.add(id(optimizer))
+
+    def begin(self) -> None:
+        self.ran.clear()
+
+    def stepped(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+        """After scaler.step(optimizer), before scaler.update()."""
+        if id(optimizer) not in self.ran:
+            return False
+        if not (scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            return True
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+        return not any(t.item() for t in state.get("found_inf_per_device", {}).values())
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def forget_step(scaler: torch.amp.GradScaler | None) -> None:
     """After an error between unscale_/step and update: let the next step unscale afresh."""
     states = getattr(scaler, "_per_optimizer_states", None)

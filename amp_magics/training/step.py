@@ -5,6 +5,7 @@ update, scheduler. Each step is recorded without a host-device sync.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from ..errors import AmpUsageError
 from ..precision import Precision
 from ..tensors import StepFn, batch_size, to_device, unpack_loss
-from .scaler import StepReading, forget_step
+from .scaler import RealSteps, StepReading, forget_step
 from .telemetry import StepRecorder
 
 
@@ -24,7 +25,7 @@ class AmpStep:
                  optimizers: Sequence[torch.optim.Optimizer], chosen: Precision,
                  scaler: torch.amp.GradScaler | None, device: torch.device, *, accum: int,
                  clip: float | None, scheduler: Any, move: bool, log_names: Sequence[str],
-                 sync_timing: bool, keep_batches: bool):
+                 sync_timing: bool, keep_batches: bool, skip_aware_scheduler: bool = False):
         self.step_fn = step_fn
         self.model = model
         self.optimizers = optimizers
@@ -36,6 +37,12 @@ class AmpStep:
         self.clip = clip
         self.scheduler = scheduler
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        # --skip-aware-scheduler: the scheduler advances only after its optimizer really stepped
+        self.skip_aware = skip_aware_scheduler
+        self.real_steps = (RealSteps(optimizers) if skip_aware_scheduler and scaler is not None
+                           else None)
+        self.scheduler_due = True
+        self.first_schedule = True  # a run's first scheduler.step() may follow a skipped step
         self.move = move
         self.log_names = tuple(log_names)
         self.sync_timing = sync_timing
@@ -99,8 +106,12 @@ class AmpStep:
         lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         scale = found_inf = None
         if scaler is not None:
+            if self.real_steps is not None:
+                self.real_steps.begin()
             for opt in self.optimizers:
                 scaler.step(opt)
+            if self.real_steps is not None:
+                self.scheduler_due = self.real_steps.stepped(scaler, self.scheduler.optimizer)
             scale, found_inf = self.reading.update()
         else:
             for opt in self.optimizers:
@@ -111,16 +122,29 @@ class AmpStep:
         now = time.perf_counter()
         self.recorder.record(step, epoch, now - t0, self.samples, self.micro, self.loss_sum,
                              scale, found_inf, grad_norm, lr,
-                             tuple(self.log_sums[n] for n in self.log_names))
+                             tuple(self.log_sums[n] for n in self.log_names),
+                             self.scheduler_due if self.skip_aware else None)
         self.micro = 0
         self.samples = 0
         return scale, found_inf, now
 
-    def step_scheduler(self) -> None:
+    def step_scheduler(self) -> bool:
         """The recipe's scheduler.step() after each optimizer step (ReduceLROnPlateau: at
-        epoch end, with a loss)."""
-        if self.scheduler is not None and not self.plateau:
+        epoch end, with a loss); with skip_aware_scheduler only after real steps. Returns True
+        when torch's false "lr_scheduler.step() before optimizer.step()" warning was held back
+        (the loss scaler skipped the scheduler's very first optimizer step)."""
+        if self.scheduler is None or self.plateau or not self.scheduler_due:
+            return False
+        if not self.first_schedule:
             self.scheduler.step()
+            return False
+        self.first_schedule = False
+        return _step_without_false_warning(self.scheduler)
+
+    def close(self) -> None:
+        """Remove the hooks this step put on the optimizers."""
+        if self.real_steps is not None:
+            self.real_steps.close()
 
     def validate(self, val: Iterable, step: int, epoch: int) -> float | None:
         """The step's mean loss over `val` under no_grad and eval(), every module's mode put
@@ -177,6 +201,22 @@ class AmpStep:
                 raise AmpUsageError(f"--log {name}: a logged value must be a number or a "
                                     f"one-element tensor, got {shape}")
         return loss, logs
+
+
+def _step_without_false_warning(scheduler: Any) -> bool:
+    """scheduler.step(); torch warns "before `optimizer.step()`" on a scheduler's first step
+    when its optimizer never ran, which after a scaler skip is not the user's mistake. Other
+    warnings pass on. True when that one was held back."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler.step()
+    held_back = False
+    for w in caught:
+        if "before `optimizer.step()`" in str(w.message):
+            held_back = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return held_back
 
 
 def _detached(value: Any):

@@ -36,12 +36,13 @@ class StepRecorder:
     def record(self, step: int, epoch: int, time: float, samples: int, micro: int,
                loss_sum: torch.Tensor, scale: torch.Tensor | float | None,
                found_inf: torch.Tensor | float | None, grad_norm: torch.Tensor | None,
-               lr: float | torch.Tensor, logs: tuple) -> None:
+               lr: float | torch.Tensor, logs: tuple, scheduled: bool | None = None) -> None:
         """`loss_sum`: the window's micro-batch losses summed (a device tensor); `scale`: the
         scale used, or None; `found_inf` > 0 where the scaler skipped the step; `lr`: a float
-        or a device tensor; `logs`: the --log values summed, in `log_names` order."""
+        or a device tensor; `logs`: the --log values summed, in `log_names` order;
+        `scheduled`: with a skip-aware scheduler, whether it advanced after this step."""
         self._steps.append((step, epoch, time, samples, micro, loss_sum, scale, found_inf,
-                            grad_norm, lr, logs))
+                            grad_norm, lr, logs, scheduled))
 
     def drain(self) -> list[dict]:
         """Turn the pending steps into history records (one device read per column)."""
@@ -49,7 +50,7 @@ class StepRecorder:
             return []
         steps, self._steps = self._steps, []
         (step_, epoch_, time_, samples_, micro_, loss_, scale_, found_, norm_, lr_,
-         logs_) = zip(*steps)
+         logs_, scheduled_) = zip(*steps)
         losses, scales, found = _to_floats(loss_), _to_floats(scale_), _to_floats(found_)
         norms, lrs = _to_floats(norm_), _to_floats(lr_)
         logs = {name: _to_floats(column) for name, column in zip(self.log_names, zip(*logs_))}
@@ -67,6 +68,8 @@ class StepRecorder:
             }
             if norms[i] is not None:
                 rec["grad_norm"] = norms[i]
+            if scheduled_[i] is not None:
+                rec["scheduler_stepped"] = scheduled_[i]
             for name, column in logs.items():
                 value = column[i]
                 rec[name] = value / micro if value is not None else None
