@@ -22,7 +22,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
           val: Optional[Iterable] = None,
           scaler: Optional[torch.amp.GradScaler] = None, init_scale: Optional[float] = None,
           growth_interval: Optional[int] = None, growth_factor: Optional[float] = None,
-          backoff_factor: Optional[float] = None, seed: Optional[int] = None,
+          backoff_factor: Optional[float] = None, compile: bool = False,
+          compile_mode: Optional[str] = None, seed: Optional[int] = None,
           log: Sequence[str] = (), move: bool = True, keep_grads: bool = False,
           name: Optional[str] = None,
           progress: bool = True, observers: Sequence[View] = (),
@@ -43,7 +44,9 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
     norm); scheduler; skip_aware_scheduler (the scheduler steps only after optimizer steps the
     loss scaler did not skip: free with ordinary optimizers, one sync per step with fused
     ones); val (evaluated each epoch end); your own scaler, or init_scale /
-    growth_interval / growth_factor / backoff_factor; seed; log (other scalars the step
+    growth_interval / growth_factor / backoff_factor; compile (train through
+    torch.compile(model), compiled once per model; the model itself stays the plain module) with
+    compile_mode ("default", "reduce-overhead", "max-autotune", ...; implies compile); seed; log (other scalars the step
     returns); move (batch tensors to the model's device); keep_grads (keep the last step's
     gradients; by default they are freed when the run ends); name; progress (a text line when no
     observers are given); observers (View objects); refresh_seconds; handle_sigint;
@@ -65,7 +68,8 @@ def train(step_fn: Callable[..., Any], *, model: torch.nn.Module, optimizer: Opt
         epochs=epochs, steps=steps, dtype=dtype, scaler=scaler, init_scale=init_scale,
         growth_interval=growth_interval, growth_factor=growth_factor,
         backoff_factor=backoff_factor, accum=accum, clip=clip,
-        skip_aware_scheduler=skip_aware_scheduler, log=log, seed=seed, move=move,
+        skip_aware_scheduler=skip_aware_scheduler, compile=compile, compile_mode=compile_mode,
+        log=log, seed=seed, move=move,
         keep_grads=keep_grads,
         checkpoint=checkpoint, every=every, resume=resume, name=name,
         refresh_seconds=refresh_seconds, handle_sigint=handle_sigint, diagnose=diagnose,

@@ -207,7 +207,7 @@ def test_routing_lets_ddp_go_before_the_group_is_destroyed():
     import gc
     import weakref
 
-    from amp_magics.training.distributed import route_through
+    from amp_magics.training.routing import route_through
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     gc.disable()

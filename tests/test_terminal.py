@@ -249,12 +249,12 @@ def test_status_watch_shows_a_changing_time_and_stops_on_ctrl_c():
 
 # -- the reporter in-process: fitting and log-file lines ------------------------------------
 
-def sample_run(steps=2432, status="running"):
+def sample_run(steps=2432, status="running", rate=6.2):
     run = Run("run1", device="cpu", precision="fp16", total_steps=128_000)
     run.history = [{"step": i, "epoch": 0, "loss": 0.25, "scale": 65536.0, "skipped": i == 3,
-                    "lr": 1e-3, "time": i / 6.2, "samples": 256} for i in range(steps)]
+                    "lr": 1e-3, "time": (i + 1) / rate, "samples": 256} for i in range(steps)]
     run.val_history = [{"epoch": 0, "step": 2000, "val_loss": 0.5}]
-    run.wall_time, run.status = steps / 6.2, status
+    run.wall_time, run.status = steps / rate, status
     return run
 
 
@@ -301,11 +301,10 @@ def test_a_shorter_redraw_leaves_nothing_behind_on_a_terminal():
     with open(slave, "w", closefd=True) as stream:
         reporter = ConsoleReporter(stream=stream)
         assert reporter.tty and reporter.inline and reporter.columns() == 199
-        run = sample_run()
-        run.wall_time = 2432 / 150  # ETA 13m...
+        run = sample_run(rate=150)  # ETA 13m...
         reporter.on_refresh(run)
-        run.history = sample_run(127_990).history  # ...then ETA 0s, and no val field
-        run.val_history, run.wall_time = [], 127_990 / 150
+        run.history = sample_run(127_990, rate=150).history  # ...then ETA 0s, no val field
+        run.val_history = []
         reporter.on_refresh(run)
     while True:  # everything written, until the closed side reads as the end (EIO)
         try:

@@ -78,6 +78,12 @@ class AmpMagics(Magics):
     @argument("--seed", type=int, help="seed torch, random and numpy before training")
     @argument("--no-move", action="store_true",
               help="do not move batch tensors to the model's device")
+    @argument("--compile", action="store_true",
+              help="train through torch.compile(model), compiled once per model and reused by "
+                   "re-runs; the model itself stays the plain module")
+    @argument("--compile-mode", metavar="MODE",
+              help="torch.compile mode: default, reduce-overhead, max-autotune, "
+                   "max-autotune-no-cudagraphs (implies --compile)")
     @argument("--keep-grads", action="store_true",
               help="keep the last step's gradients (by default freed when the run ends)")
     @argument_group("checkpoints")
@@ -134,7 +140,8 @@ class AmpMagics(Magics):
             options = TrainOptions(
                 **objects, epochs=args.epochs, steps=args.steps, dtype=args.dtype,
                 accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
-                skip_aware_scheduler=args.skip_aware_scheduler,
+                skip_aware_scheduler=args.skip_aware_scheduler, compile=args.compile,
+                compile_mode=args.compile_mode,
                 move=not args.no_move, keep_grads=args.keep_grads, init_scale=args.init_scale,
                 growth_interval=args.growth_interval, growth_factor=args.growth_factor,
                 backoff_factor=args.backoff_factor, checkpoint=args.checkpoint,

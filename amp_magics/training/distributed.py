@@ -40,6 +40,7 @@ from ..errors import AmpUsageError
 from ..tensors import StepFn, plain_module, tensors_in
 from .engine import prepare, stop_on_sigint
 from .options import TrainOptions
+from .routing import route_through
 from .run import Run, next_name, register
 from .scaler import persistent_scaler
 from .telemetry import RunBooks
@@ -156,34 +157,6 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         val=shard(options.val, ctx) if options.val is not None else None,
         checkpoint=options.checkpoint if first else None,
         every=options.every if first else None), release
-
-
-def route_through(model: torch.nn.Module, ddp: torch.nn.Module) -> Callable[[], None]:
-    """Make `model(...)` run through `ddp`, so a step body that calls the notebook's model
-    (`net(x)`) gets DDP's gradient all-reduce. The instance's class becomes a subclass whose
-    __call__ goes to DDP, which calls the model back with the ordinary __call__ (hooks run
-    once). Returns the function that puts the class back and lets DDP go: its Reducer must
-    be freed while the process group lives, or gloo's teardown can abort the process."""
-    original = type(model)
-    inside = [False]
-    target = [ddp]  # emptied by restore(); the subclass may outlive it until a gc pass
-
-    def __call__(self, *args, **kwargs):
-        if inside[0]:
-            return original.__call__(self, *args, **kwargs)
-        inside[0] = True
-        try:
-            return target[0](*args, **kwargs)
-        finally:
-            inside[0] = False
-
-    model.__class__ = type(original.__name__, (original,), {"__call__": __call__,
-                                                           "__module__": original.__module__})
-
-    def restore() -> None:
-        model.__class__ = original
-        target.clear()
-    return restore
 
 
 class EpochSampled:
@@ -678,6 +651,9 @@ def train_under_torchrun(step_fn: StepFn, options: TrainOptions, views: Sequence
                          ctx: RankContext) -> Run:
     """Each torchrun process trains its rank; rank 0 reports and saves."""
     __tracebackhide__ = True
+    if options.compile:
+        raise AmpUsageError("compile=True under torchrun is not supported yet: compile the "
+                            "model in the script (torch.compile) and pass that")
     with joined_process_group(ctx):
         rank_options, release = setup_rank(options, ctx)
         try:

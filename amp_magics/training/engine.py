@@ -21,6 +21,7 @@ from ..precision import SCALER_DEFAULTS
 from ..tensors import StepFn, as_step, is_out_of_memory, model_device, seed_everything
 from . import scaler as scalers
 from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
+from .compiling import compile_route
 from .failures import release_memory
 from .options import TrainOptions
 from .run import Run, next_name, register
@@ -81,7 +82,7 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
         config={"dtype": o.dtype, "epochs": o.epochs, "steps": o.steps, "accum": o.accum,
                 "clip": o.clip, "seed": o.seed, "lr": o.optimizers[0].param_groups[0].get("lr"),
                 "optimizer": ", ".join(type(opt).__name__ for opt in o.optimizers),
-                **o.config},
+                **({"compile": o.compile_mode or "default"} if o.compile else {}), **o.config},
         device=str(device), precision=chosen.name, precision_reason=chosen.reason,
         scaler_settings=scalers.describe(scaler),
         total_steps=_total_steps(o.epochs, o.steps, per_epoch), steps_per_epoch=per_epoch,
@@ -144,10 +145,24 @@ class Training:
         try:
             if self.options.seed is not None and self.resumed is None:
                 seed_everything(self.options.seed)
-            with stop_on_sigint(self.run, self.options.handle_sigint):
+            with stop_on_sigint(self.run, self.options.handle_sigint), self._compiled():
                 self._execute()
         finally:
             self.release()
+
+    @contextlib.contextmanager
+    def _compiled(self) -> Iterator[None]:
+        """--compile: the model's calls go through torch.compile(model) while it trains."""
+        if not self.options.compile:
+            yield
+            return
+        unroute = compile_route(self.options.model, self.options.compile_mode or "default")
+        self.run.compiling = True  # shown until the first step has compiled
+        try:
+            yield
+        finally:
+            self.run.compiling = False
+            unroute()
 
     def release(self) -> None:
         """Let the model go (also for a prepared run that will never execute)."""
@@ -249,6 +264,9 @@ class Training:
         if self.diagnose:
             self._diagnose_if_overflowed(scale, found_inf)
         self.step += 1  # the update happened and is recorded, whatever the scheduler does
+        if self.run.compiling:  # show the compile time as soon as it is known
+            self.run.compiling = False
+            self.books.next_refresh = now
         self.position = (epoch, self.batches_in_epoch, self.epoch_rng)
         try:
             if self.amp.step_scheduler():

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import AmpUsageError
 from ..precision import CHOICES
+from .compiling import MODES, is_compiled
 
 MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow
 SCALER_KEYS = ("init_scale", "growth_interval", "growth_factor", "backoff_factor")
@@ -52,6 +53,8 @@ class TrainOptions:
     accum: int = 1
     clip: Optional[float] = None
     skip_aware_scheduler: bool = False  # the scheduler advances only after real steps
+    compile: bool = False  # train through torch.compile(model); the model stays plain
+    compile_mode: Optional[str] = None  # torch.compile's mode; giving one implies compile
     log: tuple = ()
     seed: Optional[int] = None
     move: bool = True
@@ -76,6 +79,8 @@ class TrainOptions:
         set_(self, "config", dict(self.config or {}))
         if self.epochs is None and self.steps is None:
             set_(self, "epochs", 1)
+        if self.compile_mode is not None:
+            set_(self, "compile", True)
         self._check_objects()
         self._check_numbers()
         self._check_files()
@@ -115,6 +120,8 @@ class TrainOptions:
                                 f"lr_scheduler), got {type(self.scheduler).__name__}")
         if self.skip_aware_scheduler:
             self._check_skip_aware_scheduler()
+        if self.compile:
+            self._check_compile()
         if self.scaler is not None and not isinstance(self.scaler, torch.amp.GradScaler):
             raise AmpUsageError(f"scaler must be a torch.amp.GradScaler, "
                                 f"got {type(self.scaler).__name__}")
@@ -135,6 +142,17 @@ class TrainOptions:
         if not any(driven is opt for opt in self.optimizers):
             raise AmpUsageError(f"{flag}: the scheduler drives an optimizer that is not trained "
                                 "here; build the scheduler on one of the run's optimizers")
+
+    def _check_compile(self):
+        if self.compile_mode not in (None, *MODES):
+            raise AmpUsageError(f"--compile-mode {self.compile_mode!r}: choose one of "
+                                f"{', '.join(MODES)}")
+        if is_compiled(self.model):
+            raise AmpUsageError("--compile: the model is already compiled (torch.compile): "
+                                "pass the plain module with --compile, or drop --compile")
+        if self.nproc != 1:
+            raise AmpUsageError("--compile with --nproc is not supported yet: train on one "
+                                "process, or compile inside a torchrun script")
 
     def _check_numbers(self):
         for label in ("epochs", "steps", "accum"):

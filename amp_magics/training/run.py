@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..views.dashboard import Picture
 
 STATUSES = ("running", "finished", "interrupted", "failed")
+RATE_WINDOW = 50  # steps over which live views measure samples/s and steps/s
 
 _RUNS: list = []
 _RUNS_LOCK = threading.Lock()
@@ -151,6 +152,10 @@ class Run:
         self.refresh_costs: list[float] = []  # seconds per refresh: drain, memory, views
         self.paused_for: str | None = None  # what holds it at a step boundary (e.g. "%amp_memory")
         self.ranks = 1  # processes training it (--nproc); memory then has "<key> rank<r>" keys
+        self.compiling = False  # --compile: the first step is compiling the model
+        self.compile_seconds = 0.0  # time torch.compile spent compiling, not in the rates
+        self.compiles = 0  # graphs compiled during the run
+        self.recompiles = 0  # of which recompilations (a guard failed)
         self.diagnosis: Diagnosis | None = None  # --diagnose: the Diagnosis of the first bad step
         self._stop = threading.Event()
         # Which model object trained, without keeping it alive: earlier runs of the same
@@ -202,14 +207,15 @@ class Run:
 
     def rates(self, last: int | None = None) -> tuple[float | None, float | None]:
         """(samples/s, steps/s) from the steps' end times: over the last `last` steps, or over
-        the whole run, from its start to the end of its last step. The one definition every
-        view uses (the dashboard's header, its throughput chart, the summary)."""
+        the whole run, from its start to the end of its last step, less the time spent
+        compiling (torch.compile). The one definition every view uses (the dashboard's header,
+        its throughput chart, the summary, the progress line)."""
         h = self.history
         first = 0 if last is None else max(len(h) - last, 0)
         if first >= len(h):
             return None, None
         start = h[first - 1]["time"] if first > 0 else 0.0
-        span = h[-1]["time"] - start
+        span = h[-1]["time"] - start - sum(r.get("compile_s", 0.0) for r in h[first:])
         if not span > 0:
             return None, None
         samples = sum(r.get("samples") or 0 for r in h[first:])
@@ -241,6 +247,7 @@ class Run:
             "samples_per_s": samples_per_s,
             "steps_per_s": steps_per_s,
             "peak_memory": max(peaks) if peaks else None,
+            "compile_seconds": self.compile_seconds,
         }
 
     def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
@@ -255,7 +262,8 @@ class Run:
     _FIELDS = ("name", "config", "device", "precision", "precision_reason", "scaler_settings",
                "total_steps", "steps_per_epoch", "model_label", "status", "history",
                "val_history", "memory", "alarms", "notes", "error", "started", "wall_time",
-               "epoch", "refresh_costs", "ranks")
+               "epoch", "refresh_costs", "ranks", "compile_seconds", "compiles",
+               "recompiles")
 
     def to_dict(self) -> dict:
         return {field: getattr(self, field) for field in self._FIELDS}
@@ -298,6 +306,12 @@ class Run:
             rows.append(("final loss scale", f"{scale:g}{power}"))
         rows += [
             ("wall time", f"{s['wall_time']:.2f} s"),
+        ]
+        if self.compiles:
+            rows.append(("compile time (not in the throughput)",
+                         f"{s['compile_seconds']:.2f} s, {self.compiles} graph"
+                         f"{'s' * (self.compiles != 1)} ({self.recompiles} recompiled)"))
+        rows += [
             ("throughput (mean over the run)",
              f"{format_number(s['samples_per_s'])} samples/s, "
              f"{format_number(s['steps_per_s'])} steps/s"),

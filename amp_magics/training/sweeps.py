@@ -276,6 +276,8 @@ class Showdown:
                         LOSS_GAP: _relative(final_loss(run), final_loss(base))
                         if base is not None else None,
                         "skipped": run.summary["skipped_steps"]})
+            if any(r.compiles for r in self.runs.values()):  # --compile: apart from the steps
+                out[-1]["compile s"] = run.compile_seconds
         return out
 
     def step_ms(self, run: Run) -> float | None:

@@ -14,6 +14,7 @@ import torch
 
 from ..system.host import process_rss
 from . import alarms
+from .compiling import CompileWatch, recompile_alarm
 from .view import View, notify
 
 if TYPE_CHECKING:
@@ -130,9 +131,13 @@ class RunBooks:
         self.next_refresh = 0.0
         self.raised_alarms: set = set()
         self.alarms = alarms.Alarms(device.type)
+        self.compiles: CompileWatch | None = None
+        self.pending_compiles: list = []
+        self.recompile: tuple[int, str] | None = None  # (alarm index, first reason)
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
+        self.compiles = CompileWatch(time.time())  # the same moment on dynamo's clock
         self.next_refresh = self.t0 + self.refresh_seconds
         notify(self.views, "on_start", self.run)
 
@@ -140,10 +145,33 @@ class RunBooks:
         run = self.run
         new = self.recorder.drain()
         run.history.extend(new)
+        if self.compiles is not None:
+            self._count_compiles(new)
         for kind, message in self.alarms.check(new, run.history).items():
             if kind not in self.raised_alarms:
                 self.raised_alarms.add(kind)
                 run.alarms.append(message)
+
+    def _count_compiles(self, new: list[dict]) -> None:
+        """Book each compilation on the step it happened in (`compile_s`, left out of the
+        rates) and raise one recompilation alarm, its count kept current."""
+        run = self.run
+        pending, self.pending_compiles = self.pending_compiles + self.compiles.new(), []
+        for c in pending:
+            record = next((r for r in new if r["time"] >= c.start), None)
+            if record is None:  # e.g. compiled for validation: the next step books it
+                self.pending_compiles.append(c)
+                continue
+            record["compile_s"] = record.get("compile_s", 0.0) + c.seconds
+            run.compile_seconds += c.seconds
+            run.compiles += c.graph
+            if c.recompile_reason:
+                run.recompiles += 1
+                if self.recompile is None:
+                    self.recompile = (len(run.alarms), c.recompile_reason)
+                    run.alarms.append("")
+                index, reason = self.recompile
+                run.alarms[index] = recompile_alarm(run.recompiles, reason)
 
     def refresh(self, step: int) -> None:
         now = time.perf_counter()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
 from .format import format_number, format_setting
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
     from ..training.run import Run
 
-RATE_WINDOW = 50  # steps over which samples/s and steps/s are measured
 
 
 class _Columns:
@@ -122,6 +122,10 @@ def status_line(run: Run, skipped: int) -> str:
     parts = [run.device, f"{run.precision} ({run.precision_reason})"]
     if run.paused_for:
         parts.insert(0, f"paused for {run.paused_for}")
+    if run.compiling:
+        parts.insert(0, "compiling the model (torch.compile)...")
+    elif run.compiles:
+        parts.append(f"compiled in {run.compile_seconds:.1f} s (not in steps/s)")
     s = run.scaler_settings
     if s:
         parts.append(f"GradScaler init {format_number(s['init_scale'])}, "

@@ -24,6 +24,7 @@ import textwrap
 import time
 from typing import TYPE_CHECKING
 
+from ..training.run import RATE_WINDOW
 from ..training.view import View
 from .format import format_bytes, format_duration, format_value
 
@@ -46,6 +47,8 @@ def progress_fields(run: Run, skipped: int | None = None) -> list[tuple[float, s
     fields.append((1, " | ", f"epoch {run.epoch + 1}"))
     if run.paused_for:
         fields.append((9, " | ", f"paused for {run.paused_for}"))
+    if run.compiling:
+        fields.append((9, " | ", "compiling (torch.compile)..."))
     if h:
         fields.append((8, " | ", f"loss {h[-1]['loss']:.4g}"))
         if h[-1]["scale"] is not None:
@@ -56,8 +59,8 @@ def progress_fields(run: Run, skipped: int | None = None) -> list[tuple[float, s
             fields.append((6, " | ", f"{skipped} skipped"))
     if run.val_history:
         fields.append((5, " | ", f"val {run.val_history[-1]['val_loss']:.4g}"))
-    if run.wall_time > 0 and h:
-        rate = len(h) / run.wall_time
+    _, rate = run.rates(last=RATE_WINDOW)  # less the time spent compiling
+    if rate:
         fields.append((3, " | ", f"{rate:.3g} steps/s"))
         if run.total_steps and run.status == "running":
             fields.append((7, " | ", f"ETA {format_duration((run.total_steps - len(h)) / rate)}"))
@@ -86,7 +89,8 @@ def end_lines(run: Run) -> list[str]:
     s = run.summary
     lines = [f"{run.name} {run.status}: {s['steps']} steps ({s['skipped_steps']} skipped) in "
              f"{format_duration(s['wall_time'])}, final loss {format_value(s['final_loss'])}, "
-             f"best {format_value(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"]
+             f"best {format_value(s['best_loss'])}, peak memory {format_bytes(s['peak_memory'])}"
+             + (f", compiled in {format_duration(s['compile_seconds'])}" if run.compiles else "")]
     lines += [f"note: {n}" for n in run.notes]
     if run.error:
         lines.append(f"error: {run.error}")
@@ -115,6 +119,8 @@ class ConsoleReporter(View):
         self._alarms_shown = 0  # one reporter may follow several runs (a sweep)
         self._write_line(f"{run.name}: training on {run.device} in {run.precision} "
                          f"({run.precision_reason})")
+        if self.inline and run.compiling:  # the first step may take a while
+            self._draw(progress_line(run, self.columns()))
 
     def on_refresh(self, run: Run) -> None:
         self._show_new_alarms(run)

@@ -1,0 +1,61 @@
+"""Calls of the notebook's model, routed through a wrapper for the length of a run.
+
+A step body calls the notebook's module (`net(x)`); under `--nproc` those calls must go
+through DistributedDataParallel (its gradient all-reduce), under `--compile` through the
+compiled module. The instance's class becomes a subclass whose __call__ hands the call to the
+wrapper, which calls the model back with the ordinary __call__ (hooks run once).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_ROUTE = "_amp_magics_route"
+# One routing subclass per class, reused by every run: compiled code guards on the type.
+_ROUTING_CLASSES: dict[type, type] = {}
+
+
+class _Route:
+    __slots__ = ("wrapper", "inside")
+
+    def __init__(self, wrapper: Callable[..., Any]):
+        self.wrapper = wrapper
+        self.inside = False
+
+
+def _routing_class(original: type) -> type:
+    routed = _ROUTING_CLASSES.get(original)
+    if routed is None:
+        def __call__(self, *args, **kwargs):
+            route = self.__dict__.get(_ROUTE)
+            if route is None or route.inside:  # the wrapper calling the model back
+                return original.__call__(self, *args, **kwargs)
+            route.inside = True
+            try:
+                return route.wrapper(*args, **kwargs)
+            finally:
+                route.inside = False
+
+        routed = type(original.__name__, (original,), {
+            "__call__": __call__, "__module__": original.__module__,
+            "__qualname__": original.__qualname__})
+        _ROUTING_CLASSES[original] = routed
+    return routed
+
+
+def route_through(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
+    """Make `model(...)` run through `wrapper` until the returned function is called, which
+    puts the class back and drops the wrapper (DDP's Reducer must be freed while its process
+    group lives, or gloo's teardown can abort the process)."""
+    original = type(model)
+    route = _Route(wrapper)
+    object.__setattr__(model, _ROUTE, route)  # not Module.__setattr__: no submodule, no state
+    model.__class__ = _routing_class(original)
+
+    def release() -> None:
+        model.__class__ = original
+        model.__dict__.pop(_ROUTE, None)
+        route.wrapper = None
+    return release

@@ -1,0 +1,100 @@
+"""--compile / compile=True: training through torch.compile(model), bit-identical to the same
+compiled hand-written loop, with compile time kept apart and recompilations raising an alarm."""
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+
+import amp_magics
+from recipes import assert_same_state, make_data, make_model, plain
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
+
+
+def adam(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def hand_written(data, dtype, hidden=16):
+    model = make_model(hidden=hidden)
+    opt = adam(model)
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    plain(torch.compile(model), opt, data, dtype=dtype, scaler=scaler)
+    return model
+
+
+@pytest.fixture
+def nb(ip):
+    model = make_model()
+    ip.user_ns.update(model=model, optimizer=adam(model), F=F, torch=torch)
+    return ip
+
+
+def test_the_magic_equals_a_compiled_hand_written_loop_with_real_overflow(nb, tmp_path):
+    data = make_data(n=8, overflow_at=(2,))
+    nb.user_ns["train_loader"] = data
+    model, cls = nb.user_ns["model"], type(nb.user_ns["model"])
+    nb.run(f"%%amp_train --dtype fp16 --compile --checkpoint {tmp_path / 'c.pt'} -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert [r["skipped"] for r in run.history] == [i == 2 for i in range(8)]
+    assert_same_state(model.state_dict(), hand_written(data, torch.float16).state_dict())
+    # the notebook's model stays the plain module, and so do the checkpoint's keys
+    assert type(model) is cls and "_amp_magics_route" not in vars(model)
+    saved = torch.load(tmp_path / "c.pt", weights_only=False)["model"]
+    assert list(saved) == list(make_model().state_dict())
+    assert run.config["compile"] == "default"
+
+
+def test_the_api_compiles_once_per_model_and_keeps_compile_time_apart(nb):
+    data = make_data(n=6)
+    model = make_model(hidden=20)  # shapes no other test compiled: dynamo cannot reuse code
+    opt = adam(model)
+
+    def step(batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    first = amp_magics.train(step, model=model, optimizer=opt, data=data, dtype="bf16",
+                             compile=True, progress=False)
+    assert_same_state(model.state_dict(),
+                      hand_written(data, torch.bfloat16, hidden=20).state_dict())
+    assert first.compiles >= 1 and first.compile_seconds > 0
+    assert first.history[0]["compile_s"] > 0
+    assert sum(r.get("compile_s", 0) for r in first.history) == pytest.approx(
+        first.compile_seconds)
+    h = first.history
+    assert first.rates()[1] > len(h) / h[-1]["time"]  # compiling is not in steps/s
+    assert any("compile time" in label for label, _ in first.summary_rows())
+    again = amp_magics.train(step, model=model, optimizer=opt, data=data, dtype="bf16",
+                             compile=True, progress=False)
+    assert again.compiles == 0 and again.compile_seconds == 0 and not again.alarms
+
+
+def test_a_batch_of_a_new_shape_recompiles_and_raises_the_alarm(nb):
+    data = make_data(n=4) + [(torch.randn(3, 8), torch.randint(0, 3, (3,)))]  # a short last one
+    model = make_model(hidden=28)
+    nb.user_ns.update(train_loader=data, model=model, optimizer=adam(model))
+    nb.run(f"%%amp_train --dtype bf16 --compile --refresh 0.01 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.recompiles >= 1
+    (alarm,) = [a for a in run.alarms if "recompiled" in a]
+    assert "new shape" in alarm and "drop_last=True" in alarm
+    assert run.history[-1].get("compile_s", 0) > 0  # booked on the step that recompiled
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--compile-mode fastest", "choose one of default, reduce-overhead"),
+    ("--compile --nproc 2", "--compile with --nproc is not supported yet"),
+    ("--compile --model compiled", "already compiled"),
+])
+def test_what_compile_refuses(nb, flags, message):
+    nb.user_ns.update(train_loader=make_data(), compiled=torch.compile(nb.user_ns["model"]))
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train {flags}\n{BODY}")
+
+
+def test_compare_reports_compile_time_apart_from_the_step_time(nb):
+    model = make_model(hidden=24)  # shapes no other test compiled: dynamo cannot reuse code
+    nb.user_ns.update(train_loader=make_data(n=6), model=model, optimizer=adam(model))
+    nb.run(f"%%amp_train --compare fp32,bf16 --steps 6 --compile -o showdown\n{BODY}")
+    rows = nb.user_ns["showdown"].rows()
+    assert all(r["compile s"] > 0 and r["median step ms"] > 0 for r in rows)
