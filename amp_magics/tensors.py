@@ -25,6 +25,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
     already there are returned as they are (what .to() would do, without its dispatch)."""
     if isinstance(obj, torch.Tensor):
         return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if type(obj) is tuple:  # the usual (x, y), without the named-tuple check
+        return tuple([to_device(o, device) for o in obj])
     if isinstance(obj, tuple):
         moved = [to_device(o, device) for o in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
@@ -37,6 +39,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def batch_size(obj: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
+    if type(obj) is tuple and obj and type(obj[0]) is torch.Tensor and obj[0].ndim:
+        return obj[0].shape[0]  # the usual (x, y), without the recursion
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.ndim else 1
     if isinstance(obj, (tuple, list)):

@@ -88,12 +88,12 @@ class StepReading:
             # Copy before update(): update() mutates the scale and consumes found_inf.
             scale = scaler._scale
             states = scaler._per_optimizer_states
-            found = [t.to(scale.device, non_blocking=True)  # as update() itself does
-                     for opt in self.optimizers if id(opt) in states
+            found = [t if t.device == scale.device else t.to(scale.device, non_blocking=True)
+                     for opt in self.optimizers if id(opt) in states  # as update() does
                      for t in states[id(opt)]["found_inf_per_device"].values()]
             used = scale.clone()
-            scaler.update()
-            return used, (sum(found) if found else None)
+            scaler.update()  # it only reads found_inf: one tensor needs no sum
+            return used, (found[0] if len(found) == 1 else sum(found) if found else None)
         # Public path: a skip is the only thing that lowers the scale (backoff_factor < 1).
         used = scaler.get_scale()
         scaler.update()

@@ -74,7 +74,12 @@ class AmpStep:
         self.last_batch_size = batch_size(batch)
         self.samples += self.last_batch_size
         with self.autocast:
-            loss, logs = self.unpack(self.step_fn(batch, step, epoch), training=True)
+            out = self.step_fn(batch, step, epoch)
+            if (type(out) is torch.Tensor and not out.ndim and out.grad_fn is not None
+                    and not self.log_names):
+                loss, logs = out, None  # a loss as the recipe has it: nothing more to check
+            else:
+                loss, logs = self.unpack(out, training=True)
             scaled = loss / self.accum if self.accum > 1 else loss
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
@@ -122,7 +127,7 @@ class AmpStep:
         now = time.perf_counter()
         self.recorder.record(step, epoch, now - t0, self.samples, self.micro, self.loss_sum,
                              scale, found_inf, grad_norm, lr,
-                             tuple(self.log_sums[n] for n in self.log_names),
+                             tuple([self.log_sums[n] for n in self.log_names]),
                              self.scheduler_due if self.skip_aware else None)
         self.micro = 0
         self.samples = 0

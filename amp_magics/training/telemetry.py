@@ -54,45 +54,44 @@ class StepRecorder:
          logs_, scheduled_) = zip(*steps)
         losses, scales, found = _to_floats(loss_), _to_floats(scale_), _to_floats(found_)
         norms, lrs = _to_floats(norm_), _to_floats(lr_)
-        logs = {name: _to_floats(column) for name, column in zip(self.log_names, zip(*logs_))}
-        records = []
-        for i, micro in enumerate(micro_):
-            rec = {
-                "step": step_[i],
-                "epoch": epoch_[i],
-                "loss": losses[i] / micro,
-                "scale": scales[i],
-                "skipped": bool(found[i]) if found[i] is not None else False,
-                "lr": lrs[i],
-                "time": time_[i],
-                "samples": samples_[i],
-            }
-            if norms[i] is not None:
-                rec["grad_norm"] = norms[i]
-            if scheduled_[i] is not None:
-                rec["scheduler_stepped"] = scheduled_[i]
-            for name, column in logs.items():
-                value = column[i]
-                rec[name] = value / micro if value is not None else None
-            records.append(rec)
+        records = [{"step": step, "epoch": epoch, "loss": loss / micro, "scale": scale,
+                    "skipped": bool(skipped), "lr": lr, "time": at, "samples": samples}
+                   for step, epoch, loss, micro, scale, skipped, lr, at, samples
+                   in zip(step_, epoch_, losses, micro_, scales, found, lrs, time_, samples_)]
+        optional = [("grad_norm", norms), ("scheduler_stepped", scheduled_)]
+        optional += [(name, [v / m if v is not None else None
+                             for v, m in zip(_to_floats(column), micro_)])
+                     for name, column in zip(self.log_names, zip(*logs_))]
+        for name, column in optional:
+            for rec, value in zip(records, column):
+                if value is not None or name in self.log_names:
+                    rec[name] = value
         return records
 
 
 def _to_floats(values: Sequence) -> list:
     """Device tensors and numbers -> floats (None stays None), with one sync per device."""
     out: list = [None] * len(values)
-    tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    for i, v in enumerate(values):
-        if v is not None and not isinstance(v, torch.Tensor):
-            out[i] = float(v)
     by_device: dict = {}
-    for i, v in tensors:
-        by_device.setdefault(v.device, []).append((i, v))
-    for items in by_device.values():
-        stacked = torch.stack([v.detach().reshape(()).float() for _, v in items]).tolist()
-        for (i, _), value in zip(items, stacked):
-            out[i] = value
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+        elif v is not None:
+            out[i] = float(v)
+    with torch.no_grad():
+        for indices in by_device.values():
+            for i, value in zip(indices, _read_back([values[i] for i in indices])):
+                out[i] = value
     return out
+
+
+def _read_back(tensors: list) -> list[float]:
+    """One-element tensors of one device -> floats, in one transfer. Recorded values
+    usually share a shape, and then stack as they are: no per-value op."""
+    try:
+        return torch.stack(tensors).float().reshape(len(tensors)).tolist()
+    except RuntimeError:  # mixed shapes, () and (1,)
+        return torch.stack([t.reshape(()).float() for t in tensors]).tolist()
 
 
 def memory_snapshot(device: torch.device) -> dict:
