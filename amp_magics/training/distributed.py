@@ -499,6 +499,9 @@ class DistributedTraining:
         except (ProcessRaisedException, ProcessExitedException) as e:
             status = "failed"
             failed_rank = e.error_index
+            if isinstance(e, ProcessRaisedException):  # the first rank to report broke first:
+                self._receive(channel, rank_errors)  # the others fail because it left
+                failed_rank = next(iter(rank_errors), failed_rank)
             detail = rank_errors.get(failed_rank) or getattr(e, "msg", str(e))
             if isinstance(e, ProcessExitedException):
                 detail = (f"rank {failed_rank} was killed by {e.signal_name}"
