@@ -96,5 +96,24 @@ def test_compare_reports_compile_time_apart_from_the_step_time(nb):
     model = make_model(hidden=24)  # shapes no other test compiled: dynamo cannot reuse code
     nb.user_ns.update(train_loader=make_data(n=6), model=model, optimizer=adam(model))
     nb.run(f"%%amp_train --compare fp32,bf16 --steps 6 --compile -o showdown\n{BODY}")
-    rows = nb.user_ns["showdown"].rows()
-    assert all(r["compile s"] > 0 and r["median step ms"] > 0 for r in rows)
+    showdown = nb.user_ns["showdown"]
+    assert all(r["compile s"] > 0 and r["median step ms"] > 0 for r in showdown.rows())
+    # bf16 compiles anew (autocast is part of the guards): expected, not a recompile alarm
+    assert not [a for run in showdown.runs.values() for a in run.alarms if "recompiled" in a]
+
+
+def test_a_python_number_that_changes_every_step_is_named_with_its_fix(nb):
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 5)  # a shape no other test compiled
+
+        def forward(self, x, s):
+            return self.lin(x) * s
+    torch.manual_seed(0)
+    model = Scaled()
+    nb.user_ns.update(train_loader=make_data(n=4), model=model, optimizer=adam(model))
+    nb.run("%%amp_train --dtype fp32 --compile --refresh 0.01 -o run\n"
+           "x, y = batch\nloss = F.cross_entropy(model(x, 1.0 + step * 0.1)[:, :3], y)")
+    (alarm,) = [a for a in nb.user_ns["run"].alarms if "recompiled" in a]
+    assert "s == 1.0" in alarm and "pass it as a tensor" in alarm and "#" not in alarm

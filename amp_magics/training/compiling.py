@@ -84,15 +84,16 @@ def _seconds(m) -> float:
 def recompile_alarm(count: int, reason: str) -> str:
     """What a recompilation means, from dynamo's guard failure, with the fix."""
     first = reason.strip().splitlines()[0] if reason.strip() else "unknown"
-    first = re.sub(r"^\d+/\d+:\s*", "", first)
+    first = re.sub(r"^\d+/\d+:\s*", "", first).split("#")[0].strip()  # less the source line
     if "size mismatch" in first:
         why = ("a batch of a new shape reached the compiled model (often the last, smaller "
                "batch of an epoch). Give every batch one shape (DataLoader(drop_last=True), or "
                "pad), or compile with dynamic shapes; dynamo now treats that size as dynamic")
     elif re.search(r"==\s*-?[\d.]+(e-?\d+)?\s*$", first) and "type" not in first:
-        why = ("a Python number that changes between steps is compiled in as a constant, so "
-               "each new value compiles again: pass it as a tensor (torch.tensor(value)) or "
-               "keep it out of the model's forward")
+        why = ("a Python number that changes between steps was compiled in as a constant, "
+               "so a new value compiled again (dynamo may then make it dynamic, or give up "
+               "after its cache limit): pass it as a tensor (torch.tensor(value)) or keep it "
+               "out of the model's forward")
     elif "check_obj_id" in first or "check_type_id" in first:
         why = ("another object (a different model, module or optimizer) reached the same "
                "compiled code: compile each model once and keep using it")

@@ -153,7 +153,7 @@ class RunBooks:
 
     def _count_compiles(self, new: list[dict]) -> None:
         """Book each compilation on the step it happened in (`compile_s`, left out of the
-        rates) and raise one recompilation alarm, its count kept current."""
+        rates) and raise one alarm for recompilations within the run, its count kept current."""
         run = self.run
         pending, self.pending_compiles = self.pending_compiles + self.compiles.new(), []
         for c in pending:
@@ -163,8 +163,9 @@ class RunBooks:
                 continue
             record["compile_s"] = record.get("compile_s", 0.0) + c.seconds
             run.compile_seconds += c.seconds
-            run.compiles += c.graph
-            if c.recompile_reason:
+            first = run.compiles == 0  # a run's first compile is expected, whatever dynamo
+            run.compiles += c.graph  # cached before (another precision, another shape)
+            if c.recompile_reason and not first:
                 run.recompiles += 1
                 if self.recompile is None:
                     self.recompile = (len(run.alarms), c.recompile_reason)
