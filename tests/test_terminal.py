@@ -21,6 +21,7 @@ import threading
 import time
 
 import pyte  # the `test` extra
+import pytest
 import torch
 
 from amp_magics.training.run import Run
@@ -341,3 +342,23 @@ def test_notebook_inline_redraw_covers_a_longer_line():
     last = stream.getvalue().rsplit("\r", 1)[1]
     assert len(last) == long and last.rstrip() == progress_line(run)
     assert "\x1b" not in stream.getvalue()
+
+
+def test_compile_time_is_shown_apart_and_left_out_of_the_rate():
+    from amp_magics.views.dashboard import status_line
+    from amp_magics.views.reporter import end_lines
+
+    run = sample_run(rate=100)
+    run.compiling = True
+    assert "compiling (torch.compile)..." in progress_line(run)
+    assert status_line(run, 0).startswith("compiling the model (torch.compile)...")
+    run.compiling = False
+    run.history[0]["time"] += 14.0  # the first step compiled for 14 s...
+    for record in run.history[1:]:
+        record["time"] += 14.0
+    run.history[0]["compile_s"], run.compile_seconds, run.compiles = 14.0, 14.0, 1
+    assert run.rates()[1] == pytest.approx(100)  # ...which the rates leave out
+    assert "| 100 steps/s |" in progress_line(run)
+    assert "compiled in 14.0 s (not in steps/s)" in status_line(run, 0)
+    run.status = "finished"
+    assert end_lines(run)[0].endswith("compiled in 14s")
