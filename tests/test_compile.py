@@ -71,7 +71,14 @@ def test_the_api_compiles_once_per_model_and_keeps_compile_time_apart(nb):
 
 def test_a_batch_of_a_new_shape_recompiles_and_raises_the_alarm(nb):
     data = make_data(n=4) + [(torch.randn(3, 8), torch.randint(0, 3, (3,)))]  # a short last one
-    model = make_model(hidden=28)
+    class Net(torch.nn.Module):  # its own forward: no other test made its batch dynamic
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+    model = Net()
     nb.user_ns.update(train_loader=data, model=model, optimizer=adam(model))
     nb.run(f"%%amp_train --dtype bf16 --compile --refresh 0.01 -o run\n{BODY}")
     run = nb.user_ns["run"]
@@ -117,3 +124,27 @@ def test_a_python_number_that_changes_every_step_is_named_with_its_fix(nb):
            "x, y = batch\nloss = F.cross_entropy(model(x, 1.0 + step * 0.1)[:, :3], y)")
     (alarm,) = [a for a in nb.user_ns["run"].alarms if "recompiled" in a]
     assert "s == 1.0" in alarm and "pass it as a tensor" in alarm and "#" not in alarm
+
+
+def test_validation_and_a_warm_cache_do_not_hide_or_invent_recompiles(nb):
+    """Validation compiles anew (eval, no_grad): expected, no alarm. A re-run whose first
+    step needs nothing new still alarms on a recompile later in the run."""
+    class Net(torch.nn.Module):  # its own forward: dynamo's state for it starts empty
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+    model = Net()
+    nb.user_ns.update(train_loader=make_data(n=4), val_loader=make_data(n=2, seed=5),
+                      model=model, optimizer=adam(model))
+    nb.run(f"%%amp_train --dtype bf16 --compile --val val_loader --epochs 2 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.compiles >= 1 and not run.alarms  # validation may compile anew: expected
+    short = (torch.randn(3, 8), torch.randint(0, 3, (3,)))
+    nb.user_ns["train_loader"] = make_data(n=4) + [short]
+    nb.run(f"%%amp_train --dtype bf16 --compile --refresh 0.01 -o again\n{BODY}")
+    again = nb.user_ns["again"]
+    assert again.history[0].get("compile_s", 0) == 0  # the cache served the first step
+    assert again.recompiles >= 1 and [a for a in again.alarms if "new shape" in a]

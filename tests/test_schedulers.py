@@ -1,6 +1,7 @@
 """Schedulers next to a loss scaler that skips steps: the recipe's default (the scheduler steps
 after every optimizer step, skipped or not) without torch's false warning, and
 --skip-aware-scheduler (it steps only after steps that happened), against hand-written loops."""
+import re
 import warnings
 
 import pytest
@@ -144,3 +145,17 @@ def test_skip_aware_scheduler_refuses_what_it_cannot_do(ip, scheduler, message):
     flag = f" --scheduler {scheduler}" if scheduler else ""
     with pytest.raises(UsageError, match=message):
         ip.run(f"%%amp_train --skip-aware-scheduler{flag}\n{BODY}")
+
+
+def test_a_true_warning_is_kept():
+    """A scheduler of an optimizer this run does not train really is stepped first: torch's
+    warning stands, and no note explains it away."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=re.escape(FALSE_WARNING)):
+        run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                               optimizer=opt, data=make_data(n=2, overflow_at=(0,)),
+                               dtype="fp16", scheduler=torch.optim.lr_scheduler.StepLR(other, 1),
+                               progress=False)
+    assert not [n for n in run.notes if "false alarm" in n]

@@ -353,10 +353,9 @@ def test_compile_time_is_shown_apart_and_left_out_of_the_rate():
     assert "compiling (torch.compile)..." in progress_line(run)
     assert status_line(run, 0).startswith("compiling the model (torch.compile)...")
     run.compiling = False
-    run.history[0]["time"] += 14.0  # the first step compiled for 14 s...
-    for record in run.history[1:]:
+    for record in run.history[-10:]:  # a step among the last ones recompiled for 14 s...
         record["time"] += 14.0
-    run.history[0]["compile_s"], run.compile_seconds, run.compiles = 14.0, 14.0, 1
+    run.history[-10]["compile_s"], run.compile_seconds, run.compiles = 14.0, 14.0, 1
     assert run.rates()[1] == pytest.approx(100)  # ...which the rates leave out
     assert "| 100 steps/s |" in progress_line(run)
     assert "compiled in 14.0 s (not in steps/s)" in status_line(run, 0)

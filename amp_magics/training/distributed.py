@@ -327,6 +327,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
         training.execute()
     except BaseException as e:
         channel.put(("error", rank, _user_traceback(e)))
+        traceback.clear_frames(e.__traceback__)  # they hold DDP, freed before the group
         raise
     finally:
         if rank == 0 and training is not None and not training.amp.in_update:

@@ -110,7 +110,8 @@ def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownersh
     amp = AmpStep(step_fn, o.model, o.optimizers, chosen, scaler, device, accum=o.accum,
                   clip=o.clip, scheduler=o.scheduler, move=o.move, log_names=o.log,
                   sync_timing=o.sync_timing and device.type == "cuda", keep_batches=o.diagnose,
-                  skip_aware_scheduler=o.skip_aware_scheduler)
+                  skip_aware_scheduler=o.skip_aware_scheduler,
+                  copy_outputs=o.compile_mode in ("reduce-overhead", "max-autotune"))
     return Training(run, amp, o, views, resumed, claim, own)
 
 
@@ -308,7 +309,8 @@ class Training:
     # -- epoch end -----------------------------------------------------------------------
     def _validate(self, epoch: int) -> float | None:
         __tracebackhide__ = True
-        val_loss = self.amp.validate(self.options.val, self.step, epoch)
+        with self.books.compiling_expected():  # --compile: eval and no_grad compile anew
+            val_loss = self.amp.validate(self.options.val, self.step, epoch)
         if val_loss is None:
             self.run.notes.append("--val produced no batches: no validation loss")
         else:

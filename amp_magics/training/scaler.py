@@ -91,9 +91,12 @@ class StepReading:
             found = [t if t.device == scale.device else t.to(scale.device, non_blocking=True)
                      for opt in self.optimizers if id(opt) in states  # as update() does
                      for t in states[id(opt)]["found_inf_per_device"].values()]
+            # one tensor is kept as it is (update() leaves it); several are summed first,
+            # as update() adds them into the first one in place
+            found_inf = found[0] if len(found) == 1 else sum(found) if found else None
             used = scale.clone()
-            scaler.update()  # it only reads found_inf: one tensor needs no sum
-            return used, (found[0] if len(found) == 1 else sum(found) if found else None)
+            scaler.update()
+            return used, found_inf
         # Public path: a skip is the only thing that lowers the scale (backoff_factor < 1).
         used = scaler.get_scale()
         scaler.update()

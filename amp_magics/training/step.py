@@ -5,7 +5,6 @@ update, scheduler. Each step is recorded without a host-device sync.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,7 +24,8 @@ class AmpStep:
                  optimizers: Sequence[torch.optim.Optimizer], chosen: Precision,
                  scaler: torch.amp.GradScaler | None, device: torch.device, *, accum: int,
                  clip: float | None, scheduler: Any, move: bool, log_names: Sequence[str],
-                 sync_timing: bool, keep_batches: bool, skip_aware_scheduler: bool = False):
+                 sync_timing: bool, keep_batches: bool, skip_aware_scheduler: bool = False,
+                 copy_outputs: bool = False):
         self.step_fn = step_fn
         self.model = model
         self.optimizers = optimizers
@@ -39,10 +39,13 @@ class AmpStep:
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         # --skip-aware-scheduler: the scheduler advances only after its optimizer really stepped
         self.skip_aware = skip_aware_scheduler
-        self.real_steps = (RealSteps(optimizers) if skip_aware_scheduler and scaler is not None
-                           else None)
+        self.real_steps = (RealSteps([scheduler.optimizer])
+                           if skip_aware_scheduler and scaler is not None else None)
         self.scheduler_due = True
         self.first_schedule = True  # a run's first scheduler.step() may follow a skipped step
+        # CUDA graphs (torch.compile's reduce-overhead) reuse their outputs' memory at the next
+        # replay: a loss kept until the refresh must be a copy then (on the device, no sync)
+        self.copy_outputs = copy_outputs
         self.move = move
         self.log_names = tuple(log_names)
         self.sync_timing = sync_timing
@@ -87,9 +90,9 @@ class AmpStep:
             scaled.backward()
         detached = loss.detach()  # made float at drain; summed in fp32 over a window
         if self.micro == 0:
-            self.loss_sum = detached
+            self.loss_sum = detached.clone() if self.copy_outputs else detached
             for name in self.log_names:
-                self.log_sums[name] = _detached(logs[name])
+                self.log_sums[name] = _detached(logs[name], self.copy_outputs)
         else:
             self.loss_sum = self.loss_sum.float() + detached.float()
             for name in self.log_names:
@@ -140,11 +143,13 @@ class AmpStep:
         (the loss scaler skipped the scheduler's very first optimizer step)."""
         if self.scheduler is None or self.plateau or not self.scheduler_due:
             return False
-        if not self.first_schedule:
-            self.scheduler.step()
-            return False
-        self.first_schedule = False
-        return _step_without_false_warning(self.scheduler)
+        held_back = False
+        if self.first_schedule:
+            self.first_schedule = False
+            held_back = self.scaler is not None and _hold_back_false_warning(
+                self.scheduler, self.optimizers)
+        self.scheduler.step()
+        return held_back
 
     def close(self) -> None:
         """Remove the hooks this step put on the optimizers."""
@@ -165,7 +170,7 @@ class AmpStep:
                         batch = to_device(batch, self.device)
                     with self.autocast:
                         loss, _ = self.unpack(self.step_fn(batch, step, epoch), training=False)
-                    value = loss.detach().float()
+                    value = loss.detach().float().clone()  # see copy_outputs
                     total = value if total is None else total + value
                     batches += 1
         finally:
@@ -208,25 +213,27 @@ class AmpStep:
         return loss, logs
 
 
-def _step_without_false_warning(scheduler: Any) -> bool:
-    """scheduler.step(); torch warns "before `optimizer.step()`" on a scheduler's first step
-    when its optimizer never ran, which after a scaler skip is not the user's mistake. Other
-    warnings pass on. True when that one was held back."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        scheduler.step()
-    held_back = False
-    for w in caught:
-        if "before `optimizer.step()`" in str(w.message):
-            held_back = True
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return held_back
+def _hold_back_false_warning(scheduler: Any, optimizers: Sequence[torch.optim.Optimizer]
+                             ) -> bool:
+    """Before a run's first scheduler.step() after a GradScaler step: torch warns "before
+    `optimizer.step()`" on a scheduler's first step when its optimizer's step() never ran,
+    which after a skip by the scaler is not the user's mistake. Mark the step as taken, with
+    torch's own flag (no warnings filter: those are process-wide, and runs train in threads),
+    and return True. A scheduler of an optimizer not trained here keeps its warning."""
+    opt = getattr(scheduler, "optimizer", None)
+    would_warn = (getattr(scheduler, "_step_count", None) == 1
+                  and hasattr(getattr(opt, "step", None), "_wrapped_by_lr_sched")
+                  and not getattr(opt, "_opt_called", False))
+    if not would_warn or not any(opt is o for o in optimizers):
+        return False
+    opt._opt_called = True
+    return True
 
 
-def _detached(value: Any):
+def _detached(value: Any, copy: bool = False):
     if isinstance(value, torch.Tensor):
-        return value.detach().float().reshape(())
+        value = value.detach().float().reshape(())
+        return value.clone() if copy else value
     return float(value)
 
 

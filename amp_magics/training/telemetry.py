@@ -6,8 +6,9 @@ values (time, lr, epoch, batch size) are plain Python numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -133,6 +134,10 @@ class RunBooks:
         self.compiles: CompileWatch | None = None
         self.pending_compiles: list = []
         self.recompile: tuple[int, str] | None = None  # (alarm index, first reason)
+        # Compiling is expected in the first step (a cache made for another precision or
+        # shape) and in validation (eval, no_grad): no recompile alarm there.
+        self.first_step_end: float | None = None
+        self.expected: list[tuple[float, float]] = []
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -151,10 +156,21 @@ class RunBooks:
                 self.raised_alarms.add(kind)
                 run.alarms.append(message)
 
+    @contextlib.contextmanager
+    def compiling_expected(self) -> Iterator[None]:
+        """Around work that compiles anew as a matter of course (validation)."""
+        start = time.perf_counter() - self.t0
+        try:
+            yield
+        finally:
+            self.expected.append((start, time.perf_counter() - self.t0))
+
     def _count_compiles(self, new: list[dict]) -> None:
         """Book each compilation on the step it happened in (`compile_s`, left out of the
-        rates) and raise one alarm for recompilations within the run, its count kept current."""
+        rates) and raise one alarm for unexpected recompilations, its count kept current."""
         run = self.run
+        if self.first_step_end is None and new:
+            self.first_step_end = new[0]["time"]
         pending, self.pending_compiles = self.pending_compiles + self.compiles.new(), []
         for c in pending:
             record = next((r for r in new if r["time"] >= c.start), None)
@@ -163,9 +179,10 @@ class RunBooks:
                 continue
             record["compile_s"] = record.get("compile_s", 0.0) + c.seconds
             run.compile_seconds += c.seconds
-            first = run.compiles == 0  # a run's first compile is expected, whatever dynamo
-            run.compiles += c.graph  # cached before (another precision, another shape)
-            if c.recompile_reason and not first:
+            run.compiles += c.graph
+            expected = c.start <= self.first_step_end or any(
+                start <= c.start <= end for start, end in self.expected)
+            if c.recompile_reason and not expected:
                 run.recompiles += 1
                 if self.recompile is None:
                     self.recompile = (len(run.alarms), c.recompile_reason)

@@ -156,8 +156,9 @@ def throughput(steps: Sequence[float], times: Sequence[float], samples: Sequence
                max_points: int = SMOOTH_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """Samples per second along the run: per bucket of consecutive steps, the samples of its
     steps over the time between the previous step's end and its last step's end (the first
-    bucket counts from the start, time 0). The same definition as `Run.rates`, so the last
-    bucket agrees with a rate over the same steps. x is each bucket's last step."""
+    bucket counts from the start, time 0). The same definition as `Run.rates` (given step
+    times net of compiling), so the last bucket agrees with a rate over the same steps. x is
+    each bucket's last step."""
     x, t, n_samples = _floats(steps), _floats(times), _floats(samples)
     n = len(x)
     if n == 0 or len(t) != n or len(n_samples) != n:

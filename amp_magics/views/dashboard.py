@@ -46,6 +46,7 @@ class _Columns:
         self.val_steps, self.val_loss, self.memory_time = (array("d") for _ in range(3))
         self.memory = {label: array("d") for label in self.memory_labels}
         self._seen = [0, 0, 0]  # history, val_history, memory records consumed
+        self._compiling = 0.0  # compile time so far: step times net of it, as Run.rates
 
     def update(self) -> _Columns:
         run, seen = self.run, self._seen
@@ -53,7 +54,8 @@ class _Columns:
         for record in history[seen[0]:]:
             self.steps.append(record["step"])
             self.loss.append(_nan(record["loss"]))
-            self.time.append(_nan(record.get("time")))
+            self._compiling += record.get("compile_s", 0.0)
+            self.time.append(_nan(record.get("time")) - self._compiling)
             self.samples.append(record.get("samples") or 0)
             if record["scale"] is not None:
                 self.scale.append(record["scale"])
