@@ -64,6 +64,8 @@ class StepRecorder:
                              for v, m in zip(_to_floats(column), micro_)])
                      for name, column in zip(self.log_names, zip(*logs_))]
         for name, column in optional:
+            if name not in self.log_names and column.count(None) == len(column):
+                continue  # e.g. no --clip: no grad_norm
             for rec, value in zip(records, column):
                 if value is not None or name in self.log_names:
                     rec[name] = value
@@ -72,6 +74,15 @@ class StepRecorder:
 
 def _to_floats(values: Sequence) -> list:
     """Device tensors and numbers -> floats (None stays None), with one sync per device."""
+    kinds = {type(v) for v in values}
+    if kinds == {torch.Tensor}:  # the usual column: one device, read back at once
+        try:
+            with torch.no_grad():
+                return _read_back(list(values))
+        except RuntimeError:  # tensors on several devices
+            pass
+    elif not any(issubclass(kind, torch.Tensor) for kind in kinds):
+        return [None if v is None else float(v) for v in values]
     out: list = [None] * len(values)
     by_device: dict = {}
     for i, v in enumerate(values):
