@@ -28,12 +28,6 @@ def compile_route(model: torch.nn.Module, mode: str) -> Callable[[], None]:
     return route_through(model, compiled)
 
 
-def is_compiled(model: torch.nn.Module) -> bool:
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    optimized = getattr(dynamo, "OptimizedModule", None)
-    return optimized is not None and isinstance(model, optimized)
-
-
 @dataclass
 class Compilation:
     start: float  # seconds after the run started (the steps' clock)

@@ -111,7 +111,7 @@ def check_fork_safe(options: TrainOptions, world: int, script_hint: str) -> None
                             "or diagnose with --nproc 1 first")
     if isinstance(options.model, torch.nn.parallel.DistributedDataParallel):
         raise AmpUsageError("give the plain model: --nproc wraps it in DistributedDataParallel")
-    if hasattr(options.model, "_orig_mod"):
+    if plain_module(options.model) is not options.model:
         raise AmpUsageError("--nproc trains the plain model: pass the module itself, not "
                             "torch.compile(model)")
     if world < 1:

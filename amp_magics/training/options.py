@@ -16,7 +16,8 @@ import torch
 
 from ..errors import AmpUsageError
 from ..precision import CHOICES
-from .compiling import MODES, is_compiled
+from ..tensors import plain_module
+from .compiling import MODES
 
 MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow
 SCALER_KEYS = ("init_scale", "growth_interval", "growth_factor", "backoff_factor")
@@ -147,7 +148,7 @@ class TrainOptions:
         if self.compile_mode not in (None, *MODES):
             raise AmpUsageError(f"--compile-mode {self.compile_mode!r}: choose one of "
                                 f"{', '.join(MODES)}")
-        if is_compiled(self.model):
+        if plain_module(self.model) is not self.model:
             raise AmpUsageError("--compile: the model is already compiled (torch.compile): "
                                 "pass the plain module with --compile, or drop --compile")
         if self.nproc != 1:
