@@ -42,7 +42,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-import amp_magics
+import overhead  # its bare recipe loop and amp_magics.train variant, shared
+from amp_magics.precision import resolve
 
 MODELS = {  # name: (layer widths, batch size, default steps)
     "tiny": ((16, 16, 16, 10), 8, 2000),
@@ -74,27 +75,11 @@ def batches(widths, batch, steps):
 # is the one asked for.
 
 def bare(model, opt, data, dtype):
-    fp32 = dtype == "fp32"
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
-    scaler = torch.amp.GradScaler("cpu") if dtype == "fp16" else None
-    for x, y in data:
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=not fp32):
-            loss = F.cross_entropy(model(x), y)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+    overhead.bare(model, opt, data, resolve(dtype, "cpu"))
 
 
 def api(model, opt, data, dtype):
-    def step(batch):
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-    amp_magics.train(step, model=model, optimizer=opt, data=data, dtype=dtype, progress=False)
+    overhead.api(model, opt, data, resolve(dtype, "cpu"))
 
 
 def magic_runner(shell):
