@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -37,10 +38,37 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def batch_placer(device: torch.device, move: bool = True
+                 ) -> Callable[[Any], tuple[Any, int]]:
+    """A function batch -> (the batch on `device`, or as it is without `move`; its
+    batch_size), made once per run. The usual batch, a tuple of tensors already on the
+    device, is returned after one cheap test per tensor: no device objects, no new tuple."""
+    if device.type == "cpu":
+        there: Callable[[torch.Tensor], bool] = operator.attrgetter("is_cpu")
+    elif device.type == "cuda" and device.index is not None:
+        index = device.index
+
+        def there(t: torch.Tensor) -> bool:
+            return t.is_cuda and t.get_device() == index
+    else:
+        def there(t: torch.Tensor) -> bool:
+            return t.device == device
+
+    def place(batch: Any) -> tuple[Any, int]:
+        if type(batch) is tuple and batch and type(batch[0]) is torch.Tensor:
+            try:  # a 0-dim first tensor, or an element that is no tensor: the general path
+                if not move or all(map(there, batch)):
+                    return batch, batch[0].shape[0]
+            except (AttributeError, IndexError):
+                pass
+        if move:
+            batch = to_device(batch, device)
+        return batch, batch_size(batch)
+    return place
+
+
 def batch_size(obj: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
-    if type(obj) is tuple and obj and type(obj[0]) is torch.Tensor and obj[0].ndim:
-        return obj[0].shape[0]  # the usual (x, y), without the recursion
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.ndim else 1
     if isinstance(obj, (tuple, list)):
@@ -96,9 +124,16 @@ def as_step(step_fn: Callable) -> StepFn:
         def one_arg_step(batch, step, epoch):
             __tracebackhide__ = True
             return step_fn(batch)
+        one_arg_step.batch_only = step_fn  # see batch_only()
         return one_arg_step
     raise AmpUsageError("step_fn must take the batch: step_fn(batch) or "
                         "step_fn(batch, step, epoch)")
+
+
+def batch_only(step: StepFn) -> Callable[[Any], Any] | None:
+    """The user's step_fn(batch) behind `as_step`'s wrapper, for a caller that calls it for
+    every batch without the extra frame; None when step_fn takes (batch, step, epoch)."""
+    return getattr(step, "batch_only", None)
 
 
 def unpack_loss(out: Any, *, training: bool = True) -> tuple[torch.Tensor, dict]:

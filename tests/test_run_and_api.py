@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import amp_magics
-from amp_magics.tensors import batch_size, to_device
+from amp_magics.tensors import batch_placer, batch_size, tensors_in, to_device
 from amp_magics.errors import AmpUsageError
 from amp_magics.precision import PrecisionError, resolve
 from amp_magics.training.run import Run
@@ -78,6 +78,39 @@ def test_nested_batches_move_to_the_device():
     assert moved["a"][1][1] == "label" and isinstance(moved["b"], Pair)
     assert moved["b"].x.device.type == "meta" and moved["b"].y == 3
     assert batch_size(batch) == 2 and batch_size(["no tensors"]) == 0
+
+
+def test_batch_placer_keeps_batches_already_there_and_moves_the_rest():
+    x, y = torch.ones(4, 3), torch.zeros(4)
+    on_cpu, to_meta = batch_placer(torch.device("cpu")), batch_placer(torch.device("meta"))
+    same, n = on_cpu((x, y))
+    assert same[0] is x and same[1] is y and n == 4
+    moved, n = to_meta((x, y))
+    assert [t.device.type for t in moved] == ["meta", "meta"] and n == 4
+    # what the quick test does not cover goes the general way, with the same answers
+    for batch, size in [((torch.tensor(2.0), x), 1), ((x, "label"), 4), (([x], y), 4),
+                        ((), 0), ({"x": x}, 4)]:
+        placed, n = to_meta(batch)
+        assert n == size == batch_size(batch)
+        assert all(t.device.type == "meta" for t in tensors_in(placed))
+    kept, n = batch_placer(torch.device("meta"), move=False)((x, y))
+    assert kept[0] is x and n == 4
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("loss_of, message", [
+    (lambda out: out.sum(0), "must be a scalar"),  # checked only when backward fails
+    (lambda out: torch.tensor(1.0, requires_grad=True), "has no grad_fn"),  # a leaf trains nothing
+])
+def test_a_loss_that_is_not_one_is_named_without_torchs_error(dtype, loss_of, message):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(AmpUsageError, match=message) as e:
+        amp_magics.train(lambda b: loss_of(model(b[0])), model=model, optimizer=opt,
+                         data=make_data(), dtype=dtype, progress=False)
+    assert e.value.__suppress_context__ or e.value.__context__ is None
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_step_function_with_step_and_epoch():

@@ -269,6 +269,14 @@ class Training:
             self.run.compiling = False
             self.books.next_refresh = now
         self.position = (epoch, self.batches_in_epoch, self.epoch_rng)
+        if self.amp.scheduler is not None:
+            self._step_scheduler()
+        every = self.options.every
+        if every is not None and self.step % every == 0:
+            self._save_checkpoint()
+        return now
+
+    def _step_scheduler(self) -> None:
         try:
             if self.amp.step_scheduler():
                 self.run.notes.append(FALSE_SCHEDULER_WARNING)
@@ -276,10 +284,6 @@ class Training:
             self.run.notes.append(f"the scheduler failed after optimizer step {self.step - 1}: "
                                   "that step updated the model and is in the history")
             raise
-        every = self.options.every
-        if every is not None and self.step % every == 0:
-            self._save_checkpoint()
-        return now
 
     def _wait_at_boundary(self) -> None:
         """A measurement holds the step lock: show why the run pauses, then wait for it."""

@@ -157,7 +157,8 @@ class Run:
         self.compiles = 0  # graphs compiled during the run
         self.recompiles = 0  # of which recompilations (a guard failed)
         self.diagnosis: Diagnosis | None = None  # --diagnose: the Diagnosis of the first bad step
-        self._stop = threading.Event()
+        # Set from other threads (Stop button, %amp_stop, Ctrl-C), read at every step.
+        self.stop_requested = False
         # Which model object trained, without keeping it alive: earlier runs of the same
         # model (not of the same variable name) are the ones a dashboard overlays.
         self._model = weakref.ref(model) if model is not None else None
@@ -165,11 +166,7 @@ class Run:
     # -- control -------------------------------------------------------------------
     def request_stop(self) -> None:
         """Ask the engine to stop after the current optimizer step (thread-safe)."""
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        self.stop_requested = True
 
     @property
     def done(self) -> bool:

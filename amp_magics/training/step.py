@@ -12,9 +12,9 @@ import torch
 
 from ..errors import AmpUsageError
 from ..precision import Precision
-from ..tensors import StepFn, batch_size, to_device, unpack_loss
+from ..tensors import StepFn, batch_only, batch_placer, to_device, unpack_loss
 from .scaler import RealSteps, StepReading, forget_step
-from .telemetry import StepRecorder
+from .telemetry import COMPACT_STEPS, StepRecorder
 
 
 class AmpStep:
@@ -27,6 +27,7 @@ class AmpStep:
                  sync_timing: bool, keep_batches: bool, skip_aware_scheduler: bool = False,
                  copy_outputs: bool = False):
         self.step_fn = step_fn
+        self.batch_only = batch_only(step_fn)  # step_fn(batch), called without as_step's frame
         self.model = model
         self.optimizers = optimizers
         self.chosen = chosen
@@ -47,6 +48,7 @@ class AmpStep:
         # replay: a loss kept until the refresh must be a copy then (on the device, no sync)
         self.copy_outputs = copy_outputs
         self.move = move
+        self.place = batch_placer(device, move)  # batch -> (batch on the device, its size)
         self.log_names = tuple(log_names)
         self.sync_timing = sync_timing
         self.keep_batches = keep_batches  # --diagnose re-runs the window's batches
@@ -68,26 +70,30 @@ class AmpStep:
         if self.micro == 0:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
-        if self.move:
-            batch = to_device(batch, self.device)
+        batch, self.last_batch_size = self.place(batch)
         if self.keep_batches:
             if self.micro == 0:
                 self.window_batches = []
             self.window_batches.append(batch)
-        self.last_batch_size = batch_size(batch)
         self.samples += self.last_batch_size
         with self.autocast:
-            out = self.step_fn(batch, step, epoch)
-            if (type(out) is torch.Tensor and not out.ndim and out.grad_fn is not None
-                    and not self.log_names):
-                loss, logs = out, None  # a loss as the recipe has it: nothing more to check
+            call = self.batch_only
+            out = call(batch) if call is not None else self.step_fn(batch, step, epoch)
+            if type(out) is torch.Tensor and not out.is_leaf and not self.log_names:
+                loss, logs = out, None  # its shape is checked only if backward fails (below)
             else:
                 loss, logs = self.unpack(out, training=True)
             scaled = loss / self.accum if self.accum > 1 else loss
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
+        try:
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        except RuntimeError:
+            problem = self._loss_problem(out) if logs is None else None
+            if problem is not None:  # e.g. no grad_fn, or not a scalar: say so plainly
+                raise problem from None
+            raise
         detached = loss.detach()  # made float at drain; summed in fp32 over a window
         if self.micro == 0:
             self.loss_sum = detached.clone() if self.copy_outputs else detached
@@ -111,7 +117,8 @@ class AmpStep:
                     scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.stepped, self.clip)
         lr = self.optimizers[0].param_groups[0]["lr"]
-        lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+        if type(lr) is not float:  # a tensor lr is read back at drain, as it was now
+            lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         scale = found_inf = None
         if scaler is not None:
             if self.real_steps is not None:
@@ -128,10 +135,12 @@ class AmpStep:
         if self.sync_timing:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.recorder.record(step, epoch, now - t0, self.samples, self.micro, self.loss_sum,
-                             scale, found_inf, grad_norm, lr,
-                             tuple([self.log_sums[n] for n in self.log_names]),
-                             self.scheduler_due if self.skip_aware else None)
+        logs = tuple([self.log_sums[n] for n in self.log_names]) if self.log_names else ()
+        self.recorder.record((step, epoch, now - t0, self.samples, self.micro, self.loss_sum,
+                              scale, found_inf, grad_norm, lr, logs,
+                              self.scheduler_due if self.skip_aware else None))
+        if len(self.recorder.pending) == COMPACT_STEPS:
+            self.recorder.compact()
         self.micro = 0
         self.samples = 0
         return scale, found_inf, now
@@ -194,6 +203,14 @@ class AmpStep:
             opt.zero_grad(set_to_none=True)
         forget_step(self.scaler)  # a fresh unscale_/step is allowed on the next run
         return was_updating
+
+    def _loss_problem(self, out: Any) -> AmpUsageError | None:
+        """Why a loss that skipped the checks could not be backpropagated, if it is its fault."""
+        try:
+            self.unpack(out, training=True)
+        except AmpUsageError as problem:
+            return problem
+        return None
 
     def unpack(self, out: Any, training: bool) -> tuple[torch.Tensor, dict]:
         __tracebackhide__ = True
