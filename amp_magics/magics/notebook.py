@@ -5,6 +5,7 @@ torch loads only when a lookup needs it, so %load_ext stays cheap.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,9 @@ class CellStep:
         filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
         self.code = shell.compile(source, filename, "exec")
         self.namespace = dict(shell.user_ns)
+        # exec(code, namespace) without exec's per-call work: module code called as a
+        # function reads and writes its globals, which are the namespace
+        self.body = types.FunctionType(self.code, self.namespace)
         self.log_names = tuple(log_names)
 
     def __call__(self, batch: Any, step: int, epoch: int) -> Any:
@@ -43,7 +47,7 @@ class CellStep:
         ns = self.namespace
         ns["batch"], ns["step"], ns["epoch"] = batch, step, epoch
         ns.pop("loss", None)
-        exec(self.code, ns)
+        self.body()
         if "loss" not in ns:
             raise AmpUsageError("the cell body never assigned `loss`: end it with e.g. "
                                 "`loss = F.cross_entropy(model(x), y)`")

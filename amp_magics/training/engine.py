@@ -133,6 +133,7 @@ class Training:
         self.start_epoch = resumed["epoch"] if resumed else 0
         # Where training stands at the last step boundary: (epoch, batches read, epoch RNG).
         self.position = (self.start_epoch, 0, None)
+        self.step_limit = math.inf if options.steps is None else options.steps
         self.batches_in_epoch = 0
         self.epoch_rng = None
         self.books = RunBooks(run, amp.recorder, amp.device, views, options.refresh_seconds)
@@ -239,7 +240,7 @@ class Training:
             batch = next(it, _END)
             if batch is _END:
                 return self.batches_in_epoch, True
-            if not lock.acquire(blocking=False):
+            if not lock.acquire(False):  # uncontended: taken without waiting
                 self._wait_at_boundary()
             try:
                 while True:
@@ -293,8 +294,7 @@ class Training:
         self.run.paused_for = None
 
     def _should_stop(self) -> bool:
-        steps = self.options.steps
-        return (self.run.stop_requested or (steps is not None and self.step >= steps)
+        return (self.run.stop_requested or self.step >= self.step_limit
                 or (self.stop_check is not None and self.stop_check(self.step)))
 
     def _diagnose_if_overflowed(self, scale: Any, found_inf: Any) -> None:
