@@ -9,7 +9,8 @@ pre-built CPU batches for the same number of steps:
 
   bare loop          PyTorch's AMP recipe written out: torch.autocast, and GradScaler for fp16
   amp_magics.train   progress=False
-  %%amp_train        --no-plot, in a real IPython shell, its printed line swallowed
+  %%amp_train        --no-plot, in a real IPython shell, its printed line swallowed; and with
+                     the live dashboard (widgets built and redrawn each refresh, no kernel)
   Lightning Fabric   fabric.setup, fabric.autocast for the loss, fabric.backward
   Lightning Trainer  a LightningModule, Trainer.fit on a DataLoader of the batches (batch_size=None)
   Accelerate         accelerator.prepare, accelerator.autocast, accelerator.backward
@@ -22,7 +23,17 @@ order rotated by one each round to cancel drift. Per model it prints a Markdown 
 median over rounds of the variant's time divided by the bare loop's in the same round, the cost
 per step (the median over rounds of the time above the bare loop's, over steps, in
 microseconds, signed: a variant's fixed cost per run is spread over its steps), and whether the
-trained parameters are bit-identical to the bare loop's. Models: tiny (MLP 16-16-16-10, batch 8),
+trained parameters are bit-identical to the bare loop's.
+
+Whole runs drift with the machine (a shared host's speed wanders by several percent over
+seconds, more than the costs measured), so each variant also runs --interleaved rounds in which
+every one of its steps alternates with one step of the bare recipe on a second model of the
+same shape, on the same batch: the data iterable times both. A step's cost is the variant's
+time for its batch minus the reference step next to it, so drift cancels step by step. The
+median over steps is the steady cost of a step; the mean also counts what comes every so
+often (refreshes, read-backs, garbage collection); both are taken net of the bare loop's own
+(the timing's cost), as medians over rounds. A run's setup is outside them: it is in the
+whole-run column. Models: tiny (MLP 16-16-16-10, batch 8),
 where fixed per-step costs show, and realistic (MLP 256-1024-1024-10, batch 256). A peer that
 is not installed gets a row saying so.
 """
@@ -71,6 +82,35 @@ def batches(widths, batch, steps):
             for _ in range(steps)]
 
 
+class Interleaved(torch.utils.data.IterableDataset):
+    """The batches, each preceded by one bare-recipe step on a reference model; records how
+    long each reference step took and how long the variant took between two of them."""
+
+    def __init__(self, data, widths, dtype):
+        self.data, self.dtype = data, dtype
+        self.model, self.opt = make(widths, seed=1)
+        self.ref, self.variant = [], []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        clock, last = time.perf_counter, None
+        for batch in self.data:
+            start = clock()
+            if last is not None:
+                self.variant.append(start - last)
+            overhead.bare(self.model, self.opt, [batch], resolve(self.dtype, "cpu"))
+            last = clock()
+            self.ref.append(last - start)
+            yield batch
+
+    def costs(self):
+        """(median, mean) over steps of the variant's time minus the reference step's."""
+        diffs = [v - r for v, r in zip(self.variant, self.ref[1:])]
+        return statistics.median(diffs), statistics.fmean(diffs)
+
+
 # Each variant: fn(model, opt, data, dtype) -> what precision it actually ran, or None when it
 # is the one asked for.
 
@@ -82,13 +122,13 @@ def api(model, opt, data, dtype):
     overhead.api(model, opt, data, resolve(dtype, "cpu"))
 
 
-def magic_runner(shell):
+def magic_runner(shell, flags):
     def magic(model, opt, data, dtype):
         shell.user_ns.update(model=model, optimizer=opt, data=data, F=F)
         with contextlib.redirect_stdout(io.StringIO()):  # its progress line; keep the table clean
             shell.run_cell_magic(
                 "amp_train", f"--model model --optimizer optimizer --data data --dtype {dtype} "
-                "--no-plot", "x, y = batch\nloss = F.cross_entropy(model(x), y)\n")
+                f"{flags}", "x, y = batch\nloss = F.cross_entropy(model(x), y)\n")
     return magic
 
 
@@ -127,7 +167,7 @@ def trainer(model, opt, data, dtype):
                     limit_val_batches=0, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False)
     fit.fit(Module(), torch.utils.data.DataLoader(data, batch_size=None))
-    if fit.global_step != len(data):
+    if not isinstance(data, Interleaved) and fit.global_step != len(data):
         print(f"warning: Lightning Trainer: global_step {fit.global_step}, expected {len(data)}")
     ran = str(fit.precision)
     return None if ran == LIGHTNING_PRECISION[dtype] else ran
@@ -240,21 +280,41 @@ def bench(label, widths, batch, steps, args, variants):
             times[name].append(time.perf_counter() - t)
             torch.set_num_threads(args.threads)
 
+    steady = {name: [] for name, _ in runnable}
+    all_in = {name: [] for name, _ in runnable}
+    for r in range(args.interleaved):
+        k = r % len(runnable)
+        for name, fn in runnable[k:] + runnable[:k]:
+            model, opt = make(widths)
+            timed = Interleaved(data, widths, args.dtype)
+            gc.collect()
+            fn(model, opt, timed, args.dtype)
+            median, mean = timed.costs()
+            steady[name].append(median)
+            all_in[name].append(mean)
+            torch.set_num_threads(args.threads)
+
     base = times["bare loop"]
     base_median = statistics.median(base)
     print(f"\n## {label}: MLP {'-'.join(map(str, widths))}, batch {batch}, "
-          f"{steps} steps x {args.rounds} rounds\n")
+          f"{steps} steps x {args.rounds} rounds (+ {args.interleaved} interleaved)\n")
     print(f"bare loop: {base_median / steps * 1e3:.3f} ms/step (median)\n")
-    print("| variant | ratio to bare loop | cost per step (us) | bit-identical to bare |")
-    print("|---|---:|---:|:---:|")
+    print("| variant | ratio to bare loop | cost per step, whole runs (us) | steady cost per "
+          "step, interleaved (us) | all-in cost per step, interleaved (us) | bit-identical "
+          "to bare |")
+    print("|---|---:|---:|---:|---:|:---:|")
+    own = [statistics.median(steady["bare loop"]), statistics.median(all_in["bare loop"])]
     for name, _ in variants:
         if name not in times:
-            print(f"| {name} | - | - | {rows[name]} |")
+            print(f"| {name} | - | - | - | - | {rows[name]} |")
             continue
         ts = times[name]
         ratio = statistics.median(t / b for t, b in zip(ts, base))
         cost = statistics.median(t - b for t, b in zip(ts, base)) / steps * 1e6
-        print(f"| {name} | {ratio:.3f} | {cost:+.1f} | {rows[name]} |")
+        net = [(statistics.median(column[name]) - mine) * 1e6
+               for column, mine in zip((steady, all_in), own)]
+        print(f"| {name} | {ratio:.3f} | {cost:+.1f} | {net[0]:+.1f} | {net[1]:+.1f} "
+              f"| {rows[name]} |")
     if notes:
         print()
     for note in notes:
@@ -269,6 +329,8 @@ def main():
                         help="steps per run (default: " +
                              ", ".join(f"{k} {v[2]}" for k, v in MODELS.items()) + ")")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--interleaved", type=int, default=5,
+                        help="rounds interleaved step by step with a reference (default 5)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier ratios on a busy machine)")
     args = parser.parse_args()
@@ -280,8 +342,10 @@ def main():
 
     shell = start_ipython()
     shell.run_line_magic("load_ext", "amp_magics")
+    shell.run_line_magic("config", "AmpMagics.view = 'dashboard'")  # widgets without a kernel
     variants = [("bare loop", bare), ("amp_magics.train", api),
-                ("%%amp_train --no-plot", magic_runner(shell)), *peers()]
+                ("%%amp_train --no-plot", magic_runner(shell, "--no-plot")),
+                ("%%amp_train (dashboard)", magic_runner(shell, "")), *peers()]
     print(f"torch {torch.__version__}, dtype {args.dtype}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; " + (", ".join(versions()) or "no peers installed"))
     for label in (MODELS if args.model == "both" else [args.model]):
