@@ -75,6 +75,7 @@ class StepReading:
         self.scaler = scaler
         self.optimizers = optimizers
         self.private: bool | None = None  # known after the first scaler.step()
+        self.scale_device: torch.device | None = None
 
     def update(self) -> tuple[Any, Any]:
         """`scaler.update()`, returning the scale that was used and whether inf/NaN was found."""
@@ -87,10 +88,14 @@ class StepReading:
         if self.private:
             # Copy before update(): update() mutates the scale and consumes found_inf.
             scale = scaler._scale
-            states = scaler._per_optimizer_states
-            found = [t if t.device == scale.device else t.to(scale.device, non_blocking=True)
-                     for opt in self.optimizers if id(opt) in states  # as update() does
-                     for t in states[id(opt)]["found_inf_per_device"].values()]
+            if self.scale_device is None:  # read once: a device object per step costs
+                self.scale_device = scale.device
+            device, states, found = self.scale_device, scaler._per_optimizer_states, []
+            for opt in self.optimizers:
+                state = states.get(id(opt))
+                if state is not None:  # as update() does; keyed by the tensors' devices
+                    for where, t in state["found_inf_per_device"].items():
+                        found.append(t if where == device else t.to(device, non_blocking=True))
             # one tensor is kept as it is (update() leaves it); several are summed first,
             # as update() adds them into the first one in place
             found_inf = found[0] if len(found) == 1 else sum(found) if found else None
