@@ -73,6 +73,8 @@ def batch_placer(device: torch.device, move: bool = True
 
 def batch_size(obj: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
+    if type(obj) is tuple and obj and type(obj[0]) is torch.Tensor and obj[0].ndim:
+        return obj[0].shape[0]  # the usual (x, y), without the recursion
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.ndim else 1
     if isinstance(obj, (tuple, list)):
@@ -125,19 +127,28 @@ def as_step(step_fn: Callable) -> StepFn:
     if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 3:
         return step_fn
     if len(positional) >= 1:
-        def one_arg_step(batch, step, epoch):
-            __tracebackhide__ = True
-            return step_fn(batch)
-        one_arg_step.batch_only = step_fn  # see batch_only()
-        return one_arg_step
+        return _BatchOnly(step_fn)
     raise AmpUsageError("step_fn must take the batch: step_fn(batch) or "
                         "step_fn(batch, step, epoch)")
+
+
+class _BatchOnly:
+    """`as_step`'s wrapper of a step_fn(batch)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+    def __call__(self, batch: Any, step: int, epoch: int) -> Any:
+        __tracebackhide__ = True
+        return self.fn(batch)
 
 
 def batch_only(step: StepFn) -> Callable[[Any], Any] | None:
     """The user's step_fn(batch) behind `as_step`'s wrapper, for a caller that calls it for
     every batch without the extra frame; None when step_fn takes (batch, step, epoch)."""
-    return getattr(step, "batch_only", None)
+    return step.fn if type(step) is _BatchOnly else None
 
 
 def unpack_loss(out: Any, *, training: bool = True) -> tuple[torch.Tensor, dict]:

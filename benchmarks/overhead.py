@@ -31,8 +31,10 @@ def make(seed=0):
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def bare(model, opt, data, chosen):
-    scaler = torch.amp.GradScaler("cpu") if chosen.needs_scaler else None
+def bare(model, opt, data, chosen, scaler=None):
+    """PyTorch's AMP recipe loop; `scaler`: one to go on with (default: a new one for fp16)."""
+    if scaler is None and chosen.needs_scaler:
+        scaler = torch.amp.GradScaler("cpu")
     for x, y in data:
         opt.zero_grad()
         with torch.autocast("cpu", dtype=chosen.dtype, enabled=chosen.autocast_enabled):

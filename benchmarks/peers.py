@@ -87,8 +87,9 @@ class Interleaved(torch.utils.data.IterableDataset):
     long each reference step took and how long the variant took between two of them."""
 
     def __init__(self, data, widths, dtype):
-        self.data, self.dtype = data, dtype
+        self.data, self.chosen = data, resolve(dtype, "cpu")
         self.model, self.opt = make(widths, seed=1)
+        self.scaler = torch.amp.GradScaler("cpu") if self.chosen.needs_scaler else None
         self.ref, self.variant = [], []
 
     def __len__(self):
@@ -100,7 +101,7 @@ class Interleaved(torch.utils.data.IterableDataset):
             start = clock()
             if last is not None:
                 self.variant.append(start - last)
-            overhead.bare(self.model, self.opt, [batch], resolve(self.dtype, "cpu"))
+            overhead.bare(self.model, self.opt, [batch], self.chosen, self.scaler)
             last = clock()
             self.ref.append(last - start)
             yield batch
@@ -334,6 +335,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier ratios on a busy machine)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.interleaved < 1 or (args.steps is not None and args.steps < 2):
+        parser.error("--rounds and --interleaved need at least 1, --steps at least 2 (a step "
+                     "is timed from one batch to the next)")
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # the peers' advice about workers, loggers and fallbacks

@@ -102,15 +102,25 @@ def test_batch_placer_keeps_batches_already_there_and_moves_the_rest():
     (lambda out: out.sum(0), "must be a scalar"),  # checked only when backward fails
     (lambda out: torch.tensor(1.0, requires_grad=True), "has no grad_fn"),  # a leaf trains nothing
 ])
-def test_a_loss_that_is_not_one_is_named_without_torchs_error(dtype, loss_of, message):
+@pytest.mark.parametrize("from_step", [0, 2])
+def test_a_loss_that_is_not_one_is_named_without_torchs_error(dtype, loss_of, message,
+                                                             from_step):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def step(batch):
+        calls.append(1)
+        x, y = batch
+        out = model(x)
+        return loss_of(out) if len(calls) > from_step else F.cross_entropy(out, y)
     with pytest.raises(AmpUsageError, match=message) as e:
-        amp_magics.train(lambda b: loss_of(model(b[0])), model=model, optimizer=opt,
-                         data=make_data(), dtype=dtype, progress=False)
+        amp_magics.train(step, model=model, optimizer=opt, data=make_data(), dtype=dtype,
+                         progress=False, name="bad_loss")
     assert e.value.__suppress_context__ or e.value.__context__ is None
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    run = amp_magics.runs()[-1]
+    assert run.name.startswith("bad_loss") and len(run.history) == from_step
+    assert not any("during the optimizer step" in note for note in run.notes)
 
 
 def test_step_function_with_step_and_epoch():

@@ -59,7 +59,6 @@ class AmpStep:
         self.autocast = chosen.autocast()
         self.window_batches: list = []
         self.micro = 0  # micro-batches in the current accumulation window
-        self.checked_once = False  # the step's output went through every check of unpack()
         self.in_update = False  # between unscale_/step and update: an exception here is costly
         self.loss_sum = None
         self.log_sums: dict = {}
@@ -80,12 +79,10 @@ class AmpStep:
         with self.autocast:
             call = self.batch_only
             out = call(batch) if call is not None else self.step_fn(batch, step, epoch)
-            if type(out) is torch.Tensor and self.checked_once and not self.log_names:
-                loss, logs = out, None  # checked in full at the first step, and below if
-                # backward fails: a loss that is not one is named plainly
+            if type(out) is torch.Tensor and not out.is_leaf and not self.log_names:
+                loss, logs = out, None  # its shape is checked only if backward fails (below)
             else:
                 loss, logs = self.unpack(out, training=True)
-                self.checked_once = True
             scaled = loss / self.accum if self.accum > 1 else loss
         try:
             if self.scaler is not None:
