@@ -26,12 +26,13 @@ if TYPE_CHECKING:
 
 # Every COMPACT_STEPS steps the recorded tensors are stacked into one tensor per column, on
 # their device and without a sync. Thousands of small tensors kept until a refresh would
-# outlive young garbage collections, and Python's full collections, which walk every object
-# in the process (about 0.1 s with torch and IPython loaded), would then run every ~40k steps.
+# outlive young garbage collections and wake Python's full collections, which walk every
+# object in the process (0.12 s measured with torch and IPython loaded).
 COMPACT_STEPS = 64
-_HOST = 5  # columns before it are host numbers: step, epoch, time, samples, micro
-_LOGS = 10  # the --log values, one column each after compaction
-_SCHEDULED = 11
+# Fields of a recorded step (see StepRecorder): host numbers, device columns, the --log values
+_HOST = (0, 1, 2, 3, 4, 11)  # step, epoch, time, samples, micro, scheduled
+_DEVICE = slice(5, 10)  # loss_sum, scale, found_inf, grad_norm, lr
+_LOGS = 10
 
 
 class StepRecorder:
@@ -49,11 +50,11 @@ class StepRecorder:
         self.log_names = tuple(log_names)
         self.pending: list[tuple] = []  # steps since the last compaction
         self.record = self.pending.append  # one C call per step
-        # Earlier steps, per compaction: host columns, device columns stacked, scheduled, logs
-        self._chunks: list[list] = []
+        # Earlier steps, per compaction: (host columns, device and --log columns stacked)
+        self._chunks: list[tuple[list, list]] = []
 
     def __len__(self) -> int:
-        return len(self.pending) + sum(len(chunk[0]) for chunk in self._chunks)
+        return len(self.pending) + sum(len(host[0]) for host, _ in self._chunks)
 
     def compact(self) -> None:
         """Stack the pending steps' device columns: each becomes one tensor (no sync)."""
@@ -63,8 +64,8 @@ class StepRecorder:
         self.pending.clear()
         columns = list(zip(*steps))
         logs = zip(*columns[_LOGS]) if self.log_names else ()
-        self._chunks.append([*columns[:_HOST], *map(_stacked, columns[_HOST:_LOGS]),
-                             columns[_SCHEDULED], *map(_stacked, logs)])
+        self._chunks.append(([columns[i] for i in _HOST],
+                             [_stacked(c) for c in (*columns[_DEVICE], *logs)]))
 
     def drain(self) -> list[dict]:
         """Turn the recorded steps into history records (one device read per column)."""
@@ -72,12 +73,10 @@ class StepRecorder:
         chunks, self._chunks = self._chunks, []
         if not chunks:
             return []
-        columns = [[chunk[i] for chunk in chunks] for i in range(len(chunks[0]))]
         step_, epoch_, time_, samples_, micro_, scheduled_ = (
-            [v for piece in column for v in piece]
-            for column in (*columns[:_HOST], columns[_LOGS]))
-        losses, scales, found, norms, lrs, *logs = map(
-            _joined, columns[_HOST:_LOGS] + columns[_LOGS + 1:])
+            [v for host, _ in chunks for v in host[i]] for i in range(len(_HOST)))
+        losses, scales, found, norms, lrs, *logs = (
+            _joined([device[i] for _, device in chunks]) for i in range(len(chunks[0][1])))
         records = [{"step": step, "epoch": epoch, "loss": loss / micro, "scale": scale,
                     "skipped": bool(skipped), "lr": lr, "time": at, "samples": samples}
                    for step, epoch, loss, micro, scale, skipped, lr, at, samples
@@ -99,14 +98,10 @@ def _stacked(values: tuple) -> torch.Tensor | tuple:
     as it is: numbers, None, or tensors on several devices are read by `_joined`."""
     if not all(type(v) is torch.Tensor for v in values):
         return values
-    with torch.no_grad():
-        try:
-            return torch.stack(values).float().reshape(len(values))
-        except RuntimeError:  # mixed shapes, () and (1,); or several devices
-            try:
-                return torch.stack([t.reshape(()).float() for t in values])
-            except RuntimeError:
-                return values
+    try:
+        return _stack(values)
+    except RuntimeError:  # several devices
+        return values
 
 
 def _joined(pieces: list) -> list:
@@ -127,8 +122,7 @@ def _to_floats(values: Sequence) -> list:
     kinds = {type(v) for v in values}
     if kinds == {torch.Tensor}:  # the usual column: one device, read back at once
         try:
-            with torch.no_grad():
-                return _read_back(list(values))
+            return _stack(values).tolist()
         except RuntimeError:  # tensors on several devices
             pass
     elif not any(issubclass(kind, torch.Tensor) for kind in kinds):
@@ -140,20 +134,21 @@ def _to_floats(values: Sequence) -> list:
             by_device.setdefault(v.device, []).append(i)
         elif v is not None:
             out[i] = float(v)
-    with torch.no_grad():
-        for indices in by_device.values():
-            for i, value in zip(indices, _read_back([values[i] for i in indices])):
-                out[i] = value
+    for indices in by_device.values():
+        for i, value in zip(indices, _stack([values[i] for i in indices]).tolist()):
+            out[i] = value
     return out
 
 
-def _read_back(tensors: list) -> list[float]:
-    """One-element tensors of one device -> floats, in one transfer. Recorded values
-    usually share a shape, and then stack as they are: no per-value op."""
-    try:
-        return torch.stack(tensors).float().reshape(len(tensors)).tolist()
-    except RuntimeError:  # mixed shapes, () and (1,)
-        return torch.stack([t.reshape(()).float() for t in tensors]).tolist()
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One-element tensors of one device as one float32 tensor, without a sync (RuntimeError
+    for several devices). Recorded values usually share a shape, and then stack as they are:
+    no per-value op."""
+    with torch.no_grad():
+        try:
+            return torch.stack(tensors).float().reshape(len(tensors))
+        except RuntimeError:  # mixed shapes, () and (1,)
+            return torch.stack([t.reshape(()).float() for t in tensors])
 
 
 def memory_snapshot(device: torch.device) -> dict:
