@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "Run", "runs", "View", "load_ipython_extension", "__version__"]
+__all__ = ["train", "plot", "Run", "runs", "View", "load_ipython_extension", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,31 +20,45 @@ def __getattr__(name: str) -> Any:
     if name == "train":
         from .api import train
         return train
-    if name in ("Run", "runs"):
-        from .training import run
-        return getattr(run, name)
+    if name == "Run":
+        from .training.run import Run
+        return Run
+    if name == "runs":
+        from .training.registry import runs
+        return runs
     if name == "View":
         from .training.view import View
         return View
     raise AttributeError(f"module 'amp_magics' has no attribute {name!r}")
 
 
+def plot(run: Any, *others: Any) -> Any:
+    """A static picture of `run`'s dashboard with `others` drawn faded underneath: HTML that
+    notebooks show (untrusted too, nbconvert and GitHub), a few lines of text in a terminal."""
+    from .views.dashboard import overlay_picture
+
+    return overlay_picture([run, *others])
+
+
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     from .magics.diagnose import DiagnoseMagics
     from .magics.gpu import GpuMagics
     from .magics.train import AmpMagics
+    from .views import display
 
     ipython.register_magics(AmpMagics(ipython))
     ipython.register_magics(GpuMagics(ipython))
     ipython.register_magics(DiagnoseMagics(ipython))
+    display.register(ipython)
 
 
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
     from .magics.diagnose import stop_memory_tracking
-    from .magics.train import AmpMagics
-
     from .ownership import release_all
+    from .training.registry import stop_background_runs
+    from .views import display
 
-    AmpMagics.stop_background_runs()
+    stop_background_runs()
     release_all()  # a run still finishing its step lets go of its model here
     stop_memory_tracking(ipython)
+    display.unregister(ipython)

@@ -99,12 +99,6 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors_in(o)
 
 
-def plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module itself behind a torch.compile wrapper (whose state_dict keys carry
-    `_orig_mod.`), so compiled and plain training share checkpoints."""
-    return getattr(model, "_orig_mod", model)
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); the CPU for an empty model."""
     for tensor in model.parameters():
@@ -182,8 +176,9 @@ def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "random": random.getstate()}
     if torch.cuda.is_initialized():  # reading CUDA's state must not start CUDA
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if "numpy" in sys.modules:
-        state["numpy"] = sys.modules["numpy"].random.get_state()
+    if "numpy" in sys.modules:  # its key array as a list: checkpoints load weights_only
+        name, keys, *rest = sys.modules["numpy"].random.get_state()
+        state["numpy"] = (name, keys.tolist(), *rest)
     return state
 
 
@@ -193,7 +188,9 @@ def restore_rng(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state and "numpy" in sys.modules:
-        sys.modules["numpy"].random.set_state(state["numpy"])
+        np = sys.modules["numpy"]
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
 
 
 def seed_everything(seed: int) -> None:

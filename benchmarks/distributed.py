@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.multiprocessing import start_processes
 
 import amp_magics
-from amp_magics.training.distributed import free_port
+from amp_magics.distributed.launcher import free_port
 
 
 def make():

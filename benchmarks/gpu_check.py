@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from amp_magics.system import doctor, gpu
-    from amp_magics.views.status import checks_text, status_text
+    from amp_magics.views.status import checks_text, status_html, status_text
 
     section("GPU status (python -m amp_magics status)")
     before = gpu.probe()
@@ -164,9 +164,9 @@ def main(argv=None) -> int:
     overview = shell.run_line_magic("amp_memory", "--model net --optimizer opt --data loader --dtype fp16")
     print(repr(overview))
     pictures = {"gpu_check_amp_memory.html": overview._repr_html_(),
-                "gpu_check_runs.html": shell.user_ns["run_fp16"].plot(*[
+                "gpu_check_runs.html": amp_magics.plot(shell.user_ns["run_fp16"], *[
                     shell.user_ns[n] for n in ("run_bf16",) if n in shell.user_ns])._repr_html_(),
-                "gpu_check_status.html": status._repr_html_()}
+                "gpu_check_status.html": status_html(status)}
     for name, page in pictures.items():
         path = os.path.join(args.out, f"{'cpu_' if args.cpu else ''}{name}")
         with open(path, "w") as f:

@@ -51,8 +51,8 @@ def documented(magic: str) -> list[tuple[str, str | None, list[str]]]:
             values = []
         elif arg.startswith("[") and arg.endswith("]"):
             values = [None, PLACEHOLDERS[arg[1:-1]]]
-        elif "|" in arg:
-            values = arg.split("|")
+        elif "|" in arg:  # choices, or a placeholder or a word (`N|auto`)
+            values = [PLACEHOLDERS.get(v, v) for v in arg.split("|")]
         else:
             assert arg in PLACEHOLDERS, f"README: {usage!r}: add a value for {arg!r} to the test"
             values = [PLACEHOLDERS[arg]]
@@ -77,6 +77,30 @@ def assert_accepted(magic, name: str, at_least: int):
             if action.choices:
                 assert got == value, (usage, got)
             elif not values:
-                assert got is True, (usage, got)  # a switch
-            else:
-                assert got not in (None, getattr(defaults, action.dest)), (usage, value, got)
+                assert got is action.const, (usage, got)  # a switch (--no-move: False)
+            else:  # a flag not given may be absent (the option keeps its own default)
+                assert got not in (None, getattr(defaults, action.dest, None)), (usage, value, got)
+
+
+def amp_train_table() -> tuple[int, int]:
+    """The lines [start, end) of the README's %%amp_train flag table."""
+    lines = README.read_text().splitlines()
+    start = lines.index("### `%%amp_train` reference")
+    start = next(i for i in range(start, len(lines)) if lines[i].startswith("| flag |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return start, end
+
+
+def write_amp_train_table() -> None:
+    """Regenerate the table from the options' definitions: python tests/readme_flags.py"""
+    from amp_magics.magics.args import flag_table
+    from amp_magics.magics.train import amp_train_flags
+
+    lines = README.read_text().splitlines()
+    start, end = amp_train_table()
+    lines[start:end] = flag_table(amp_train_flags()).splitlines()
+    README.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    write_amp_train_table()

@@ -1,11 +1,11 @@
 """The package's rooms and the one-way arrows between them, read from the source with `ast`.
 
-magics -> (training, diagnostics, system) -> tensors / precision / errors. views/ may read
-training.run and training.view (data) but never drive the loop (training.engine,
-training.sweeps). Outside magics/ and views/ nothing imports IPython, ipywidgets or traitlets;
-outside views/, magics/ and cli.py the only views module used is views.format (a leaf of pure
-string functions). Function-level (lazy) imports count as imports too; the package
-`__init__` is the entry point and may reach everything lazily.
+ARCHITECTURE.md's table of rooms says which modules live in each room and which rooms each
+may import; the imports found in the source must be exactly those (so the document cannot go
+stale). No import cycle, counting function-level (lazy) imports too, with no exceptions: data
+never imports views (views register their renderers). Outside magics/ and views/ nothing
+imports IPython, ipywidgets or traitlets; `formatting` and `_torch_compat` are leaves. No
+function is longer than 60 lines.
 
 Also: a built wheel contains every subpackage.
 """
@@ -32,21 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "amp_magics"
 SOURCE = ROOT / PACKAGE
 
-# The only lazy import allowed to break a rule below: Run.plot draws with the dashboard's
-# overlay (data -> picture, imported only when a person asks for a picture).
-# Status and Report render themselves through views.status in IPython's display hooks
-# (_repr_html_, _repr_pretty_), so they display richly even without %load_ext.
-LAZY_ALLOWED = {("amp_magics.training.run", "amp_magics.views.dashboard"),
-                ("amp_magics.system.gpu", "amp_magics.views.status"),
-                ("amp_magics.system.doctor", "amp_magics.views.status")}
-
 GUI_PACKAGES = ("IPython", "ipywidgets", "traitlets")
 ADAPTERS = ("amp_magics.magics", "amp_magics.views")  # may import the GUI packages
-# adapters that pick a view: the magics, the command line and the Python API's train()
-VIEW_USERS = ("amp_magics.magics", "amp_magics.views", "amp_magics.cli", "amp_magics.api")
 ENTRY_POINT = PACKAGE  # amp_magics/__init__.py: lazily imports magics for load_ipython_extension
-LEAF_VIEW = "amp_magics.views.format"
-LOOP = ("amp_magics.training.engine", "amp_magics.training.sweeps")
+LEAVES = ("amp_magics.formatting", "amp_magics._torch_compat")
+LOOP = ("amp_magics.training.engine", "amp_magics.distributed", "amp_magics.tuning")
 
 
 @dataclass(frozen=True)
@@ -150,8 +140,7 @@ def _graph(include_lazy: bool) -> dict[str, dict[str, Import]]:
         target = _internal(imp.imported) if imp.imported.startswith(PACKAGE) else None
         if target is None or target == imp.importer or imp.typing_only:
             continue
-        if imp.lazy and not (include_lazy and imp.importer != ENTRY_POINT
-                             and (imp.importer, target) not in LAZY_ALLOWED):
+        if imp.lazy and not (include_lazy and imp.importer != ENTRY_POINT):
             continue
         graph[imp.importer].setdefault(target, imp)
     return graph
@@ -223,7 +212,7 @@ from typing import TYPE_CHECKING
 import torch.nn
 from . import alarms, CONSTANT
 from .. import precision, __version__
-from ..views.format import format_bytes
+from ..formatting import format_bytes
 from .run import Run
 if TYPE_CHECKING:
     from ..views.dashboard import Dashboard
@@ -235,7 +224,7 @@ class Engine:
 """
     modules = {"amp_magics", "amp_magics.precision", "amp_magics.training",
                "amp_magics.training.alarms", "amp_magics.training.run", "amp_magics.views",
-               "amp_magics.views.format", "amp_magics.views.reporter"}
+               "amp_magics.formatting", "amp_magics.views.reporter"}
     found = {(i.imported, i.lazy, i.typing_only)
              for i in _imports_in(source, "amp_magics.training.engine", False, modules)}
     assert found == {
@@ -243,7 +232,7 @@ class Engine:
         ("amp_magics.training.alarms", False, False),  # `from . import x`: the submodule
         ("amp_magics.training", False, False),  # `from . import CONSTANT`: the package
         ("amp_magics.precision", False, False), ("amp_magics", False, False),
-        ("amp_magics.views.format", False, False), ("amp_magics.training.run", False, False),
+        ("amp_magics.formatting", False, False), ("amp_magics.training.run", False, False),
         ("amp_magics.views.dashboard", False, True),
         ("math", False, False),  # a class body runs at import time
         ("amp_magics.views.reporter", True, False),
@@ -274,8 +263,7 @@ def test_no_import_cycle_at_module_level():
 
 def test_no_import_cycle_counting_lazy_imports():
     cycles = _cycles(_graph(include_lazy=True))
-    assert not cycles, ("import cycles through function-level imports (allowed: "
-                        f"{sorted(LAZY_ALLOWED)}):\n" + _report(cycles))
+    assert not cycles, "import cycles through function-level imports:\n" + _report(cycles)
 
 
 def test_gui_packages_only_in_magics_and_views():
@@ -298,18 +286,8 @@ def test_views_dashboard_is_the_only_widget_user_in_views():
     assert not offending, "\n".join(offending)
 
 
-def test_only_views_format_outside_views_magics_and_cli():
-    offending = [str(i) for i in IMPORTS
-                 if _in(_internal(i.imported) or "", "amp_magics.views")
-                 and _internal(i.imported) != LEAF_VIEW
-                 and not _in(i.importer, *VIEW_USERS) and i.importer != ENTRY_POINT
-                 and (i.importer, _internal(i.imported)) not in LAZY_ALLOWED]
-    assert not offending, ("views other than views.format imported outside views/, magics/ "
-                           "and cli.py:\n" + "\n".join(offending))
-
-
-def test_views_format_is_a_leaf():
-    offending = [str(i) for i in IMPORTS if i.importer == LEAF_VIEW and _internal(i.imported)]
+def test_the_leaves_import_nothing_of_the_package():
+    offending = [str(i) for i in IMPORTS if i.importer in LEAVES and _internal(i.imported)]
     assert not offending, "\n".join(offending)
 
 
@@ -325,39 +303,78 @@ def test_lower_rooms_never_import_magics():
     assert not offending, "\n".join(offending)
 
 
-LAYERS = {  # arrows run from a higher number to a lower one, never back; first match wins
-    "amp_magics.errors": 0, "amp_magics.tensors": 0, "amp_magics.precision": 0,
-    "amp_magics.files": 0, "amp_magics.ownership": 0,
-    "amp_magics.system.host": 0,  # torch-free host facts (CPU flags) under the dtype policy
-    "amp_magics.training": 1, "amp_magics.diagnostics": 1, "amp_magics.system": 1,
-    "amp_magics.magics": 2, "amp_magics.cli": 2, "amp_magics.__main__": 2, "amp_magics.api": 2,
-}  # views/ has its own rules above; the package __init__ is loaded first by every import anyway
+# --- the rooms, as ARCHITECTURE.md declares them -------------------------------------------------
+
+def declared_rooms() -> dict[str, tuple[list[str], set[str]]]:
+    """room -> (its modules as written: `training/`, `cli`, `system/host`; the rooms it may
+    import), from the table under "## Rooms" in ARCHITECTURE.md."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    table = text.split("## Rooms", 1)[1].split("\n\n", 2)[1]
+    rooms = {}
+    for row in table.splitlines()[2:]:
+        room, modules, imports = [c.strip() for c in row.strip().strip("|").split("|")]
+        rooms[room] = (re.findall(r"`([^`]+)`", modules),
+                       set() if imports == "-" else {r.strip() for r in imports.split(",")})
+    return rooms
 
 
-def _layer(module: str | None) -> int | None:
-    return next((n for room, n in LAYERS.items() if module and _in(module, room)), None)
+def _room_of(module: str, rooms) -> str | None:
+    """The room whose most specific pattern holds `module` (`system/host` before `system/`)."""
+    best = None
+    for room, (patterns, _) in rooms.items():
+        for pattern in patterns:
+            name = f"{PACKAGE}.{pattern.rstrip('/').replace('/', '.')}" if pattern != "__init__" \
+                else PACKAGE
+            inside = module == name or (pattern.endswith("/") and module.startswith(name + "."))
+            if inside and (best is None or len(name) > best[1]):
+                best = (room, len(name))
+    return best and best[0]
 
 
-def test_arrows_run_one_way_between_layers():
-    """magics -> (training, diagnostics, system) -> (tensors, precision, errors)."""
-    offending = [f"{i}  (layer {_layer(i.importer)} -> {_layer(_internal(i.imported))})"
-                 for i in IMPORTS
-                 if _layer(i.importer) is not None and _layer(_internal(i.imported)) is not None
-                 and _layer(_internal(i.imported)) > _layer(i.importer)]
-    assert not offending, "imports against the arrows:\n" + "\n".join(offending)
+def test_every_module_is_in_a_declared_room():
+    rooms = declared_rooms()
+    homeless = [m for m in MODULES if _room_of(m, rooms) is None]
+    assert not homeless, f"modules in no room of ARCHITECTURE.md: {homeless}"
 
 
-def test_every_module_is_in_a_room():
-    """A new top-level module must be placed in a layer (or views/), or the rules miss it."""
-    homeless = [m for m in MODULES if m != ENTRY_POINT and _layer(m) is None
-                and not _in(m, "amp_magics.views")]
-    assert not homeless, f"modules in no room of LAYERS: {homeless}"
+def test_the_rooms_import_exactly_what_architecture_md_says():
+    """Every arrow between rooms, lazy ones included, is declared, and every declared arrow is
+    used. (Importing the package itself, `from .. import __version__`, is no arrow: it is
+    loaded before anything else.)"""
+    rooms = declared_rooms()
+    found: dict[str, set[str]] = {room: set() for room in rooms}
+    examples: dict[tuple[str, str], Import] = {}
+    for imp in IMPORTS:
+        target = _internal(imp.imported) if imp.imported.startswith(PACKAGE) else None
+        if target is None or target == ENTRY_POINT or imp.typing_only:
+            continue
+        a, b = _room_of(imp.importer, rooms), _room_of(target, rooms)
+        if a != b:
+            found[a].add(b)
+            examples.setdefault((a, b), imp)
+    extra = [f"{a} -> {b}: {examples[a, b]}" for a in rooms for b in sorted(found[a] - rooms[a][1])]
+    unused = [f"{a} -> {b}" for a in rooms for b in sorted(rooms[a][1] - found[a])
+              if b != "*"]
+    assert not extra, "imports ARCHITECTURE.md does not declare:\n" + "\n".join(extra)
+    assert not unused, "ARCHITECTURE.md declares arrows nothing uses:\n" + "\n".join(unused)
 
 
-def test_the_allowlist_is_still_needed():
-    """An allowlist entry nobody uses any more is a hole for the next import: remove it."""
-    edges = {(i.importer, _internal(i.imported)) for i in IMPORTS if i.lazy}
-    assert LAZY_ALLOWED <= edges
+def test_the_declared_rooms_form_no_cycle():
+    rooms = declared_rooms()
+    graph = {a: {b: Import(a, b, False, False, 0) for b in imports if b in rooms}
+             for a, (_, imports) in rooms.items()}
+    assert not _cycles(graph)
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} ({lines})")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
 
 
 # --- packaging ----------------------------------------------------------------------------------
@@ -406,9 +423,10 @@ def test_version_is_written_once():
 
 # --- the wheel ----------------------------------------------------------------------------------
 
-WHEEL_MUST_HOLD = ["amp_magics/training/engine.py", "amp_magics/views/format.py",
+WHEEL_MUST_HOLD = ["amp_magics/training/engine.py", "amp_magics/formatting.py",
                    "amp_magics/magics/train.py", "amp_magics/system/host.py",
                    "amp_magics/diagnostics/memory.py", "amp_magics/tensors.py",
+                   "amp_magics/distributed/launcher.py", "amp_magics/tuning/sweep.py",
                    "amp_magics/py.typed"]
 
 

@@ -42,7 +42,7 @@ def test_the_magic_equals_a_compiled_hand_written_loop_with_real_overflow(nb, tm
     assert type(model) is cls and "_amp_magics_route" not in vars(model)
     saved = torch.load(tmp_path / "c.pt", weights_only=False)["model"]
     assert list(saved) == list(make_model().state_dict())
-    assert run.config["compile"] == "default"
+    assert run.config["settings"]["compile"] is True and run.flags_text() == "dtype=fp16 compile=True"
 
 
 def test_the_api_compiles_once_per_model_and_keeps_compile_time_apart(nb):

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port():
-    from amp_magics.training.distributed import free_port
+    from amp_magics.distributed.launcher import free_port
     return free_port()
 
 

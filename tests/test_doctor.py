@@ -82,7 +82,7 @@ def test_report_renders_in_80_columns_and_escapes_html(report):
     hostile = [doctor.Check("GPU", "fail", "<img src=x onerror=alert(1)>", "<script>")]
     html = checks_html(hostile)
     assert "<img" not in html and "<script>" not in html and "&lt;img" in html
-    assert report._repr_html_().startswith('<div class="amp-check"')
+    assert checks_html(report.checks).startswith('<div class="amp-check"')
 
 
 def test_deprecated_pynvml_is_found_by_its_distribution(monkeypatch):

@@ -245,7 +245,7 @@ def test_magic_returns_status_with_html(shell, nvml):
     nvml([a100()])
     status = shell.run_line_magic("gpu_status", "")
     assert isinstance(status, gpu.Status) and status.to_dict()["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
-    assert status._repr_html_().startswith('<div class="amp-gpu-status"')
+    assert status_html(status).startswith('<div class="amp-gpu-status"')
 
 
 def test_magic_without_gpu_says_why(shell, monkeypatch):
@@ -256,7 +256,7 @@ def test_magic_without_gpu_says_why(shell, monkeypatch):
     assert status.gpus == [] and status.torch_memory == []
     assert status.no_gpu_reason.startswith("NVML library not found")
     assert status.recommendation.device == "CPU"
-    assert "NVML library not found" in status._repr_html_()
+    assert "NVML library not found" in status_html(status)
 
 
 def test_magic_json_and_selection(shell, nvml, capsys):

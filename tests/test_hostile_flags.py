@@ -23,7 +23,7 @@ from IPython.core.magic_arguments import parse_argstring
 from amp_magics.magics.diagnose import DiagnoseMagics, stop_memory_tracking
 from amp_magics.magics.gpu import GpuMagics, StatusWatch
 from amp_magics.magics.train import AmpMagics
-from amp_magics.training.run import runs
+from amp_magics.training.registry import runs, stop_background_runs
 from recipes import make_data, make_model
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
@@ -123,11 +123,11 @@ def outcome(ip, source):
     try:
         result = ip.run(source)
     except UsageError:
-        AmpMagics.stop_background_runs()  # a run started before the error must not move it
+        stop_background_runs()  # a run started before the error must not move it
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), source
         return
     finally:
-        AmpMagics.stop_background_runs()
+        stop_background_runs()
         stop_memory_tracking(ip)
     if isinstance(result, StatusWatch):
         result.stop()

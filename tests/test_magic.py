@@ -107,7 +107,7 @@ def test_unknown_flag_shows_usage(nb):
     with pytest.raises(UsageError) as e:
         nb.run(f"%%amp_train --frobnicate\n{BODY}")
     assert "unrecognized arguments: --frobnicate" in str(e.value)
-    assert "%amp_train [--model MODEL]" in str(e.value)
+    assert "%amp_train [--model NAME]" in str(e.value)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -124,6 +124,18 @@ def test_bad_bodies_give_usage_errors(nb, body, message):
     assert nb.user_ns["run"].status == "failed"
 
 
+def test_the_readme_flag_table_is_generated_from_the_options():
+    """The table is the options' own definitions (TrainOptions fields and the magic's flags):
+    regenerate it with `python tests/readme_flags.py` when an option changes."""
+    from amp_magics.magics.args import flag_table
+    from amp_magics.magics.train import amp_train_flags
+
+    start, end = readme_flags.amp_train_table()
+    written = readme_flags.README.read_text().splitlines()[start:end]
+    assert written == flag_table(amp_train_flags()).splitlines(), (
+        "README's %%amp_train table is stale: run python tests/readme_flags.py")
+
+
 @pytest.mark.parametrize("name, at_least", [
     ("amp_train", 30), ("amp_stop", 1), ("amp_runs", 2), ("amp_memory", 6), ("amp_doctor", 5)])
 def test_every_flag_the_readme_documents_is_accepted(name, at_least):
@@ -137,7 +149,8 @@ def test_readme_values_mean_what_the_readme_says():
     args = parse(AmpMagics.amp_train, '--init-scale 2**14 --sweep "lr=1e-3; clip=1" '
                                       "--optimizer a,b -o run --no-move")
     assert args.init_scale == 2.0**14 and args.sweep == "lr=1e-3; clip=1"
-    assert args.optimizer == "a,b" and args.output == "run" and args.no_move
+    assert args.optimizer == "a,b" and args.output == "run" and args.move is False
+    assert parse(AmpMagics.amp_train, "--log a,b,").log == ("a", "b")  # names, not text
     assert parse(AmpMagics.amp_runs, "--plot first second").plot == ["first", "second"]
 
 

@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+import amp_magics
+
 from amp_magics.views.charts import (
     FADED_OPACITY,
     DashboardView,
@@ -480,7 +482,7 @@ def finished_run(name, n=50, rate=2000.0, samples=64, **kw):
 
 
 def test_names_are_unique_whatever_was_asked_for():
-    from amp_magics.training import run as runs_module
+    from amp_magics.training import registry as runs_module
 
     made = []
     try:
@@ -516,9 +518,9 @@ def test_two_sweeps_get_unique_names_and_amp_runs_reaches_every_one(nb):
 
 
 def test_compare_and_sweep_runs_are_labelled_with_what_they_ran(nb):
-    from amp_magics.training.sweeps import LOSS_GAP, speed_words
+    from amp_magics.tuning.showdown import LOSS_GAP, speed_words
     from amp_magics.views.dashboard import flags_that_differ
-    from amp_magics.views.format import format_percent
+    from amp_magics.formatting import format_percent
 
     nb.run("%%amp_train --compare fp32,bf16 --steps 3 -o cmp\n" + BODY)
     showdown = nb.user_ns["cmp"]
@@ -566,7 +568,7 @@ def test_header_and_summary_show_the_same_rates_in_one_format():
 def test_a_picture_reads_as_text_in_a_terminal():
     a, b = finished_run("a"), finished_run("b")
     b.precision = "bf16"
-    text = repr(a.plot(b))
+    text = repr(amp_magics.plot(a, b))
     lines = text.splitlines()
     assert lines[0] == "2 runs overlaid; the axes follow a:"
     assert lines[1].startswith("  <Run 'a' finished: 50 steps")
@@ -594,11 +596,11 @@ def test_earlier_runs_are_those_of_the_same_model_object(nb):
     magics.view = "dashboard"
     try:
         args = parse(magics.amp_train, "--model model")
-        assert theirs in magics._view(args).earlier_runs
-        assert mine not in magics._view(args).earlier_runs
+        assert theirs in magics._view(args, nb.user_ns["model"]).earlier_runs
+        assert mine not in magics._view(args, nb.user_ns["model"]).earlier_runs
         nb.user_ns["model"] = net
-        assert mine in magics._view(args).earlier_runs
-        assert theirs not in magics._view(args).earlier_runs
+        assert mine in magics._view(args, nb.user_ns["model"]).earlier_runs
+        assert theirs not in magics._view(args, nb.user_ns["model"]).earlier_runs
     finally:
         magics.view = "text"
     gone = torch.nn.Linear(2, 2)

@@ -1,4 +1,5 @@
-"""The one place that reads GradScaler's private state, and its public fallback."""
+"""Reading what GradScaler did without a sync (its private state, through _torch_compat),
+and the public fallback."""
 import warnings
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import amp_magics
+from amp_magics import _torch_compat
 from amp_magics.training import scaler as scalers
 from recipes import assert_same_state, make_data, make_model, plain
 
@@ -39,7 +41,7 @@ def test_public_fallback_records_the_same_skips_and_trains_the_same(monkeypatch)
     # A torch whose GradScaler keeps its state elsewhere: found once, said once, then the
     # public path (get_scale before and after update) records the same skips.
     monkeypatch.setattr(scalers, "_private_state_ok", None)
-    monkeypatch.setattr(scalers, "_keeps_private_state", lambda scaler, optimizers: False)
+    monkeypatch.setattr(_torch_compat, "keeps_step_state", lambda scaler, optimizers: False)
     with pytest.warns(RuntimeWarning, match="get_scale"):
         model_public, public = train_fp16(data)
     with warnings.catch_warnings():

@@ -10,8 +10,8 @@ from IPython.core.error import UsageError
 
 from recipes import assert_same_state, make_data, make_model
 
-from amp_magics.training.sweeps import LOSS_GAP, SAME_SPEED
-from amp_magics.views.format import format_percent
+from amp_magics.tuning.showdown import LOSS_GAP, SAME_SPEED
+from amp_magics.formatting import format_percent
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
 

@@ -21,7 +21,7 @@ import torch
 from .. import ownership
 from ..errors import AmpUsageError
 from ..precision import Precision, resolve
-from ..views.format import escape, format_bytes, table_html
+from ..formatting import escape, format_bytes, table_html
 from ..system.host import process_rss
 from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
                        unpack_loss)

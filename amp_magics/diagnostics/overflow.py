@@ -19,7 +19,7 @@ import torch
 from .. import ownership
 from ..tensors import as_step, model_device, preserved, tensors_in, to_device
 from .memory import forward_loss
-from ..views.format import table_html
+from ..formatting import table_html
 from ..precision import SCALER_DEFAULTS, resolve
 
 if TYPE_CHECKING:

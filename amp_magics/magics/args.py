@@ -1,22 +1,21 @@
-"""Flag parsing shared by every magic: IPython's magic_arguments, made strict and friendly."""
+"""Flag parsing shared by every magic: IPython's magic_arguments, made strict and friendly,
+and parsers generated from option specs (training.options.OptionSpec)."""
 from __future__ import annotations
 
-import ast
-import operator
-from typing import TYPE_CHECKING, Any
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import parse_argstring
+from IPython.core.magic_arguments import MagicArgumentParser, parse_argstring
 
-if TYPE_CHECKING:
-    import argparse
-
-_OPERATORS = {ast.Pow: operator.pow, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.Add: operator.add, ast.Sub: operator.sub}
+from ..training.options import OptionSpec
 
 
 def parse(magic: Any, line: str) -> argparse.Namespace:
-    """Parse `line` for `magic`; every problem is a UsageError that ends with the usage."""
+    """Parse `line` for `magic`; every problem is a UsageError that ends with the usage.
+    Flags are never abbreviated: `--epoch 3` is an error, not `--epochs 3`."""
+    magic.parser.allow_abbrev = False
     usage = magic.parser.format_usage()
     try:
         args = parse_argstring(magic, line)
@@ -37,26 +36,70 @@ def _unquote(value):
     return value
 
 
-def number(text: str) -> float:
-    """A number written as a literal or simple arithmetic: 65536, 2**14, 2.**16, 1e4."""
-    def evaluate(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            left, right = evaluate(node.left), evaluate(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 1024:
-                raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -evaluate(node.operand)
-        raise ValueError(f"not a number: {text!r}")
-
-    try:
-        return evaluate(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, OverflowError, ZeroDivisionError) as e:
-        raise ValueError(str(e)) from None
-
-
 def names(text: str) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c']"""
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def generated_flags(*sections: tuple[Sequence[OptionSpec], bool]) -> Callable:
+    """A magic's parser made from option specs, in place of @magic_arguments decorators.
+
+    Each section is (specs, given_only): with given_only, a flag that is not given is absent
+    from the parsed namespace (the option keeps the default its own definition gives); a
+    notebook object's flag always has its default name (`--model model`)."""
+    def decorate(func: Callable) -> Callable:
+        parser = MagicArgumentParser(func.__name__, description=func.__doc__)
+        parser.allow_abbrev = False
+        groups: dict[str, Any] = {}
+        for specs, given_only in sections:
+            for spec in specs:
+                if spec.flag is None:
+                    continue
+                if spec.option.group not in groups:
+                    groups[spec.option.group] = parser.add_argument_group(spec.option.group)
+                _add(groups[spec.option.group], spec, given_only)
+        func.parser = parser
+        func.__doc__ = parser.format_help()
+        return func
+    return decorate
+
+
+def _add(group: Any, spec: OptionSpec, given_only: bool) -> None:
+    o = spec.option
+    kwargs: dict[str, Any] = {"dest": spec.name, "help": o.help.replace("%", "%%")}
+    if o.magic_default is not None:
+        kwargs["default"] = o.magic_default
+    elif given_only:
+        kwargs["default"] = argparse.SUPPRESS
+    else:
+        kwargs["default"] = spec.default
+    if spec.kind is bool:
+        kwargs["action"] = "store_false" if spec.default else "store_true"
+    else:
+        kwargs.update(metavar=None if o.choices else o.metavar, choices=o.choices,
+                      type=o.parse or (spec.kind if spec.kind is not object else str))
+    group.add_argument(*filter(None, (o.short, spec.flag)), **kwargs)
+
+
+def flag_usage(spec: OptionSpec) -> str:
+    """How the README writes a flag: `--dtype auto|fp16`, `-o NAME`, `--output NAME`."""
+    o = spec.option
+    arg = "|".join(o.choices) if o.choices else (o.metavar or "")
+    return ", ".join(f"`{name}{' ' + arg if arg else ''}`".replace("|", "\\|")
+                     for name in filter(None, (o.short, spec.flag)))
+
+
+def flag_table(specs: Sequence[OptionSpec]) -> str:
+    """The README's reference table of these flags, grouped as the parser groups them."""
+    groups: dict[str, list[OptionSpec]] = {}
+    for spec in specs:
+        if spec.flag is not None:
+            groups.setdefault(spec.option.group, []).append(spec)
+    rows = ["| flag | meaning |", "|---|---|"]
+    rows += [f"| {flag_usage(s)} | {_escaped(s.option.doc or s.option.help)} |"
+             for group in groups.values() for s in group]
+    return "\n".join(rows)
+
+
+def _escaped(text: str) -> str:
+    return text.replace("|", "\\|")  # a table cell

@@ -14,7 +14,8 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import precision
-from .args import number, parse
+from ..formatting import number
+from .args import parse
 from .notebook import CellStep, lookup, lookup_optimizers, usage_errors
 
 if TYPE_CHECKING:

@@ -100,6 +100,30 @@ def candidates(user_ns: Mapping[str, Any], kind: Kind, what: str) -> str:
             if found else f"No {label} is defined in the notebook yet.")
 
 
+def resolve_objects(user_ns: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """The notebook objects that options in `given` name (their flags' values), by kind."""
+    from ..training.options import option_specs
+
+    found = {}
+    for spec in option_specs():
+        kind = spec.option.notebook
+        if kind is not None and spec.name in given:
+            found[spec.name] = _find(kind, user_ns, given[spec.name], spec.flag)
+    return found
+
+
+def _find(kind: str, user_ns: Mapping[str, Any], name: str, flag: str) -> Any:
+    import torch
+
+    if kind == "optimizers":
+        return lookup_optimizers(user_ns, name)
+    of_kind = {"model": (torch.nn.Module, "an nn.Module"),
+               "iterable": (Iterable, "an iterable of batches"),
+               "scheduler": (scheduler_types(), "an LR scheduler"),
+               "scaler": (torch.amp.GradScaler, "a GradScaler")}
+    return lookup(user_ns, name, flag, *of_kind[kind])
+
+
 def lookup_optimizers(user_ns: Mapping[str, Any], text: str) -> list[torch.optim.Optimizer]:
     """The optimizers named by --optimizer's comma-separated `text`."""
     import torch

@@ -1,32 +1,71 @@
-"""%%amp_train and %amp_stop: a thin IPython adapter over the engine.
+"""%%amp_train, %amp_stop, %amp_wait and %amp_runs: a thin IPython adapter over the engine.
 
-It parses flags, finds the notebook's objects by name, compiles the cell body once through
-IPython's own pipeline, picks the view (live dashboard or text line) and hands over to
-`engine.prepare(...).execute()`.
+It parses flags (generated from the TrainOptions fields, plus the magic's own), finds the
+notebook's objects by name, compiles the cell body once through IPython's own pipeline,
+picks the view (live dashboard or text line) and hands over to
+`distributed.prepare_training(...).execute()`.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, argument_group, magic_arguments
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Enum, Float
 
-from .. import precision
-from .args import names, number, parse
-from .notebook import CellStep, lookup, lookup_optimizers, scheduler_types, usage_errors
+from ..training import registry
+from ..training.options import DIAGNOSIS, DISPLAY, Option, OptionSpec, option_specs
+from .args import generated_flags, parse
+from .notebook import CellStep, lookup, resolve_objects, usage_errors
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from ..training.run import Run, RunList
-    from ..training.sweeps import Showdown, Sweep
+    from ..training.registry import RunList
+    from ..training.run import Run
+    from ..tuning.showdown import Showdown
+    from ..tuning.sweep import Sweep
     from ..views.dashboard import Picture
+
+
+def _flag(name: str, default: Any = None, kind: type = str, **how: Any) -> OptionSpec:
+    return OptionSpec(name, Option(**how), default, kind)
+
+
+# %%amp_train's own flags, beside the options it builds a TrainOptions from
+MAGIC_FLAGS = [
+    _flag("output", short="-o", help="store the Run in this notebook variable", group=DISPLAY,
+          metavar="NAME",
+          doc="store the `Run` (or the `Sweep` / showdown) in the notebook variable NAME"),
+    _flag("no_plot", False, bool, help="one-line text progress instead of plots", group=DISPLAY,
+          doc="a one-line text progress instead of the dashboard"),
+    _flag("background", False, bool, group=DISPLAY,
+          help="train in a background thread; the cell returns at once (stop: %amp_stop)",
+          doc="train in a thread; the cell returns the `Run` at once and other cells run "
+              "meanwhile"),
+    _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0,1"',
+          group=DIAGNOSIS, metavar="SPEC",
+          doc='one run per setting, all from the same starting state: `"lr=1e-4,3e-4,1e-3"`, '
+              'a grid with `;` (`"lr=1e-3,1e-2; weight_decay=0,0.01"`); keys: any numeric '
+              "optimizer hyperparameter, `accum`, `clip`, `init_scale`, `dtype`"),
+    _flag("keep", "start", choices=("start", "best"), group=DIAGNOSIS,
+          help="after --sweep: restore the start (default) or keep the best run's weights",
+          doc="after a sweep, restore the starting state (default) or keep the best run's "
+              "weights (best by val loss with `--val`, else final train loss)"),
+    _flag("compare", metavar="PRECISIONS", group=DIAGNOSIS,
+          help="time each precision from the same start, e.g. fp32,bf16,fp16 (with --steps)",
+          doc="precision showdown, e.g. `fp32,bf16,fp16` with `--steps 50`: median step time, "
+              "peak memory, loss gap to fp32, skipped steps, and a verdict"),
+]
+
+
+def amp_train_flags() -> list[OptionSpec]:
+    """Every flag of %%amp_train, in the parser's order (the README's table is made of it)."""
+    return option_specs() + MAGIC_FLAGS
 
 
 @magics_class
@@ -38,81 +77,13 @@ class AmpMagics(Magics):
                 help="auto: the live dashboard in a Jupyter kernel, a text line in a terminal."
                 ).tag(config=True)
 
-    _background: dict = {}  # Run -> Thread, for %amp_stop and unloading
-
     def __init__(self, shell: InteractiveShell | None = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
 
     # -- %%amp_train ------------------------------------------------------------------
-    @magic_arguments()
-    @argument_group("what to train")
-    @argument("--model", default="model", help="nn.Module to train (default: model)")
-    @argument("--optimizer", default="optimizer",
-              help="optimizer name, or several comma-separated (default: optimizer)")
-    @argument("--data", default="train_loader",
-              help="iterable of batches, e.g. a DataLoader (default: train_loader)")
-    @argument("--val", help="validation iterable, evaluated at each epoch end")
-    @argument("--scheduler", help="LR scheduler, stepped after each optimizer step")
-    @argument("--skip-aware-scheduler", action="store_true",
-              help="step --scheduler only after optimizer steps the loss scaler did not skip "
-                   "(free with ordinary optimizers; one sync per step with fused ones)")
-    @argument_group("how long")
-    @argument("--epochs", type=int, help="passes over --data (default 1; unlimited with --steps)")
-    @argument("--steps", type=int, help="stop after this many optimizer steps")
-    @argument_group("precision")
-    @argument("--dtype", default="auto", choices=precision.CHOICES,
-              help="autocast precision; auto picks by hardware (default: auto)")
-    @argument("--init-scale", type=number, help="GradScaler initial scale, e.g. 2**14")
-    @argument("--growth-interval", type=int, help="GradScaler growth interval (steps)")
-    @argument("--growth-factor", type=float, help="GradScaler growth factor")
-    @argument("--backoff-factor", type=float, help="GradScaler backoff factor")
-    @argument("--scaler", help="your own torch.amp.GradScaler to use instead")
-    @argument_group("the step")
-    @argument("--accum", type=int, default=1,
-              help="micro-batches per optimizer step (gradient accumulation; loss divided by it)")
-    @argument("--clip", type=float, help="max gradient norm of the parameters the optimizers "
-              "step (unscale_ then clip_grad_norm_)")
-    @argument("--log", default="", help="other scalars of the body to record, comma-separated")
-    @argument("--seed", type=int, help="seed torch, random and numpy before training")
-    @argument("--no-move", action="store_true",
-              help="do not move batch tensors to the model's device")
-    @argument("--compile", action="store_true",
-              help="train through torch.compile(model), compiled once per model and reused by "
-                   "re-runs; the model itself stays the plain module")
-    @argument("--compile-mode", metavar="MODE",
-              help="torch.compile mode: default, reduce-overhead, max-autotune, "
-                   "max-autotune-no-cudagraphs (implies --compile)")
-    @argument("--keep-grads", action="store_true",
-              help="keep the last step's gradients (by default freed when the run ends)")
-    @argument_group("checkpoints")
-    @argument("--checkpoint", metavar="PATH",
-              help="save model, optimizer, scaler, scheduler, RNG and history here (atomic)")
-    @argument("--every", type=int, metavar="N",
-              help="checkpoint every N optimizer steps (default: at each epoch end)")
-    @argument("--resume", metavar="PATH", help="continue from a --checkpoint file")
-    @argument_group("processes")
-    @argument("--nproc", default="1", metavar="N|auto",
-              help="train on N processes with DistributedDataParallel (gloo on the CPU, one GPU "
-                   "each with NCCL); auto: one per visible GPU (default 1)")
-    @argument_group("runs and display")
-    @argument("--name", help="name of this run (default run1, run2, ...)")
-    @argument("-o", "--output", help="store the Run in this notebook variable")
-    @argument("--refresh", type=float, help="seconds between view refreshes (default 0.5)")
-    @argument("--no-plot", action="store_true", help="one-line text progress instead of plots")
-    @argument("--background", action="store_true",
-              help="train in a background thread; the cell returns at once (stop: %%amp_stop)")
-    @argument_group("tuning and diagnosis")
-    @argument("--sweep", metavar="SPEC",
-              help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0,1"')
-    @argument("--keep", choices=("start", "best"), default="start",
-              help="after --sweep: restore the start (default) or keep the best run's weights")
-    @argument("--compare", metavar="PRECISIONS",
-              help="time each precision from the same start, e.g. fp32,bf16,fp16 (with --steps)")
-    @argument("--diagnose", action="store_true",
-              help="at the first skipped step or non-finite loss, re-run that batch with hooks "
-                   "and name the module that overflows (costs one sync per step until then)")
+    @generated_flags((option_specs(), True), (MAGIC_FLAGS, False))
     @cell_magic
     def amp_train(self, line: str, cell: str) -> Run | Sweep | Showdown | None:
         """Run the cell body as ONE training step, for every batch, with automatic mixed precision.
@@ -124,68 +95,52 @@ class AmpMagics(Magics):
             loss = F.cross_entropy(net(x), y)
         """
         __tracebackhide__ = True
-        from ..training.distributed import prepare_training
-        from ..training.options import TrainOptions
-
         args = parse(self.amp_train, line)
         if args.output is not None and not args.output.isidentifier():
             raise UsageError(f"-o {args.output}: not a valid Python name, e.g. -o run")
-        log_names = names(args.log)
-        objects = self._resolve_objects(args)
-        step = CellStep(self.shell, cell, log_names)
-        several = bool(args.sweep or args.compare)
-        if several:
-            self._check_several(args)
-        with usage_errors():
-            options = TrainOptions(
-                **objects, epochs=args.epochs, steps=args.steps, dtype=args.dtype,
-                accum=args.accum, clip=args.clip, seed=args.seed, log=log_names,
-                skip_aware_scheduler=args.skip_aware_scheduler, compile=args.compile,
-                compile_mode=args.compile_mode,
-                move=not args.no_move, keep_grads=args.keep_grads, init_scale=args.init_scale,
-                growth_interval=args.growth_interval, growth_factor=args.growth_factor,
-                backoff_factor=args.backoff_factor, checkpoint=args.checkpoint,
-                every=args.every, resume=args.resume, diagnose=args.diagnose, name=args.name,
-                refresh_seconds=(args.refresh if args.refresh is not None
-                                 else self.refresh_seconds),
-                nproc=_nproc(args.nproc), config=self._flags(args))
-            if several:
-                return self._several_runs(args, step, options)
-            view = self._view(args)
-            # from here on the run owns the model
-            training = prepare_training(step, options, [view])
-        run = training.run
+        if args.sweep or args.compare:
+            _check_several(args)
+        options = self._options(args)
+        step = CellStep(self.shell, cell, options.log)
+        if args.sweep or args.compare:
+            return self._several_runs(args, step, options)
+        view = self._view(args, options.model)
+        with usage_errors():  # from here on the run owns the model
+            training = _prepare_training(step, options, [view])
         if args.output:
-            self.shell.user_ns[args.output] = run
+            self.shell.user_ns[args.output] = training.run
         if args.background:
-            try:
-                view.show(run)
-                thread = threading.Thread(target=self._train_quietly,
-                                          args=(training, step, log_names),
-                                          name=f"amp_train {run.name}", daemon=True)
-                AmpMagics._background[run] = thread
-                thread.start()
-            except BaseException:
-                AmpMagics._background.pop(run, None)
-                training.release()
-                raise
-            return run
+            return self._start_background(training, view, step)
         try:
             with usage_errors():
                 training.execute()
         finally:
-            self._export_logged(step, log_names)
+            self._export_logged(step)
 
-    @staticmethod
-    def _check_several(args):
-        conflicts = [flag for flag, given in (("--background", args.background),
-                     ("--checkpoint", args.checkpoint), ("--resume", args.resume),
-                     ("--nproc", args.nproc not in ("1", 1)),
-                     ("--sweep with --compare", args.sweep and args.compare)) if given]
-        if conflicts:
-            raise UsageError(f"--sweep/--compare cannot be combined with {', '.join(conflicts)}")
-        if args.compare and args.steps is None:
-            raise UsageError("--compare needs --steps N, e.g. --steps 50")
+    def _options(self, args: Any) -> Any:
+        """The TrainOptions the flags ask for, the notebook's objects looked up by name."""
+        from ..training.options import TrainOptions
+
+        given = {spec.name: getattr(args, spec.name) for spec in option_specs()
+                 if hasattr(args, spec.name)}
+        given.update(resolve_objects(self.shell.user_ns, given))
+        given.setdefault("refresh_seconds", self.refresh_seconds)
+        with usage_errors():
+            return TrainOptions(**given, config={"model_name": args.model})
+
+    def _start_background(self, training: Any, view: Any, step: CellStep) -> Run:
+        run = training.run
+        try:
+            view.show(run)
+            thread = threading.Thread(target=self._train_quietly, args=(training, step),
+                                      name=f"amp_train {run.name}", daemon=True)
+            registry.add_background(run, thread)
+            thread.start()
+        except BaseException:
+            registry.drop_background(run)
+            training.release()
+            raise
+        return run
 
     def _several_runs(self, args, step, options):
         """--sweep and --compare: several runs from one starting state, then a table."""
@@ -193,40 +148,41 @@ class AmpMagics(Magics):
         import dataclasses
 
         from ..tensors import model_device
-        from ..training import sweeps
+        from ..tuning import showdown, sweep
 
-        view = self._view(args, several=True)
-        options = dataclasses.replace(options, name=args.name or
+        view = self._view(args, options.model, several=True)
+        options = dataclasses.replace(options, name=options.name or
                                       ("sweep" if args.sweep else "compare"))
         try:
-            if args.sweep:
-                settings = sweeps.parse_sweep(args.sweep, options.optimizers, number)
-                result = sweeps.sweep(step, settings, options, [view],
-                                      keep_best=args.keep == "best")
-            else:
-                precisions = sweeps.parse_compare(args.compare, model_device(options.model))
-                result = sweeps.showdown(step, precisions, options, [view])
+            with usage_errors():
+                if args.sweep:
+                    settings = sweep.parse_sweep(args.sweep, options.optimizers)
+                    result = sweep.sweep(step, settings, options, [view],
+                                         keep_best=args.keep == "best")
+                else:
+                    precisions = showdown.parse_compare(args.compare, model_device(options.model))
+                    result = showdown.showdown(step, precisions, options, [view])
         finally:
             view.finish()
         if args.output:
             self.shell.user_ns[args.output] = result
         return result
 
-    def _train_quietly(self, training, step, log_names):
+    def _train_quietly(self, training, step):
         # The view shows a failure; the exception has nowhere better to go from a thread.
         try:
             training.execute()
         except BaseException:
             pass
         finally:
-            self._export_logged(step, log_names)
-            AmpMagics._background.pop(training.run, None)
+            self._export_logged(step)
+            registry.drop_background(training.run)
             from ..views.dashboard import end_notices
 
             end_notices(training.run)  # the cell's "started ..." notice says how it ended
 
-    def _export_logged(self, step, log_names):
-        for name in log_names:
+    def _export_logged(self, step):
+        for name in step.log_names:
             if name in step.namespace:
                 self.shell.user_ns[name] = step.namespace[name]
 
@@ -278,13 +234,12 @@ class AmpMagics(Magics):
         """(run, thread) of the background runs called `name` (all when None) still going.
 
         A finished run of that name is reported, not an error; an unknown name is."""
-        from ..training.run import runs
-
-        targets = [(r, t) for r, t in list(AmpMagics._background.items()) if name in (None, r.name)]
+        going = registry.background_runs()
+        targets = [(r, t) for r, t in going if name in (None, r.name)]
         if name is not None and not targets:
-            done = [r for r in runs() if r.name == name]
+            done = [r for r in registry.runs() if r.name == name]
             if not done:
-                running = ", ".join(r.name for r in AmpMagics._background) or "none"
+                running = ", ".join(r.name for r, _ in going) or "none"
                 raise UsageError(f"no run named {name!r} (background runs going: {running})")
             print(f"{name}: already {done[-1].status} after {len(done[-1].history)} steps")
         return targets
@@ -296,80 +251,52 @@ class AmpMagics(Magics):
     @line_magic
     def amp_runs(self, line: str) -> RunList | Picture | None:
         """This session's runs as a table; --plot overlays chosen runs; --clear forgets them."""
-        from ..training.run import RunList, forget_runs, runs
-
         args = parse(self.amp_runs, line)
         if args.clear:
-            print(f"forgot {forget_runs()} run(s)")
+            print(f"forgot {registry.forget_runs()} run(s)")
             return None
-        every = runs()
+        every = registry.runs()
         if not args.plot:
-            return RunList(every)
-        known = {r.name: r for r in every}  # names are unique (training.run.register)
+            return registry.RunList(every)
+        known = {r.name: r for r in every}  # names are unique (registry.register)
         missing = [n for n in args.plot if n not in known]
         if missing:
             raise UsageError(f"no run named {', '.join(map(repr, missing))}; runs this "
                              f"session: {', '.join(known) or 'none'}")
-        first, *others = (known[n] for n in args.plot)
-        return first.plot(*others)
+        from ..views.dashboard import overlay_picture
 
-    @classmethod
-    def stop_background_runs(cls, wait: float = 10.0) -> None:
-        for run in list(cls._background):
-            run.request_stop()
-        for thread in list(cls._background.values()):
-            thread.join(wait)
+        return overlay_picture([known[n] for n in args.plot])
 
     # -- helpers ----------------------------------------------------------------------
-    def _view(self, args, several=False):
+    def _view(self, args, model, several=False):
         from ..views.reporter import ConsoleReporter
 
         in_kernel = getattr(self.shell, "kernel", None) is not None
         if args.no_plot or self.view == "text" or (self.view == "auto" and not in_kernel):
             return ConsoleReporter(stream=sys.stdout, inline=True)
         from ..views.dashboard import Dashboard
-        from ..training.run import runs
 
         if several:
             return Dashboard(several=True)
         # Earlier runs of this very model object, whatever it was called then: `--model net`
         # bound to another network is another model.
-        model = lookup(self.shell.user_ns, args.model, "--model", object, "a model")
-        earlier = [r for r in runs() if r.done and r.same_model(model)]
+        earlier = [r for r in registry.runs() if r.done and r.same_model(model)]
         return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
-    def _flags(self, args) -> dict:
-        flags = {k: v for k, v in vars(args).items()
-                 if v not in (None, False, "") and k not in ("output", "refresh", "no_plot",
-                                                             "background", "keep", "sweep",
-                                                             "compare")}
-        return {"flags": flags, "model_name": args.model}
 
-    def _resolve_objects(self, args) -> dict:
-        import torch
-
-        ns = self.shell.user_ns
-        found = {
-            "model": lookup(ns, args.model, "--model", torch.nn.Module, "an nn.Module"),
-            "optimizer": lookup_optimizers(ns, args.optimizer),
-            "data": lookup(ns, args.data, "--data", Iterable, "an iterable of batches"),
-        }
-        if args.val:
-            found["val"] = lookup(ns, args.val, "--val", Iterable, "an iterable of batches")
-        if args.scheduler:
-            found["scheduler"] = lookup(ns, args.scheduler, "--scheduler", scheduler_types(),
-                                        "an LR scheduler")
-        if args.scaler:
-            found["scaler"] = lookup(ns, args.scaler, "--scaler", torch.amp.GradScaler,
-                                     "a GradScaler")
-        return found
+def _check_several(args) -> None:
+    conflicts = [flag for flag, given in (("--background", args.background),
+                 ("--checkpoint", getattr(args, "checkpoint", None)),
+                 ("--resume", getattr(args, "resume", None)),
+                 ("--nproc", getattr(args, "nproc", 1) != 1),
+                 ("--sweep with --compare", args.sweep and args.compare)) if given]
+    if conflicts:
+        raise UsageError(f"--sweep/--compare cannot be combined with {', '.join(conflicts)}")
+    if args.compare and getattr(args, "steps", None) is None:
+        raise UsageError("--compare needs --steps N, e.g. --steps 50")
 
 
-def _nproc(text: str) -> int | str:
-    """--nproc N or auto."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"--nproc {text}: give a number of processes or auto") from None
+def _prepare_training(step: CellStep, options: Any, views: list) -> Any:
+    from ..distributed import prepare_training
+
+    return prepare_training(step, options, views)

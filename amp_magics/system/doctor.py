@@ -44,18 +44,6 @@ class Report:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # Rendered lazily so this module stays free of display code. These two lazy imports of
-    # views/status.py are allowlisted data -> view imports, as in gpu.Status.
-    def _repr_html_(self) -> str:
-        from ..views.status import checks_html
-
-        return checks_html(self.checks)
-
-    def _repr_pretty_(self, printer, cycle) -> None:
-        from ..views.status import checks_text
-
-        printer.text(checks_text(self.checks))
-
 
 def run_checks() -> Report:
     """Run every check; imports torch."""

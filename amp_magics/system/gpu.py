@@ -91,19 +91,6 @@ class Status:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # Rich display without tying this module to IPython: the renderer loads on first display.
-    # These two lazy imports of views/status.py are allowlisted data -> view imports: they keep
-    # a Status rich wherever it is shown (with or without %load_ext amp_magics).
-    def _repr_html_(self) -> str:
-        from ..views.status import status_html
-
-        return status_html(self)
-
-    def _repr_pretty_(self, printer, cycle) -> None:
-        from ..views.status import status_text
-
-        printer.text(status_text(self))
-
 
 def parse_indices(text: str) -> list[int]:
     """'0,2' -> [0, 2]; raises ValueError on anything else."""

@@ -8,64 +8,48 @@ one at the boundary itself (so dropout and friends continue exactly).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..files import atomic_write
-from ..tensors import capture_rng, plain_module, restore_rng
+from ..tensors import capture_rng, restore_rng
+from .objects import TrainingObjects
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-FORMAT = 1
+FORMAT = 2  # 2: every value loads with torch.load(weights_only=True)
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
-                    optimizers: Sequence[torch.optim.Optimizer],
-                    scaler: torch.amp.GradScaler | None, scheduler: Any, step: int, epoch: int,
-                    batches_in_epoch: int, epoch_rng: dict | None, history: list[dict],
-                    val_history: list[dict]) -> None:
+def save_checkpoint(path: str | os.PathLike, objects: TrainingObjects, *, step: int,
+                    epoch: int, batches_in_epoch: int, epoch_rng: dict | None,
+                    history: list[dict], val_history: list[dict]) -> None:
     """Write atomically: a temporary file in the same folder, then rename over `path`."""
-    payload = {
-        "format": FORMAT,
-        "model": plain_module(model).state_dict(),  # plain keys, compiled or not
-        "optimizers": [opt.state_dict() for opt in optimizers],
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step,
-        "epoch": epoch,
-        "batches_in_epoch": batches_in_epoch,
-        "epoch_rng": epoch_rng,
-        "rng": capture_rng(),
-        "history": history,
-        "val_history": val_history,
-    }
+    payload = {"format": FORMAT, **objects.state_dict(), "step": step, "epoch": epoch,
+               "batches_in_epoch": batches_in_epoch, "epoch_rng": epoch_rng,
+               "history": history, "val_history": val_history}
     atomic_write(path, lambda f: torch.save(payload, f), binary=True, prefix=".amp_ckpt_")
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
-                    optimizers: Sequence[torch.optim.Optimizer],
-                    scaler: torch.amp.GradScaler | None, scheduler: Any) -> dict:
-    """Load states into the given objects; return the position and history to continue from."""
-    # Our own file: it holds RNG tuples and plain history, which weights_only would refuse.
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's contents. Only tensors and plain values are unpickled
+    (weights_only=True): a checkpoint from elsewhere cannot run code when loaded."""
+    try:
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and plain values, which "
+                         f"are not loaded (weights_only): {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or "format" not in payload:
         raise ValueError(f"{path} is not an amp_magics checkpoint")
-    if len(payload["optimizers"]) != len(optimizers):
-        raise ValueError(f"{path} holds {len(payload['optimizers'])} optimizer(s), "
-                         f"this run has {len(optimizers)}")
-    state = payload["model"]
-    # files written by earlier versions while training a compiled model carry its prefix
-    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "_orig_mod.")
-    plain_module(model).load_state_dict(state)
-    for opt, state in zip(optimizers, payload["optimizers"]):
-        opt.load_state_dict(state)
-    if scaler is not None and payload["scaler"] is not None:
-        scaler.load_state_dict(payload["scaler"])
-    if scheduler is not None and payload["scheduler"] is not None:
-        scheduler.load_state_dict(payload["scheduler"])
+    if payload["format"] != FORMAT:
+        raise ValueError(f"{path} was written by another version of amp_magics (format "
+                         f"{payload['format']}, this one reads {FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, objects: TrainingObjects) -> dict:
+    """Load states into `objects`; return the position and history to continue from."""
+    payload = read_checkpoint(path)
+    objects.load_state_dict(payload)
     return payload
 
 

@@ -1,31 +1,29 @@
 """--compile: the run's model compiled with torch.compile, and what dynamo says it compiled.
 
 The notebook's module stays the plain module; for the length of a run its calls go through
-`torch.compile(model)` (routing.py). Dynamo keeps compiled code per code object, guarded on
-the model, so a re-run of the cell on the same model (and mode) reuses it without compiling.
+`torch.compile(model)` (routing.py), bit for bit what the usual recipe (`torch.compile(model)`)
+computes; `nn.Module.compile()` is not used: its code computes differently here. Dynamo keeps
+compiled code per code object, guarded on the model, so a re-run of the cell on the same model
+(and mode) reuses it without compiling.
 
-Compile time and recompilations come from dynamo's compilation metrics, private torch state
-read here and nowhere else, at refreshes (never per step); where a torch version lacks them,
-compile time simply is not separated from step time.
+Compile time and recompilations come from dynamo's compilation metrics (read through
+_torch_compat) at refreshes, never per step; where a torch version lacks them, compile time
+simply is not separated from step time.
 """
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .. import _torch_compat as private
 from .routing import route_through
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_route(model: torch.nn.Module, mode: str) -> Callable[[], None]:
+def compile_for_run(model: torch.nn.Module, mode: str) -> Callable[[], None]:
     """Route `model(...)` through torch.compile(model) until the returned function is called."""
-    compiled = torch.compile(model, mode=None if mode == "default" else mode)
-    return route_through(model, compiled)
+    return route_through(model, torch.compile(model, mode=None if mode == "default" else mode))
 
 
 @dataclass
@@ -44,12 +42,8 @@ class CompileWatch:
         self.seen: set = set()
 
     def new(self) -> list[Compilation]:
-        utils = sys.modules.get("torch._dynamo.utils")  # nothing compiled if never imported
-        metrics = getattr(utils, "get_compilation_metrics", None)
-        if metrics is None:
-            return []
         found = []
-        for m in metrics():
+        for m in private.compilation_metrics():
             start = _start_seconds(m)
             if start is None or start < self.wall_start:
                 continue

@@ -21,10 +21,12 @@ from ..precision import SCALER_DEFAULTS
 from ..tensors import StepFn, as_step, is_out_of_memory, model_device, seed_everything
 from . import scaler as scalers
 from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
-from .compiling import compile_route
+from .compiling import compile_for_run
 from .failures import release_memory
+from .objects import TrainingObjects
 from .options import TrainOptions
-from .run import Run, next_name, register
+from .registry import next_name, register
+from .run import Run
 from .step import AmpStep, untrained_parameters
 from .telemetry import RunBooks, reset_peak
 from .view import View, notify
@@ -48,81 +50,116 @@ def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = (),
     `options.resume` loads its checkpoint into the model, optimizers, scaler and scheduler here.
     """
     step_fn = as_step(step_fn)
-    for view in views:
-        if not isinstance(view, View):
-            raise AmpUsageError(f"observers must be amp_magics View objects (subclass "
-                                f"amp_magics.View), got {type(view).__name__}")
-    o = options
+    views = checked_views(views)
+    objects = TrainingObjects.of(options)
     own = claim is None
     if own:
-        claim = ownership.claim(o.name or "a run", ownership.owned_objects(
-            o.model, [*o.optimizers, o.scaler, o.scheduler]))
+        claim = objects.claim(options.name or "a run")
     try:
-        return _prepare(step_fn, o, list(views), claim, own)
+        return _prepare(step_fn, options, objects, views, claim, own)
     except BaseException:
         if own:
             claim.release()
         raise
 
 
-def _prepare(step_fn: StepFn, o: TrainOptions, views: list[View], claim: ownership.Claim,
-             own: bool) -> "Training":
+def checked_views(views: Sequence[View]) -> list[View]:
+    for view in views:
+        if not isinstance(view, View):
+            raise AmpUsageError(f"observers must be amp_magics View objects (subclass "
+                                f"amp_magics.View), got {type(view).__name__}")
+    return list(views)
+
+
+def new_run(o: TrainOptions, *, device: str, precision: str, reason: str = "",
+            scaler: Any = None, **config: Any) -> Run:
+    """The Run these options start (not registered yet): one way for every launcher."""
+    per_epoch = _steps_per_epoch(o.data, o.accum)
+    return Run(
+        o.name or next_name(),
+        config={"epochs": o.epoch_limit, "steps": o.steps, "seed": o.seed,
+                "lr": o.optimizers[0].param_groups[0].get("lr"),
+                "optimizer": ", ".join(type(opt).__name__ for opt in o.optimizers),
+                "settings": o.settings(), **config, **o.config},
+        device=device, precision=precision, precision_reason=reason,
+        scaler_settings=scalers.describe(scaler),
+        total_steps=_total_steps(o.epoch_limit, o.steps, per_epoch), steps_per_epoch=per_epoch,
+        model_label=type(o.model).__name__, model=o.model)
+
+
+def _prepare(step_fn: StepFn, o: TrainOptions, objects: TrainingObjects, views: list[View],
+             claim: ownership.Claim, own: bool) -> "Training":
     device = model_device(o.model)
     chosen = precision_policy.resolve(o.dtype, device)
-    scaler = o.scaler
-    if scaler is None and chosen.needs_scaler:
-        scaler = scalers.persistent_scaler(o.optimizers[0], device.type,
-                                           {**SCALER_DEFAULTS, **o.scaler_settings})
-    elif o.scaler_settings and not chosen.needs_scaler:
+    objects = objects.with_scaler(_run_scaler(o, chosen, device))
+    run = new_run(o, device=str(device), precision=chosen.name, reason=chosen.reason,
+                  scaler=objects.scaler)
+    run.notes += _start_notes(o, chosen, device)
+    resumed = _resume(o.resume, objects, run) if o.resume is not None else None
+    register(run)
+    claim.run = run
+    amp = AmpStep(step_fn, o.model, o.optimizers, chosen, objects.scaler, device,
+                  accum=o.accum, clip=o.clip, scheduler=o.scheduler, move=o.move,
+                  log_names=o.log, sync_timing=o.sync_timing and device.type == "cuda",
+                  keep_batches=o.diagnose, skip_aware_scheduler=o.skip_aware_scheduler,
+                  copy_outputs=o.compile_mode in ("reduce-overhead", "max-autotune"))
+    return Training(run, amp, o, objects, views, resumed, claim, own)
+
+
+def _run_scaler(o: TrainOptions, chosen: precision_policy.Precision, device: Any) -> Any:
+    """The user's scaler, or the one kept for the first optimizer where fp16 needs one."""
+    if o.scaler is None and chosen.needs_scaler:
+        return scalers.persistent_scaler(o.optimizers[0], device.type,
+                                         {**SCALER_DEFAULTS, **o.scaler_settings})
+    if o.scaler_settings and not chosen.needs_scaler:
         raise AmpUsageError(f"scaler settings only apply with a GradScaler, which is used for "
                             f"fp16; this run uses {chosen.name}. Drop them or use --dtype fp16.")
-    per_epoch = _steps_per_epoch(o.data, o.accum)
-    run = Run(
-        o.name or next_name(),
-        config={"dtype": o.dtype, "epochs": o.epochs, "steps": o.steps, "accum": o.accum,
-                "clip": o.clip, "seed": o.seed, "lr": o.optimizers[0].param_groups[0].get("lr"),
-                "optimizer": ", ".join(type(opt).__name__ for opt in o.optimizers),
-                **({"compile": o.compile_mode or "default"} if o.compile else {}), **o.config},
-        device=str(device), precision=chosen.name, precision_reason=chosen.reason,
-        scaler_settings=scalers.describe(scaler),
-        total_steps=_total_steps(o.epochs, o.steps, per_epoch), steps_per_epoch=per_epoch,
-        model_label=type(o.model).__name__, model=o.model,
-    )
+    return o.scaler
+
+
+def _start_notes(o: TrainOptions, chosen: precision_policy.Precision, device: Any) -> list[str]:
+    notes = []
     idle = untrained_parameters(o.model, o.optimizers)
     if idle:
-        run.notes.append(
+        notes.append(
             f"{len(idle)} parameter tensor(s) ({sum(p.numel() for p in idle):,} values) require "
             "grad but no optimizer steps them: backward still computes their gradients (time "
             "and memory). Set requires_grad=False on them, or give them to an optimizer.")
     if chosen.name == "fp16" and device.type == "cpu" and precision_policy.cpu_fp16_note():
-        run.notes.append(precision_policy.cpu_fp16_note())  # None where the CPU has native fp16
-    resumed = None
-    if o.resume is not None:
-        try:
-            resumed = load_checkpoint(o.resume, model=o.model, optimizers=o.optimizers,
-                                      scaler=scaler, scheduler=o.scheduler)
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise AmpUsageError(f"--resume {o.resume}: {e}") from None
-        run.history, run.val_history = resumed["history"], resumed["val_history"]
-        run.notes.append(f"resumed from {o.resume} at step {resumed['step']}")
-    register(run)
-    claim.run = run
-    amp = AmpStep(step_fn, o.model, o.optimizers, chosen, scaler, device, accum=o.accum,
-                  clip=o.clip, scheduler=o.scheduler, move=o.move, log_names=o.log,
-                  sync_timing=o.sync_timing and device.type == "cuda", keep_batches=o.diagnose,
-                  skip_aware_scheduler=o.skip_aware_scheduler,
-                  copy_outputs=o.compile_mode in ("reduce-overhead", "max-autotune"))
-    return Training(run, amp, o, views, resumed, claim, own)
+        notes.append(precision_policy.cpu_fp16_note())  # None where the CPU has native fp16
+    return notes
+
+
+def _resume(path: str, objects: TrainingObjects, run: Run) -> dict:
+    try:
+        resumed = load_checkpoint(path, objects)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise AmpUsageError(f"--resume {path}: {e}") from None
+    run.history, run.val_history = resumed["history"], resumed["val_history"]
+    run.notes.append(f"resumed from {path} at step {resumed['step']}")
+    return resumed
+
+
+def finish_run(run: Run, status: str, error: str | None, views: list[View], held: str) -> None:
+    """Mark how the run ended (`error`: what failed, in a line) and tell its views: one way
+    for every launcher. `held` says where the objects stand after an interrupt."""
+    run.status = status
+    run.error = error
+    if status == "interrupted":
+        run.notes.append(f"interrupted after {len(run.history)} optimizer step(s){held}")
+    notify(views, "on_end", run)
 
 
 class Training:
     """One run in progress; `execute()` drives it and always leaves a consistent Run behind."""
 
-    def __init__(self, run: Run, amp: AmpStep, options: TrainOptions, views: list[View],
-                 resumed: dict | None, claim: ownership.Claim, owns_claim: bool):
+    def __init__(self, run: Run, amp: AmpStep, options: TrainOptions,
+                 objects: TrainingObjects, views: list[View], resumed: dict | None,
+                 claim: ownership.Claim, owns_claim: bool):
         self.run = run
         self.amp = amp
         self.options = options
+        self.objects = objects  # with the scaler this run uses
         self.views = views
         self.claim = claim
         self.step_lock = claim.step_lock  # held around each optimizer step's work
@@ -154,17 +191,17 @@ class Training:
 
     @contextlib.contextmanager
     def _compiled(self) -> Iterator[None]:
-        """--compile: the model's calls go through torch.compile(model) while it trains."""
+        """--compile: the model's calls go through compiled code while it trains."""
         if not self.options.compile:
             yield
             return
-        unroute = compile_route(self.options.model, self.options.compile_mode or "default")
+        uncompile = compile_for_run(self.options.model, self.options.compile_mode or "default")
         self.run.compiling = True  # shown until the first step has compiled
         try:
             yield
         finally:
             self.run.compiling = False
-            unroute()
+            uncompile()
 
     def release(self) -> None:
         """Let the model go (also for a prepared run that will never execute)."""
@@ -200,7 +237,7 @@ class Training:
 
     def _train(self):
         __tracebackhide__ = True
-        epochs, epoch = self.options.epochs, self.start_epoch
+        epochs, epoch = self.options.epoch_limit, self.start_epoch
         while epochs is None or epoch < epochs:
             if self._should_stop():
                 break
@@ -329,10 +366,8 @@ class Training:
     def _save_checkpoint(self) -> None:
         self.books.drain()
         epoch, batches, epoch_rng = self.position
-        o = self.options
-        save_checkpoint(o.checkpoint, model=o.model, optimizers=o.optimizers,
-                        scaler=self.amp.scaler, scheduler=o.scheduler, step=self.step,
-                        epoch=epoch, batches_in_epoch=batches, epoch_rng=epoch_rng,
+        save_checkpoint(self.options.checkpoint, self.objects, step=self.step, epoch=epoch,
+                        batches_in_epoch=batches, epoch_rng=epoch_rng,
                         history=self.run.history, val_history=self.run.val_history)
 
     def _abandon_step(self) -> None:
@@ -351,18 +386,17 @@ class Training:
             self.books.refresh(self.step)
         except Exception as e:  # e.g. the device itself failed: keep the status honest
             run.notes.append(f"could not read the last steps back: {e!r}")
-        run.status = status
-        if error is not None:
-            run.error = f"{type(error).__name__}: {error}"
-        if status == "interrupted":
-            held = ["model", "optimizers" if len(self.options.optimizers) > 1 else "optimizer"]
-            held += [name for name, part in (("scaler", self.amp.scaler),
-                                             ("scheduler", self.options.scheduler))
-                     if part is not None]
-            run.notes.append(f"interrupted after {self.step} optimizer step(s): "
-                             f"{', '.join(held[:-1])} and {held[-1]} are as after the last "
-                             "completed step")
-        notify(self.views, "on_end", run)
+        finish_run(run, status, None if error is None else f"{type(error).__name__}: {error}",
+                   self.views,
+                   f": {held_objects(self.objects)} as after the last completed step")
+
+
+def held_objects(objects: TrainingObjects) -> str:
+    """ "model, optimizer and scaler are": what a stopped run leaves consistent."""
+    held = ["model", "optimizers" if len(objects.optimizers) > 1 else "optimizer"]
+    held += [name for name, part in (("scaler", objects.scaler), ("scheduler", objects.scheduler))
+             if part is not None]
+    return f"{', '.join(held[:-1])} and {held[-1]} are"
 
 
 # -- helpers -----------------------------------------------------------------------------

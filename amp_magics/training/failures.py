@@ -5,7 +5,7 @@ import gc
 
 import torch
 
-from ..views.format import format_bytes
+from ..formatting import format_bytes
 from .telemetry import memory_snapshot
 
 

@@ -1,28 +1,35 @@
-"""Everything one training run is asked to do, checked once: `TrainOptions`.
+"""Everything one training run is asked to do, defined and checked once: `TrainOptions`.
 
-`amp_magics.train`, `%%amp_train`, sweeps and the precision showdown all build this one frozen
-object; a bad value raises AmpUsageError naming the flag and the fix before anything changes.
-Sweeps vary it with `dataclasses.replace`, which checks the new values again.
+Each field carries its `Option` (help, flag, group, legend): from these the magic's parser,
+`amp_magics.train`'s keywords, the legends' labels and the README's flag table are generated,
+so an option is written in one place. `amp_magics.train`, `%%amp_train`, sweeps, finders and
+the precision showdown all build this one frozen object; a bad value raises AmpUsageError
+naming the flag and the fix before anything changes. Variations (`dataclasses.replace`) are
+checked again.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import math
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
-
-import torch
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import AmpUsageError
+from ..formatting import number
 from ..precision import CHOICES
-from ..tensors import plain_module
-from .compiling import MODES
+
+if TYPE_CHECKING:  # torch loads when options are checked, not when flags are made
+    import torch
+
+    Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 
 MAX_COUNT = 2**31 - 1  # counts feed torch integer arguments; beyond this they overflow
 SCALER_KEYS = ("init_scale", "growth_interval", "growth_factor", "backoff_factor")
-
-Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def as_optimizers(optimizer: Optimizers) -> tuple:
@@ -31,60 +38,226 @@ def as_optimizers(optimizer: Optimizers) -> tuple:
 
 
 @dataclass(frozen=True)
+class Option:
+    """How one setting is offered: to the magic as a flag, to `train` as a keyword, to legends.
+
+    flag: "" derives `--field-name`; None offers no flag (a keyword only); short: another
+    spelling ("-o"). metavar: the flag's argument as the README writes it; choices: the values
+    it takes. parse: text -> value for the flag (default: the
+    field's type). notebook: the kind of notebook object a flag names ("model", "optimizers",
+    "iterable", "scheduler", "scaler"), looked up by the magic. legend: shown beside a run in
+    legends and tables when not the default. tunable: a key `--sweep` and `--search` may vary.
+    doc: the README's words (default: help). keyword: accepted by `amp_magics.train`.
+    """
+
+    help: str
+    group: str
+    flag: Optional[str] = ""
+    short: Optional[str] = None  # e.g. "-o"
+    metavar: Optional[str] = None
+    choices: Optional[tuple] = None
+    parse: Optional[Callable[[str], Any]] = None
+    notebook: Optional[str] = None
+    magic_default: Optional[str] = None
+    legend: bool = True
+    tunable: bool = False
+    doc: Optional[str] = None
+    keyword: bool = True
+
+
+def option(default: Any = MISSING, **how: Any) -> Any:
+    """A TrainOptions field with its Option; mutable defaults are made per instance."""
+    meta = {"option": Option(**how)}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+WHAT, LENGTH, PRECISION, STEP = "what to train", "how long", "precision", "the step"
+CHECKPOINTS, PROCESSES, DISPLAY = "checkpoints", "processes", "runs and display"
+DIAGNOSIS = "tuning and diagnosis"
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     """One run's settings. Field names are the keyword arguments of `amp_magics.train`."""
 
-    # what to train
-    model: torch.nn.Module
-    optimizer: Optimizers
-    data: Iterable
-    val: Optional[Iterable] = None
-    scheduler: Any = None
-    # how long (epochs defaults to 1, or to unlimited when only steps is given)
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    # precision and loss scaling
-    dtype: str = "auto"
-    scaler: Optional[torch.amp.GradScaler] = None
-    init_scale: Optional[float] = None
-    growth_interval: Optional[int] = None
-    growth_factor: Optional[float] = None
-    backoff_factor: Optional[float] = None
-    # the step
-    accum: int = 1
-    clip: Optional[float] = None
-    skip_aware_scheduler: bool = False  # the scheduler advances only after real steps
-    compile: bool = False  # train through torch.compile(model); the model stays plain
-    compile_mode: Optional[str] = None  # torch.compile's mode; giving one implies compile
-    log: tuple = ()
-    seed: Optional[int] = None
-    move: bool = True
-    keep_grads: bool = False  # by default a run frees its gradients when it ends
-    # checkpoints
-    checkpoint: Optional[str] = None
-    every: Optional[int] = None
-    resume: Optional[str] = None
-    # the run and how it is watched
-    name: Optional[str] = None
-    refresh_seconds: float = 0.5
-    handle_sigint: bool = True
-    sync_timing: bool = False  # measurements (--compare) only: a sync per step on CUDA
-    diagnose: bool = False
-    nproc: Union[int, str] = 1  # processes (DistributedDataParallel), or "auto": one per GPU
-    config: Mapping = field(default_factory=dict)
+    model: torch.nn.Module = option(
+        help="nn.Module to train (default: model)", group=WHAT, metavar="NAME",
+        notebook="model", magic_default="model", legend=False,
+        doc="the `nn.Module` to train (default `model`; dotted names like `trainer.net` work)")
+    optimizer: Optimizers = option(
+        help="optimizer name, or several comma-separated (default: optimizer)", group=WHAT,
+        metavar="NAME[,NAME]", notebook="optimizers", magic_default="optimizer", legend=False,
+        doc="one or several optimizers, stepped with one scaler (default `optimizer`)")
+    data: Iterable = option(
+        help="iterable of batches, e.g. a DataLoader (default: train_loader)", group=WHAT,
+        metavar="NAME", notebook="iterable", magic_default="train_loader", legend=False,
+        doc="any iterable of batches, e.g. a DataLoader (default `train_loader`)")
+    val: Optional[Iterable] = option(
+        None, help="validation iterable, evaluated at each epoch end", group=WHAT,
+        metavar="NAME", notebook="iterable", legend=False,
+        doc="validation iterable, run at each epoch end with the same body under `no_grad` "
+            "and `eval()`")
+    scheduler: Any = option(
+        None, help="LR scheduler, stepped after each optimizer step", group=WHAT,
+        metavar="NAME", notebook="scheduler",
+        doc="LR scheduler stepped after each optimizer step, skipped or not, as in PyTorch's "
+            "recipe (`ReduceLROnPlateau`: at epoch end with the val loss). When the loss scaler "
+            "skips the very first step, torch's warning \"lr_scheduler.step() before "
+            "optimizer.step()\" is a false alarm: it is not shown, and a note on the run says "
+            "why")
+    skip_aware_scheduler: bool = option(
+        False, help="step --scheduler only after optimizer steps the loss scaler did not skip "
+                    "(free with ordinary optimizers; one sync per step with fused ones)",
+        group=WHAT,
+        doc="step `--scheduler` only after optimizer steps that happened, not after the ones "
+            "the loss scaler skipped; each step's `scheduler_stepped` is in the history. Free "
+            "with ordinary optimizers (GradScaler already knows on the host whether it called "
+            "`step()`); with fused ones (`fused=True`, which skip on the device) it costs one "
+            "sync per step")
+    epochs: Optional[int] = option(
+        None, help="passes over --data (default 1; unlimited with --steps)", group=LENGTH,
+        metavar="N",
+        doc="passes over `--data` (default 1; unlimited when only `--steps` is given)")
+    steps: Optional[int] = option(
+        None, help="stop after this many optimizer steps", group=LENGTH, metavar="N",
+        doc="stop after N optimizer steps")
+    dtype: str = option(
+        "auto", help="autocast precision; auto picks by hardware (default: auto)",
+        group=PRECISION, choices=CHOICES, tunable=True,
+        doc="autocast precision (default `auto`, see below)")
+    init_scale: Optional[float] = option(
+        None, help="GradScaler initial scale, e.g. 2**14", group=PRECISION, metavar="X",
+        parse=number, tunable=True,
+        doc="GradScaler initial scale; accepts expressions such as `2**14`")
+    growth_interval: Optional[int] = option(
+        None, help="GradScaler growth interval (steps)", group=PRECISION, metavar="N")
+    growth_factor: Optional[float] = option(
+        None, help="GradScaler growth factor", group=PRECISION, metavar="X")
+    backoff_factor: Optional[float] = option(
+        None, help="GradScaler backoff factor", group=PRECISION, metavar="X")
+    scaler: Optional[torch.amp.GradScaler] = option(
+        None, help="your own torch.amp.GradScaler to use instead", group=PRECISION,
+        metavar="NAME", notebook="scaler", doc="use your own `torch.amp.GradScaler` instead")
+    accum: int = option(
+        1, help="micro-batches per optimizer step (gradient accumulation; loss divided by it)",
+        group=STEP, metavar="K", tunable=True,
+        doc="gradient accumulation: K micro-batches per optimizer step, loss divided by K")
+    clip: Optional[float] = option(
+        None, help="max gradient norm of the parameters the optimizers step (unscale_ then "
+                   "clip_grad_norm_)", group=STEP, metavar="NORM", tunable=True,
+        doc="`scaler.unscale_` then `clip_grad_norm_` over the parameters the optimizers step "
+            "(all of `model.parameters()` when they cover the model, as in the recipe; only "
+            "those were unscaled), NORM; the norm is recorded. Parameters that require grad but "
+            "are in no optimizer get a note: they cost backward time and memory")
+    log: tuple = option(
+        (), help="other scalars of the body to record, comma-separated", group=STEP,
+        metavar="a,b", parse=lambda text: tuple(n.strip() for n in text.split(",") if n.strip()),
+        legend=False,
+        doc="other scalars of the body to record per step (and to keep in the notebook)")
+    seed: Optional[int] = option(
+        None, help="seed torch, random and numpy before training", group=STEP, metavar="N",
+        doc="seed torch, `random` and numpy before training")
+    move: bool = option(
+        True, help="do not move batch tensors to the model's device", group=STEP,
+        flag="--no-move")
+    compile: bool = option(
+        False, help="train through torch.compile(model), compiled once per model and reused "
+                    "by re-runs; the model itself stays the plain module", group=STEP,
+        doc="train through `torch.compile(model)`: the body's `model(x)` calls go to the "
+            "compiled module, which is compiled once and reused by re-runs of the cell "
+            "(dynamo's cache; torch 2.13 reuses it for a fresh model of the same architecture "
+            "too); the notebook's `model` stays the plain module (while a `--background` run "
+            "trains, calls of it from other cells go through the compiled module too) and "
+            "checkpoints keep its keys. The first step's compile "
+            "time is shown apart (\"compiling...\" while it runs, then \"compiled in 14 s\"), "
+            "booked per step as `compile_s` and left out of steps/s and the ETA; a "
+            "recompilation later in the run (not in its first step, not in validation, where "
+            "compiling anew is expected) raises an alarm naming dynamo's reason (a batch of a "
+            "new shape, a Python number that changes every step) with the fix. With "
+            "`--compare`, a `compile s` column stands beside the steady-state step time. Not "
+            "with `--nproc` yet")
+    compile_mode: Optional[str] = option(
+        None, help="torch.compile mode: default, reduce-overhead, max-autotune, "
+                   "max-autotune-no-cudagraphs (implies --compile)", group=STEP,
+        metavar="MODE",
+        doc="`torch.compile` mode: `default`, `reduce-overhead`, `max-autotune`, "
+            "`max-autotune-no-cudagraphs` (implies `--compile`)")
+    keep_grads: bool = option(
+        False, help="keep the last step's gradients (by default freed when the run ends)",
+        group=STEP,
+        doc="keep the last step's `.grad` tensors; by default a run frees them when it ends "
+            "(as `zero_grad(set_to_none=True)` would): a model's worth of memory, and a later "
+            "hand-written loop that zeroes after stepping would add them into its first update")
+    checkpoint: Optional[str] = option(
+        None, help="save model, optimizer, scaler, scheduler, RNG and history here (atomic)",
+        group=CHECKPOINTS, metavar="PATH", legend=False,
+        doc="save model, optimizers, scaler, scheduler, RNG and history atomically")
+    every: Optional[int] = option(
+        None, help="checkpoint every N optimizer steps (default: at each epoch end)",
+        group=CHECKPOINTS, metavar="N", legend=False,
+        doc="checkpoint every N optimizer steps (default: at each epoch end and at the end)")
+    resume: Optional[str] = option(
+        None, help="continue from a --checkpoint file", group=CHECKPOINTS, metavar="PATH",
+        legend=False,
+        doc="continue from a checkpoint, bit-identical to a run that was never interrupted")
+    nproc: Union[int, str] = option(
+        1, help="train on N processes with DistributedDataParallel (gloo on the CPU, one GPU "
+                "each with NCCL); auto: one per visible GPU (default 1)", group=PROCESSES,
+        metavar="N|auto", parse=lambda text: _processes(text),
+        doc="train on N processes with `DistributedDataParallel` (default 1); `auto` = one "
+            "per visible GPU. See \"Several processes\" below")
+    name: Optional[str] = option(
+        None, help="name of this run (default run1, run2, ...)", group=DISPLAY,
+        metavar="NAME", legend=False,
+        doc="name of the run (default `run1`, `run2`, ...)")
+    refresh_seconds: float = option(
+        0.5, help="seconds between view refreshes (default 0.5)", group=DISPLAY,
+        flag="--refresh", metavar="S", legend=False)
+    diagnose: bool = option(
+        False, help="at the first skipped step or non-finite loss, re-run that batch with hooks "
+                    "and name the module that overflows (costs one sync per step until then)",
+        group=DIAGNOSIS,
+        doc="at the first skipped step or non-finite loss, re-run that batch with hooks and "
+            "name the module that overflows (`run.diagnosis`, and a note); costs one sync per "
+            "step until then")
+    handle_sigint: bool = option(
+        True, help="Ctrl-C stops after the current optimizer step (a second one at once)",
+        group=DISPLAY, flag=None, legend=False)
+    sync_timing: bool = option(
+        False, help="a sync per step on CUDA, for step times (the precision showdown)",
+        group=DIAGNOSIS, flag=None, legend=False, keyword=False)
+    config: Mapping = option(
+        {}, help="extra entries for the run's config", group=DISPLAY, flag=None, legend=False)
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "optimizer", as_optimizers(self.optimizer))
         set_(self, "log", tuple(self.log))
         set_(self, "config", dict(self.config or {}))
-        if self.epochs is None and self.steps is None:
-            set_(self, "epochs", 1)
         if self.compile_mode is not None:
             set_(self, "compile", True)
         self._check_objects()
         self._check_numbers()
         self._check_files()
+
+    @classmethod
+    def from_keywords(cls, caller: str, given: Mapping[str, Any], **fixed: Any) -> TrainOptions:
+        """The options from keyword arguments, an unknown keyword named with its fix."""
+        known = {f.name for f in fields(cls) if f.metadata["option"].keyword}
+        for key in given:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f": did you mean {close[0]}?" if close else ""
+                raise AmpUsageError(f"{caller}() has no option {key!r}{hint} (its options: "
+                                    f"{', '.join(sorted(known))})")
+        return cls(**given, **fixed)
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """Passes over the data: `epochs`, else 1, or unlimited when only `steps` is given."""
+        return 1 if self.epochs is None and self.steps is None else self.epochs
 
     @property
     def optimizers(self) -> tuple:
@@ -95,8 +268,21 @@ class TrainOptions:
         """The GradScaler settings given (not the defaults)."""
         return {k: getattr(self, k) for k in SCALER_KEYS if getattr(self, k) is not None}
 
+    def settings(self) -> dict:
+        """The settings given that say how the run trained (legend options not at their
+        default), as plain values: objects by their type's name."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["option"].legend and value != _default(f) and value is not None:
+                plain = isinstance(value, (bool, int, float, str))
+                out[f.name] = value if plain else type(value).__name__
+        return out
+
     # -- checks ----------------------------------------------------------------------------
     def _check_objects(self):
+        import torch
+
         if not isinstance(self.model, torch.nn.Module):
             raise AmpUsageError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not self.optimizers:
@@ -114,7 +300,7 @@ class TrainOptions:
             if not isinstance(value, Iterable):
                 raise AmpUsageError(f"{label} must be iterable (a DataLoader, a list of "
                                     f"batches...), got {type(value).__name__}")
-            if _length(value) == 0:
+            if data_length(value) == 0:
                 raise AmpUsageError(f"{label} is empty: it has no batches")
         if self.scheduler is not None and not callable(getattr(self.scheduler, "step", None)):
             raise AmpUsageError(f"scheduler must have a step() method (a torch.optim."
@@ -133,6 +319,8 @@ class TrainOptions:
             raise AmpUsageError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(CHOICES)}")
 
     def _check_skip_aware_scheduler(self):
+        import torch
+
         flag = "--skip-aware-scheduler"
         if self.scheduler is None:
             raise AmpUsageError(f"{flag} needs a scheduler: give --scheduler NAME, or drop it")
@@ -145,10 +333,12 @@ class TrainOptions:
                                 "here; build the scheduler on one of the run's optimizers")
 
     def _check_compile(self):
-        if self.compile_mode not in (None, *MODES):
+        from .._torch_compat import compiled_in_place, plain_module
+
+        if self.compile_mode not in (None, *COMPILE_MODES):
             raise AmpUsageError(f"--compile-mode {self.compile_mode!r}: choose one of "
-                                f"{', '.join(MODES)}")
-        if plain_module(self.model) is not self.model:
+                                f"{', '.join(COMPILE_MODES)}")
+        if plain_module(self.model) is not self.model or compiled_in_place(self.model):
             raise AmpUsageError("--compile: the model is already compiled (torch.compile): "
                                 "pass the plain module with --compile, or drop --compile")
         if self.nproc != 1:
@@ -190,20 +380,78 @@ class TrainOptions:
         if self.resume is not None and not os.path.isfile(self.resume):
             raise AmpUsageError(f"--resume {self.resume}: no such checkpoint file")
         if self.checkpoint is not None:
-            path = os.fspath(self.checkpoint)
-            folder = os.path.dirname(os.path.abspath(path)) or "."
-            if os.path.isdir(path):
-                raise AmpUsageError(f"--checkpoint {path} is a folder: give a file in it, e.g. "
-                                    f"--checkpoint {os.path.join(path, 'run.pt')}")
-            # the folder is made at the first save if missing; an existing one must be writable
-            existing = folder
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
-            if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-                raise AmpUsageError(f"--checkpoint {path}: cannot write in {existing}")
+            checked_output_path(self.checkpoint, "--checkpoint", "run.pt")
 
 
-def _length(data) -> int | None:
+def checked_output_path(path: Any, label: str, example: str) -> str:
+    """`path` as a string, where a file can be written: not a folder, and in a folder that
+    exists and is writable or can be made (missing folders are made at the first write)."""
+    path = os.fspath(path)
+
+    def shown(p: str) -> str:  # a flag, or a keyword argument
+        return f"{label} {p}" if label.startswith("-") else f"{label}={p!r}"
+    if os.path.isdir(path):
+        raise AmpUsageError(f"{shown(path)} is a folder: give a file in it, e.g. "
+                            f"{shown(os.path.join(path, example))}")
+    existing = os.path.dirname(os.path.abspath(path)) or "."
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise AmpUsageError(f"{shown(path)}: cannot write in {existing}")
+    return path
+
+
+# -- the options as a table, for the generated parser, keywords and README ---------------------
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as offered: its name (a TrainOptions field, or a magic's own flag), its
+    Option, its default and the type of its values."""
+
+    name: str
+    option: Option
+    default: Any
+    kind: Any  # the value's type: bool, int, float, str, or object for the rest
+
+    @property
+    def flag(self) -> str | None:
+        flag = self.option.flag
+        return None if flag is None else flag or "--" + self.name.replace("_", "-")
+
+
+def option_specs() -> list[OptionSpec]:
+    """Every TrainOptions field with its Option, in declaration order."""
+    return [OptionSpec(f.name, f.metadata["option"], _default(f), _value_type(f.type))
+            for f in fields(TrainOptions)]
+
+
+def tunable_types() -> dict[str, type]:
+    """The engine options a sweep or a search may vary, with their types."""
+    return {d.name: d.kind for d in option_specs() if d.option.tunable}
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _value_type(annotation: str) -> Any:
+    """bool, int, float or str for a field annotated so (Optional[int] too); object for the
+    rest. Read from the annotation as written: no torch import to evaluate it."""
+    plain = re.fullmatch(r"(?:Optional\[)?(bool|int|float|str)\]?", annotation)
+    return {"bool": bool, "int": int, "float": float, "str": str}[plain[1]] if plain else object
+
+
+def _processes(text: str) -> int | str:
+    """--nproc N or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of processes or auto, got {text!r}"
+                                         ) from None
+
+
+def data_length(data) -> int | None:
     """len(data), or None for streams: a DataLoader over an IterableDataset has __len__ but
     raises TypeError from it."""
     try:

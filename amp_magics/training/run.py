@@ -8,113 +8,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-# views/format.py is a leaf of pure string functions: the one views module data may import.
 from ..files import atomic_write
-from ..views.format import (escape, format_bytes, format_duration, format_number,
-                            format_setting, format_value, records_html, summary_table_html)
+from ..formatting import (escape, format_bytes, format_duration, format_number,
+                          format_setting, format_value, summary_table_html)
 
 if TYPE_CHECKING:
     import torch
 
     from ..diagnostics.overflow import Diagnosis
-    from ..views.dashboard import Picture
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 RATE_WINDOW = 50  # steps over which live views measure samples/s and steps/s
 
-_RUNS: list = []
-_RUNS_LOCK = threading.Lock()
-# A process forked while another thread held the lock (a --nproc rank) starts with it free.
-os.register_at_fork(after_in_child=lambda: globals().update(_RUNS_LOCK=threading.Lock()))
-
-
-def runs() -> list[Run]:
-    """Every Run started in this process, oldest first."""
-    with _RUNS_LOCK:
-        return list(_RUNS)
-
-
-def register(run: "Run") -> None:
-    """Add the run to `runs()` under a name no other run of the session has: a taken name
-    gets a number, `first` -> `first2`, `sweep[lr=0.001]` -> `sweep2[lr=0.001]`."""
-    with _RUNS_LOCK:
-        taken = {r.name for r in _RUNS}
-        base, bracket, rest = run.name.partition("[")
-        n = 1
-        while run.name in taken:
-            n += 1
-            run.name = f"{_numbered(base, n)}{bracket}{rest}"
-        _RUNS.append(run)
-
-
-def unique_group(base: str) -> str:
-    """A prefix for a group of runs (a sweep's `sweep[lr=...]`, a showdown's `compare[bf16]`)
-    that no run of the session uses yet: `base`, else `base2`, `base3` ..."""
-    with _RUNS_LOCK:
-        taken = {r.name.partition("[")[0] for r in _RUNS}
-    n, name = 1, base
-    while name in taken:
-        n += 1
-        name = _numbered(base, n)
-    return name
-
-
-def _numbered(base: str, n: int) -> str:
-    return f"{base}-{n}" if re.search(r"\d$", base) else f"{base}{n}"
-
-
-def forget_runs() -> int:
-    """Forget every finished run (running ones stay); return how many were forgotten."""
-    with _RUNS_LOCK:
-        kept = [r for r in _RUNS if not r.done]
-        forgotten = len(_RUNS) - len(kept)
-        _RUNS[:] = kept
-    return forgotten
-
-
-class RunList(list):
-    """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory."""
-
-    def rows(self) -> list[dict]:
-        return [self._row(r, r.summary) for r in self]
-
-    @staticmethod
-    def _row(run, summary) -> dict:
-        return {"run": run.name, "model": run.config.get("model_name", run.model_label),
-                "flags": run.flags_text(), "status": run.status, "steps": len(run.history),
-                "final loss": summary["final_loss"], "time s": run.wall_time,
-                "peak memory": summary["peak_memory"]}
-
-    def _repr_html_(self) -> str:
-        return records_html(self.rows(), f"{len(self)} run{'s' * (len(self) != 1)} this session")
-
-    def __repr__(self) -> str:
-        return "\n".join(repr(r) for r in self) or "no runs yet"
-
-
-def next_name() -> str:
-    with _RUNS_LOCK:
-        taken = {r.name for r in _RUNS}
-    n = len(taken) + 1
-    while f"run{n}" in taken:
-        n += 1
-    return f"run{n}"
-
 
 def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
-
-
-# Flags that say where things are or how to show them, not how the run trained.
-_NOT_SETTINGS = {"model", "optimizer", "data", "output", "name", "resume", "checkpoint", "every",
-                 "refresh", "no_plot", "background", "keep", "sweep", "compare", "log"}
-_FLAG_DEFAULTS = {"accum": 1, "nproc": "1"}  # left out of the flags column
 
 
 class Run:
@@ -180,27 +92,19 @@ class Run:
     # -- what it ran with and how fast -------------------------------------------------
     def settings(self) -> dict:
         """What this run trained with, for legends: the precision it ran (bf16, never "auto"),
-        lr at the start, its length and step options, the other flags given, and a sweep's
-        setting."""
+        lr at the start, its length, the other options given, and a sweep's setting."""
         c = self.config
-        out = {"dtype": self.precision, "lr": c.get("lr")}
-        out.update({k: c.get(k) for k in ("epochs", "steps", "accum", "clip", "seed")})
-        out.update({k: v for k, v in c.get("flags", {}).items()
-                    if k not in _NOT_SETTINGS and k not in out})
-        out.update(c.get("sweep", {}))
+        out = {"dtype": self.precision, "lr": c.get("lr"), "epochs": c.get("epochs"),
+               **c.get("settings", {}), **c.get("sweep", {})}
         out["dtype"] = self.precision
         return {k: v for k, v in out.items() if v is not None}
 
     def flags_text(self) -> str:
-        """The flags given, as run: "dtype=bf16 steps=20" for a `--compare` run (not
-        dtype=auto), a sweep's own setting included; no flags that only place things."""
+        """The options given, as run: "dtype=bf16 steps=20" for a `--compare` run (not
+        dtype=auto), a sweep's own setting included; no options that only place things."""
         c = self.config
-        flags = {k: v for k, v in c.get("flags", {}).items()
-                 if k not in _NOT_SETTINGS and _FLAG_DEFAULTS.get(k, object()) != v}
-        flags.update(c.get("sweep", {}))
-        if "dtype" in flags or c.get("dtype") != self.precision:
-            flags["dtype"] = self.precision
-        return " ".join(f"{k}={format_setting(v)}" for k, v in flags.items())
+        given = {**c.get("settings", {}), **c.get("sweep", {}), "dtype": self.precision}
+        return " ".join(f"{k}={format_setting(v)}" for k, v in given.items())
 
     def rates(self, last: int | None = None) -> tuple[float | None, float | None]:
         """(samples/s, steps/s) from the steps' end times: over the last `last` steps, or over
@@ -325,15 +229,6 @@ class Run:
             return "CUDA allocator peak"
         return "process RSS, highest sample"
 
-    def plot(self, *others: "Run") -> Picture:
-        """A static picture of this run's dashboard, `others` drawn faded underneath
-        (a views.dashboard.Picture, which notebooks display as HTML)."""
-        # The one import from this data module into a view beyond format.py (allowlisted in the
-        # architecture test): lazy, so loading a Run never loads numpy, the charts or widgets.
-        from ..views.dashboard import overlay_picture
-
-        return overlay_picture([self, *others])
-
     def __repr__(self) -> str:
         s = self.summary
         return (f"<Run {self.name!r} {self.status}: {s['steps']} steps, "
@@ -353,12 +248,3 @@ class Run:
         return (f"<p>Run <b>{escape(self.name)}</b> {escape(self.status)}: {s['steps']:,} "
                 f"steps ({s['skipped_steps']} skipped) in {format_duration(s['wall_time'])}, "
                 f"final loss {escape(format_value(s['final_loss']))}.</p>")
-
-    def _ipython_display_(self) -> None:
-        # IPython shows a cell's result once and cannot update it, so a running run (what a
-        # --background cell returns) is displayed with a display_id instead and rewritten when
-        # it ends; a sentence saying it runs must not outlive the run in the saved notebook.
-        # Lazy, as for plot(): only IPython calls this.
-        from ..views.dashboard import display_run
-
-        display_run(self)

@@ -1,10 +1,9 @@
-"""The loss scaler: one persistent GradScaler per optimizer, and every private access to it.
+"""The loss scaler: one persistent GradScaler per optimizer, and what it did at each step.
 
-Recording the scale and the skipped steps without a host-device sync needs two pieces of
-GradScaler's private state: `_scale` (a device tensor) and `_per_optimizer_states[...]
-["found_inf_per_device"]`. They are read here and nowhere else, checked once per process;
-where a torch version lacks them, a warning says so and the slower public path (one sync per
-step through `get_scale()`) keeps the skipped-step record correct.
+Recording the scale and the skipped steps without a host-device sync needs GradScaler's
+private scale tensor and found-inf flags (read through _torch_compat), checked once per
+process; where a torch version keeps them elsewhere, a warning says so and the slower public
+path (one sync per step through `get_scale()`) keeps the skipped-step record correct.
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from .. import _torch_compat as private
 
 # Scalers persist per (first) optimizer, so re-running a cell continues with the learned scale.
 _PERSISTENT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
@@ -87,15 +88,13 @@ class StepReading:
             self.private = _check_private_state(scaler, self.optimizers)
         if self.private:
             # Copy before update(): update() mutates the scale and consumes found_inf.
-            scale = scaler._scale
+            scale = private.scale_tensor(scaler)
             if self.scale_device is None:  # read once: a device object per step costs
                 self.scale_device = scale.device
-            device, states, found = self.scale_device, scaler._per_optimizer_states, []
-            for opt in self.optimizers:
-                state = states.get(id(opt))
-                if state is not None:  # as update() does; keyed by the tensors' devices
-                    for where, t in state["found_inf_per_device"].items():
-                        found.append(t if where == device else t.to(device, non_blocking=True))
+            device, found = self.scale_device, []
+            for opt in self.optimizers:  # as update() does; keyed by the tensors' devices
+                for where, t in private.found_inf(scaler, opt).items():
+                    found.append(t if where == device else t.to(device, non_blocking=True))
             # one tensor is kept as it is (update() leaves it); several are summed first,
             # as update() adds them into the first one in place
             found_inf = found[0] if len(found) == 1 else sum(found) if found else None
@@ -129,21 +128,15 @@ class RealSteps:
         """After scaler.step(optimizer), before scaler.update()."""
         if id(optimizer) not in self.ran:
             return False
-        if not (scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        if not (scaler.is_enabled() and private.skips_on_device(optimizer)):
             return True
-        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-        return not any(t.item() for t in state.get("found_inf_per_device", {}).values())
+        found = (private.found_inf(scaler, optimizer)
+                 if private.keeps_step_state(scaler, [optimizer]) else {})
+        return not any(t.item() for t in found.values())
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def forget_step(scaler: torch.amp.GradScaler | None) -> None:
-    """After an error between unscale_/step and update: let the next step unscale afresh."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is not None:
-        states.clear()
 
 
 def _check_private_state(scaler: torch.amp.GradScaler,
@@ -151,17 +144,9 @@ def _check_private_state(scaler: torch.amp.GradScaler,
     """Called after scaler.step(): is the private state where this torch version keeps it?"""
     global _private_state_ok
     if _private_state_ok is None:
-        _private_state_ok = _keeps_private_state(scaler, optimizers)
+        _private_state_ok = private.keeps_step_state(scaler, optimizers)
         if not _private_state_ok:
             warnings.warn(f"torch {torch.__version__} keeps GradScaler's state differently than "
                           "amp_magics expects: the loss scale is read with get_scale(), one "
                           "host-device sync per step", RuntimeWarning, stacklevel=4)
     return _private_state_ok
-
-
-def _keeps_private_state(scaler: torch.amp.GradScaler,
-                         optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-    states = getattr(scaler, "_per_optimizer_states", None)
-    return (isinstance(getattr(scaler, "_scale", None), torch.Tensor)
-            and isinstance(states, Mapping)
-            and all("found_inf_per_device" in states.get(id(o), {}) for o in optimizers))

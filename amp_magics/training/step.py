@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from .. import _torch_compat as private
 from ..errors import AmpUsageError
 from ..precision import Precision
 from ..tensors import StepFn, batch_only, batch_placer, to_device, unpack_loss
-from .scaler import RealSteps, StepReading, forget_step
+from .scaler import RealSteps, StepReading
 from .telemetry import COMPACT_STEPS, StepRecorder
 
 
@@ -201,7 +202,7 @@ class AmpStep:
         self.micro = 0
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        forget_step(self.scaler)  # a fresh unscale_/step is allowed on the next run
+        private.forget_step(self.scaler)  # a fresh unscale_/step is allowed on the next run
         return was_updating
 
     def _loss_problem(self, out: Any) -> AmpUsageError | None:
@@ -238,12 +239,9 @@ def _hold_back_false_warning(scheduler: Any, optimizers: Sequence[torch.optim.Op
     torch's own flag (no warnings filter: those are process-wide, and runs train in threads),
     and return True. A scheduler of an optimizer not trained here keeps its warning."""
     opt = getattr(scheduler, "optimizer", None)
-    would_warn = (getattr(scheduler, "_step_count", None) == 1
-                  and hasattr(getattr(opt, "step", None), "_wrapped_by_lr_sched")
-                  and not getattr(opt, "_opt_called", False))
-    if not would_warn or not any(opt is o for o in optimizers):
+    if not private.first_schedule_would_warn(scheduler) or not any(opt is o for o in optimizers):
         return False
-    opt._opt_called = True
+    private.mark_optimizer_stepped(opt)
     return True
 
 

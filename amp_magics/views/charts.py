@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .format import (BYTE_UNITS, escape as _e, format_duration, format_number,
+from ..formatting import (BYTE_UNITS, escape as _e, format_duration, format_number,
                      summary_table_html)
 
 if TYPE_CHECKING:
@@ -421,83 +421,123 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
     scales = ("linear", "log2", "log10", "bytes", "rate", "auto")
     if x_scale not in ("linear", "seconds") or y_scale not in scales:
         raise ValueError(f"unknown scale: x_scale={x_scale!r}, y_scale={y_scale!r}")
-    bold_series = [s for s in series if not s.faded]
-    bold = [_floats(s.ys) for s in bold_series]
-    nonfinite = sum(len(ys) - int(np.isfinite(ys).sum()) for ys in bold)
-    if y_scale == "auto":
-        y_scale = _auto_scale(np.concatenate(bold + [np.empty(0)]), ignore_outliers)
+    plot = _Plot(series, _floats(marks), x_scale, y_scale, ignore_outliers, max_points)
+    legend, legend_rows = _legend(plot.legend_entries(marks_label), width)
+    box = _Box(plot, width, height, legend_rows)
+    lines, nonfinite_columns = _lines_svg(plot, box)
+    out = [_frame_svg(title, x_label, plot, box, legend), lines,
+           _marks_svg(plot, box, nonfinite_columns, marks_label, x_label)]
+    if note or not plot.has_data:
+        out.append(f'<text x="{(box.left + box.right) / 2}" y="{(box.top + box.bottom) / 2}" '
+                   f'text-anchor="middle" font-size="{_TITLE_FONT}">'
+                   f'{_e(note or "no data yet")}</text>')
+    out.append("</svg>")
+    return "".join(out)
 
-    def to_axis(values: np.ndarray) -> np.ndarray:
+
+class _Plot:
+    """The series reduced to what is drawn, on the y axis' scale, and the axes they span."""
+
+    def __init__(self, series: Sequence[Series], mark_xs: np.ndarray, x_scale: str,
+                 y_scale: str, ignore_outliers: bool, max_points: int):
+        bold_series = [s for s in series if not s.faded]
+        bold = [_floats(s.ys) for s in bold_series]
+        self.nonfinite = sum(len(ys) - int(np.isfinite(ys).sum()) for ys in bold)
+        if y_scale == "auto":
+            y_scale = _auto_scale(np.concatenate(bold + [np.empty(0)]), ignore_outliers)
+        self.y_scale, self.mark_xs = y_scale, mark_xs
+        reduced = [self._on_axis(s, *downsample(s.xs, ys, max_points))
+                   for s, ys in zip(bold_series, bold)]
+        faded = [s for s in series if s.faded]
+        all_y = _finite([y for *_, y in reduced])
+        if len(all_y):  # the axes follow the bold series; earlier runs are cut to their x range
+            self.x_axis = _x_axis(_finite([x for _, x, _, _ in reduced] + [mark_xs]), x_scale)
+            x_lo, x_hi = self.x_axis[:2]
+            faded_reduced = [self._on_axis(s, *downsample(*_x_window(s.xs, s.ys, x_lo, x_hi),
+                                                           max_points)) for s in faded]
+        else:  # no bold data yet: the earlier runs set the axes
+            faded_reduced = [self._on_axis(s, *downsample(s.xs, s.ys, max_points))
+                             for s in faded]
+            self.x_axis = _x_axis(_finite([x for _, x, _, _ in faded_reduced] + [mark_xs]),
+                                  x_scale)
+            all_y = _finite([y for *_, y in faded_reduced])
+        self.has_data = bool(len(all_y))
+        self.y_axis = _y_axis(all_y, y_scale, ignore_outliers)
+        self.reduced = faded_reduced + reduced  # drawn underneath
+        self.off_scale = self._off_scale(bold) if ignore_outliers else 0
+
+    def to_axis(self, values: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            log = {"log2": np.log2, "log10": np.log10}.get(y_scale)
+            log = {"log2": np.log2, "log10": np.log10}.get(self.y_scale)
             return log(values) if log else values
 
-    def finite(columns: list[np.ndarray]) -> np.ndarray:
-        joined = np.concatenate(columns + [np.empty(0)])
-        return joined[np.isfinite(joined)]
+    def _on_axis(self, s: Series, x: np.ndarray, values: np.ndarray) -> tuple:
+        return s, x, values, self.to_axis(values)
 
-    mark_xs = _floats(marks)
-    reduced = [(s, *downsample(s.xs, ys, max_points)) for s, ys in zip(bold_series, bold)]
-    reduced = [(s, x, values, to_axis(values)) for s, x, values in reduced]
-    all_y = finite([y for *_, y in reduced])
-    faded = [s for s in series if s.faded]
-    if len(all_y):  # the axes follow the bold series; earlier runs are cut to their x range
-        all_x = finite([x for _, x, _, _ in reduced] + [mark_xs])
-        x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x, x_scale)
-        faded_reduced = [(s, *downsample(*_x_window(s.xs, s.ys, x_lo, x_hi), max_points))
-                         for s in faded]
-        faded_reduced = [(s, x, values, to_axis(values)) for s, x, values in faded_reduced]
-    else:  # no bold data yet: the earlier runs set the axes
-        faded_reduced = [(s, *downsample(s.xs, s.ys, max_points)) for s in faded]
-        faded_reduced = [(s, x, values, to_axis(values)) for s, x, values in faded_reduced]
-        all_x = finite([x for _, x, _, _ in faded_reduced] + [mark_xs])
-        all_y = finite([y for *_, y in faded_reduced])
-        x_lo, x_hi, x_ticks, x_tick_labels = _x_axis(all_x, x_scale)
-    y_lo, y_hi, y_ticks, y_tick_labels = _y_axis(all_y, y_scale, ignore_outliers)
-    reduced = faded_reduced + reduced  # drawn underneath
-    off_scale = 0
-    if ignore_outliers:
+    def _off_scale(self, bold: list[np.ndarray]) -> int:
+        """Finite values beyond the y axis (NaN/inf are counted apart, above)."""
+        y_lo, y_hi = self.y_axis[:2]
+        count = 0
         for ys in bold:
             with np.errstate(invalid="ignore"):
-                on_axis = to_axis(ys)
+                on_axis = self.to_axis(ys)
                 outside = (on_axis < y_lo) | (on_axis > y_hi)
-            off_scale += int(np.count_nonzero(outside & np.isfinite(on_axis)))  # NaN/inf: above
+            count += int(np.count_nonzero(outside & np.isfinite(on_axis)))
+        return count
 
-    entries = [(s.label, s.color, s.style) for s, *_ in reduced if s.label and not s.faded]
-    if len(mark_xs):
-        entries.append((f"{marks_label} ({len(mark_xs):,})", ALERT, "mark"))
-    if nonfinite:
-        entries.append((f"NaN/inf ({nonfinite:,})", ALERT, "nonfinite"))
-    if off_scale:
-        entries.append((f"off scale ({off_scale:,})", INK, "off_scale"))
-    legend, legend_rows = _legend(entries, width)
-    if not len(all_y):  # no data: an empty frame, not made-up ticks
-        x_ticks, x_tick_labels, y_ticks, y_tick_labels = [], [], [], []
-    left = 12 + max(map(len, y_tick_labels), default=1) * _FONT * 0.6
-    right = width - 10.0
-    top, bottom = 30 + legend_rows * _LEGEND_ROW + 8, height - 30.0
+    def legend_entries(self, marks_label: str) -> list[tuple[str, str, str]]:
+        entries = [(s.label, s.color, s.style) for s, *_ in self.reduced
+                   if s.label and not s.faded]
+        if len(self.mark_xs):
+            entries.append((f"{marks_label} ({len(self.mark_xs):,})", ALERT, "mark"))
+        if self.nonfinite:
+            entries.append((f"NaN/inf ({self.nonfinite:,})", ALERT, "nonfinite"))
+        if self.off_scale:
+            entries.append((f"off scale ({self.off_scale:,})", INK, "off_scale"))
+        return entries
 
-    def sx(v):
-        return left + (np.asarray(v, float) - x_lo) / (x_hi - x_lo) * (right - left)
 
-    def sy(v):
-        return bottom - (np.asarray(v, float) - y_lo) / (y_hi - y_lo) * (bottom - top)
+class _Box:
+    """Where the plot area lies in the picture, and data -> pixels."""
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}" '
+    def __init__(self, plot: _Plot, width: int, height: int, legend_rows: int):
+        self.width, self.height = width, height
+        self.x_lo, self.x_hi, x_ticks, x_labels = plot.x_axis
+        self.y_lo, self.y_hi, y_ticks, y_labels = plot.y_axis
+        if not plot.has_data:  # no data: an empty frame, not made-up ticks
+            x_ticks, x_labels, y_ticks, y_labels = [], [], [], []
+        self.x_ticks, self.y_ticks = list(zip(x_ticks, x_labels)), list(zip(y_ticks, y_labels))
+        self.left = 12 + max(map(len, y_labels), default=1) * _FONT * 0.6
+        self.right = width - 10.0
+        self.top, self.bottom = 30 + legend_rows * _LEGEND_ROW + 8, height - 30.0
+
+    def sx(self, v):
+        return self.left + (np.asarray(v, float) - self.x_lo) / (self.x_hi - self.x_lo) * (
+            self.right - self.left)
+
+    def sy(self, v):
+        return self.bottom - (np.asarray(v, float) - self.y_lo) / (self.y_hi - self.y_lo) * (
+            self.bottom - self.top)
+
+
+def _frame_svg(title: str, x_label: str, plot: _Plot, box: _Box, legend: list[str]) -> str:
+    """The document's start: title, legend, gridlines, ticks and the axes."""
+    left, right, top, bottom = box.left, box.right, box.top, box.bottom
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{box.width}" height="{box.height}" '
+           f'viewBox="0 0 {box.width} {box.height}" role="img" aria-label="{_e(title)}" '
            f'font-family="system-ui,-apple-system,Segoe UI,Roboto,sans-serif" font-size="{_FONT}" '
            f'fill="{INK}" stroke-linecap="round" '
            f'stroke-linejoin="round"><title>{_e(title)}</title>'
            f'<text x="8" y="17" font-size="{_TITLE_FONT}" font-weight="600">{_e(title)}</text>',
            *legend]
     grid = []
-    for t, label in zip(y_ticks, y_tick_labels):
-        py = float(sy(t))
+    for t, label in box.y_ticks:
+        py = float(box.sy(t))
         grid.append(f"M{left},{py:.1f}H{right}")
         out.append(f'<text class="ytick" x="{left - 5}" y="{py + 3.5:.1f}" text-anchor="end">'
                    f"{_e(label)}</text>")
-    for t, label in zip(x_ticks, x_tick_labels):
-        px = float(sx(t))
+    for t, label in box.x_ticks:
+        px = float(box.sx(t))
         grid.append(f"M{px:.1f},{top}V{bottom}")
         out.append(f'<text class="xtick" x="{px:.1f}" y="{bottom + 14}" text-anchor="middle">'
                    f"{_e(label)}</text>")
@@ -505,20 +545,24 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
                f'fill="none"/><path d="M{left},{top}V{bottom}H{right}" stroke="{INK}" '
                f'fill="none"/>')
     if x_label:
-        out.append(f'<text x="{right}" y="{height - 3}" text-anchor="end">'
+        out.append(f'<text x="{right}" y="{box.height - 3}" text-anchor="end">'
                    f"{_e(x_label)}</text>")
+    return "".join(out)
 
-    # Lines are clipped to the plot (off-scale values and earlier runs beyond the axes run out
-    # of it) by a nested viewport, which needs no id: ids would clash between the many charts
-    # of one notebook.
-    out.append(f'<svg x="{left - 2}" y="{top - 2}" width="{right - left + 4}" '
-               f'height="{bottom - top + 4}" viewBox="{left - 2} {top - 2} {right - left + 4} '
-               f'{bottom - top + 4}" overflow="hidden">')
+
+def _lines_svg(plot: _Plot, box: _Box) -> tuple[str, dict]:
+    """The series, clipped to the plot (off-scale values and earlier runs beyond the axes run
+    out of it) by a nested viewport, which needs no id: ids would clash between the many charts
+    of one notebook. Also returns the pixel columns of the bold series' non-finite values."""
+    left, right, top, bottom = box.left, box.right, box.top, box.bottom
+    out = [f'<svg x="{left - 2}" y="{top - 2}" width="{right - left + 4}" '
+           f'height="{bottom - top + 4}" viewBox="{left - 2} {top - 2} {right - left + 4} '
+           f'{bottom - top + 4}" overflow="hidden">']
     nonfinite_columns = {}  # pixel column -> (x, value, label): one mark per column
-    for s, x, values, y in reduced:
-        px, py = sx(x), sy(y)
+    for s, x, values, y in plot.reduced:
+        px, py = box.sx(x), box.sy(y)
         # far-off points are pulled in to just outside the plot: same look, short numbers
-        py = np.where(np.isfinite(py), np.clip(py, top - height, bottom + height), np.nan)
+        py = np.where(np.isfinite(py), np.clip(py, top - box.height, bottom + box.height), np.nan)
         out.append(f'<path class="series" data-series="{_e(s.label)}" d="{_path_d(px, py)}" '
                    f"{_stroke(s)}><title>{_e(s.label)}</title></path>")
         if s.style == "markers" and len(x) <= 100:
@@ -528,13 +572,17 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         if not s.faded:
             for i in np.flatnonzero(~np.isfinite(y)).tolist():
                 nonfinite_columns.setdefault(round(float(px[i])), (x[i], values[i], s.label))
-
     out.append("</svg>")
+    return "".join(out), nonfinite_columns
 
-    # Above the plot: red triangles at the marks, red ticks at non-finite values.
+
+def _marks_svg(plot: _Plot, box: _Box, nonfinite_columns: dict, marks_label: str,
+               x_label: str) -> str:
+    """Above the plot: red triangles at the marks, red ticks at non-finite values."""
+    top, out = box.top, []
     mark_columns = {}
-    for m in mark_xs[np.isfinite(mark_xs)].tolist():
-        mark_columns.setdefault(round(float(sx(m))), m)
+    for m in plot.mark_xs[np.isfinite(plot.mark_xs)].tolist():
+        mark_columns.setdefault(round(float(box.sx(m))), m)
     for column, m in mark_columns.items():
         out.append(f'<path class="mark" data-x="{m:g}" d="{_triangle(column, top - 1)}" '
                    f'fill="{ALERT}"><title>{_e(marks_label)} {m:g}</title></path>')
@@ -542,11 +590,12 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
         out.append(f'<path class="nonfinite" data-x="{m:g}" d="M{column},{top - 8}V{top + 4}" '
                    f'stroke="{ALERT}" stroke-width="2"><title>{_e(label)} is {value} at '
                    f"{_e(x_label)} {m:g}</title></path>")
-    if note or not len(all_y):
-        out.append(f'<text x="{(left + right) / 2}" y="{(top + bottom) / 2}" text-anchor="middle" '
-                   f'font-size="{_TITLE_FONT}">{_e(note or "no data yet")}</text>')
-    out.append("</svg>")
     return "".join(out)
+
+
+def _finite(columns: list[np.ndarray]) -> np.ndarray:
+    joined = np.concatenate(columns + [np.empty(0)])
+    return joined[np.isfinite(joined)]
 
 
 def svg_image(svg: str, alt: str, width: int = CHART_WIDTH, height: int = CHART_HEIGHT) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
-from .format import format_number, format_setting
+from ..formatting import format_number, format_setting
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..training.run import RATE_WINDOW
 from ..training.view import View
-from .format import format_bytes, format_duration, format_value
+from ..formatting import format_bytes, format_duration, format_value
 
 if TYPE_CHECKING:
     from typing import TextIO

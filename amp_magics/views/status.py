@@ -10,7 +10,7 @@ import textwrap
 import time
 from typing import TYPE_CHECKING
 
-from .format import Html, escape, format_bytes, table_html
+from ..formatting import Html, escape, format_bytes, table_html
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

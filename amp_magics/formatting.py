@@ -1,4 +1,5 @@
-"""Numbers, bytes, durations and HTML tables, formatted one way everywhere.
+"""Numbers, bytes, durations and HTML tables, formatted one way everywhere (and numbers read
+back from flags).
 
 A leaf: pure string functions with no imports from the rest of the package, so data objects
 (Run, memory reports) and every view can share them. Everything placed in HTML is escaped
@@ -6,8 +7,10 @@ unless it is marked as already-built `Html`.
 """
 from __future__ import annotations
 
+import ast
 import html
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -153,3 +156,28 @@ def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
         for k, v in rows)
     return (f'<table class="amp-summary" style="border-collapse:collapse;margin:8px 0 0 0;'
             f'font-size:12px">{cells}</table>')
+
+
+# -- and back: numbers written in flags and specs ------------------------------------------
+_OPERATORS = {ast.Pow: operator.pow, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.Add: operator.add, ast.Sub: operator.sub}
+
+
+def number(text: str) -> float:
+    """A number written as a literal or simple arithmetic: 65536, 2**14, 2.**16, 1e4."""
+    def evaluate(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 1024:
+                raise ValueError("exponent too large")
+            return _OPERATORS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -evaluate(node.operand)
+        raise ValueError(f"not a number: {text!r}")
+
+    try:
+        return evaluate(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ValueError(str(e)) from None

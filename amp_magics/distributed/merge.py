@@ -1,0 +1,63 @@
+"""The ranks' records merged into one history, step by step, in the notebook process."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RecordMerger:
+    """Ranks' records, step by step: once every rank has sent step s, one record with the loss
+    averaged over ranks and the samples summed (the rest as rank 0 saw it)."""
+
+    def __init__(self, world: int, log_names: Sequence[str]):
+        self.world, self.log_names = world, tuple(log_names)
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.val_pending: dict[int, dict[int, dict]] = {}
+        self.done_step = 0
+        self.memory: dict[str, int | None] = {}
+        self.ready: list[dict] = []
+
+    def add(self, rank: int, records: list[dict], val_records: list[dict],
+            memory: dict) -> list[dict]:
+        """Take a rank's new records; return the validation records now complete."""
+        for record in records:
+            self.pending.setdefault(record["step"], {})[rank] = record
+        for record in val_records:
+            self.val_pending.setdefault(record["epoch"], {})[rank] = record
+        for key, value in memory.items():
+            if key not in ("time", "step"):
+                self.memory[f"{key} rank{rank}"] = value
+        while len(self.pending.get(self.done_step, ())) == self.world:
+            self.ready.append(self._merged(self.pending.pop(self.done_step)))
+            self.done_step += 1
+        complete = []
+        for epoch in sorted(e for e, v in self.val_pending.items() if len(v) == self.world):
+            by_rank = self.val_pending.pop(epoch)
+            merged = dict(by_rank[0])
+            merged["val_loss"] = sum(r["val_loss"] for r in by_rank.values()) / self.world
+            complete.append(merged)
+        return complete
+
+    def _merged(self, by_rank: dict[int, dict]) -> dict:
+        merged = dict(by_rank[0])
+        merged["loss"] = sum(r["loss"] for r in by_rank.values()) / self.world
+        merged["samples"] = sum(r["samples"] for r in by_rank.values())
+        for name in self.log_names:
+            values = [r.get(name) for r in by_rank.values()]
+            if all(v is not None for v in values):
+                merged[name] = sum(values) / self.world
+        return merged
+
+    def drain(self) -> list[dict]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def sample_memory(self) -> dict:
+        """Each rank's memory, plus the usual keys: resident memory summed over the ranks (one
+        host), device counters the highest of any rank (one GPU each)."""
+        sample = dict(self.memory)
+        for key in ("allocated", "reserved", "peak", "device_used", "rss"):
+            values = [v for k, v in self.memory.items()
+                      if k.rpartition(" rank")[0] == key and v is not None]
+            if values:
+                sample[key] = sum(values) if key == "rss" else max(values)
+        return sample

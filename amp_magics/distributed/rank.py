@@ -1,0 +1,57 @@
+"""One rank: where it trains, and the options it trains with (its device, DDP, its shard)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._torch_compat import plain_module
+from ..training.checkpoint import read_checkpoint
+from ..training.options import TrainOptions
+from ..training.routing import route_through
+from .sharding import shard
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @classmethod
+    def on(cls, rank: int, world_size: int, local_rank: int, cuda: bool) -> RankContext:
+        """One GPU per rank with NCCL, or the CPU with gloo."""
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        return cls(rank, world_size, local_rank, device, "nccl" if cuda else "gloo")
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, Callable[[], None]]:
+    """The options this rank trains with: the model on its device and called through DDP, the
+    optimizers' state on that device, its shard of the data, checkpoints only on rank 0.
+    Returns them and the function that undoes the routing and frees DDP (call it before the
+    process group is destroyed)."""
+    model = plain_module(options.model)
+    if ctx.cuda:
+        torch.cuda.set_device(ctx.device)
+    model.to(ctx.device)  # parameters keep their identity: the optimizers still hold them
+    for opt in options.optimizers:
+        opt.load_state_dict(opt.state_dict())  # casts the state onto the parameters' device
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    release = route_through(model, ddp)
+    first = ctx.rank == 0
+    # a shuffled shard resumes with the checkpoint's epoch order
+    start_epoch = read_checkpoint(options.resume)["epoch"] if options.resume is not None else 0
+    return dataclasses.replace(
+        options, data=shard(options.data, ctx, start_epoch), nproc=1,
+        val=shard(options.val, ctx) if options.val is not None else None,
+        checkpoint=options.checkpoint if first else None,
+        every=options.every if first else None), release

@@ -1,0 +1,124 @@
+"""The runs of this process, by name: `runs()`, and the background runs still training.
+
+A Run is plain data (run.py); this registry is what a kernel knows of them: each run under a
+unique name, and which runs train in a background thread now (for `%amp_stop`, `%amp_wait`
+and unloading the extension).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import TYPE_CHECKING
+
+from ..formatting import records_html
+
+if TYPE_CHECKING:
+    from .run import Run
+
+_RUNS: list = []
+_RUNS_LOCK = threading.Lock()
+# A process forked while another thread held the lock (a --nproc rank) starts with it free.
+os.register_at_fork(after_in_child=lambda: globals().update(_RUNS_LOCK=threading.Lock()))
+
+
+def runs() -> list["Run"]:
+    """Every Run started in this process, oldest first."""
+    with _RUNS_LOCK:
+        return list(_RUNS)
+
+
+def register(run: "Run") -> None:
+    """Add the run to `runs()` under a name no other run of the session has: a taken name
+    gets a number, `first` -> `first2`, `sweep[lr=0.001]` -> `sweep2[lr=0.001]`."""
+    with _RUNS_LOCK:
+        taken = {r.name for r in _RUNS}
+        base, bracket, rest = run.name.partition("[")
+        n = 1
+        while run.name in taken:
+            n += 1
+            run.name = f"{_numbered(base, n)}{bracket}{rest}"
+        _RUNS.append(run)
+
+
+def unique_group(base: str) -> str:
+    """A prefix for a group of runs (a sweep's `sweep[lr=...]`, a showdown's `compare[bf16]`)
+    that no run of the session uses yet: `base`, else `base2`, `base3` ..."""
+    with _RUNS_LOCK:
+        taken = {r.name.partition("[")[0] for r in _RUNS}
+    n, name = 1, base
+    while name in taken:
+        n += 1
+        name = _numbered(base, n)
+    return name
+
+
+def _numbered(base: str, n: int) -> str:
+    return f"{base}-{n}" if re.search(r"\d$", base) else f"{base}{n}"
+
+
+def forget_runs() -> int:
+    """Forget every finished run (running ones stay); return how many were forgotten."""
+    with _RUNS_LOCK:
+        kept = [r for r in _RUNS if not r.done]
+        forgotten = len(_RUNS) - len(kept)
+        _RUNS[:] = kept
+    return forgotten
+
+
+class RunList(list):
+    """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory."""
+
+    def rows(self) -> list[dict]:
+        return [self._row(r, r.summary) for r in self]
+
+    @staticmethod
+    def _row(run, summary) -> dict:
+        return {"run": run.name, "model": run.config.get("model_name", run.model_label),
+                "flags": run.flags_text(), "status": run.status, "steps": len(run.history),
+                "final loss": summary["final_loss"], "time s": run.wall_time,
+                "peak memory": summary["peak_memory"]}
+
+    def _repr_html_(self) -> str:
+        return records_html(self.rows(), f"{len(self)} run{'s' * (len(self) != 1)} this session")
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(r) for r in self) or "no runs yet"
+
+
+def next_name() -> str:
+    with _RUNS_LOCK:
+        taken = {r.name for r in _RUNS}
+    n = len(taken) + 1
+    while f"run{n}" in taken:
+        n += 1
+    return f"run{n}"
+
+
+# -- background runs ----------------------------------------------------------------------------
+_BACKGROUND: dict = {}  # Run -> the Thread training it
+
+
+def add_background(run: "Run", thread: threading.Thread) -> None:
+    with _RUNS_LOCK:
+        _BACKGROUND[run] = thread
+
+
+def drop_background(run: "Run") -> None:
+    with _RUNS_LOCK:
+        _BACKGROUND.pop(run, None)
+
+
+def background_runs() -> list[tuple["Run", threading.Thread]]:
+    """(run, thread) of every run training in a background thread now."""
+    with _RUNS_LOCK:
+        return list(_BACKGROUND.items())
+
+
+def stop_background_runs(wait: float = 10.0) -> None:
+    """Ask every background run to stop after its step, and wait up to `wait` s for each."""
+    going = background_runs()
+    for run, _ in going:
+        run.request_stop()
+    for _, thread in going:
+        thread.join(wait)

@@ -1,0 +1,139 @@
+"""Grid sweeps: one run per setting, every run from the same starting state.
+
+Every run starts from the same model, optimizer, scheduler, loss-scaler and RNG state (a
+TrainingObjects snapshot), so differences between runs come from the setting alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import AmpUsageError
+from ..formatting import format_setting, records_html
+from ..tensors import StepFn
+from ..training.engine import prepare
+from ..training.objects import TrainingObjects
+from ..training.options import TrainOptions
+from ..training.run import Run
+from ..training.registry import unique_group
+from ..training.view import View
+from .hyperparameters import (ENGINE_KEYS, apply_hyperparameters, check_ratios, engine_options,
+                              parse_value, ratio_notes)
+
+
+def parse_sweep(spec: str, optimizers: Sequence[torch.optim.Optimizer]) -> list[dict]:
+    """"lr=1e-3,1e-2; weight_decay=0,0.01" -> the grid of settings, in order.
+
+    A swept optimizer hyperparameter is set in every param group; groups that differ keep
+    their ratios to the first group (refused where the first group's value is 0)."""
+    axes = {}
+    for part in filter(str.strip, spec.split(";")):
+        key, sep, values = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise AmpUsageError(f"--sweep part {part.strip()!r} is not KEY=V1,V2,...: "
+                                'write e.g. --sweep "lr=1e-4,3e-4,1e-3"')
+        if key in axes:
+            raise AmpUsageError(f"--sweep names {key!r} twice")
+        raw = [v.strip() for v in values.split(",") if v.strip()]
+        if not raw:
+            raise AmpUsageError(f"--sweep {key}= has no values: give at least one, e.g. {key}=0.1")
+        axes[key] = [parse_value("--sweep", key, v, optimizers[0]) for v in raw]
+        if key not in ENGINE_KEYS:
+            check_ratios("--sweep", key, optimizers)
+    if not axes:
+        raise AmpUsageError('--sweep is empty: write e.g. --sweep "lr=1e-4,3e-4,1e-3"')
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())]
+
+
+@dataclass
+class Sweep:
+    settings: list[dict]
+    runs: list[Run] = field(default_factory=list)
+    best: int | None = None  # index into runs
+    criterion: str = "final train loss"
+
+    def rows(self) -> list[dict]:
+        out = []
+        for setting, run in zip(self.settings, self.runs):
+            s = run.summary
+            out.append({**setting, "run": run.name, "status": run.status,
+                        "final loss": s["final_loss"], "best loss": s["best_loss"],
+                        "val loss": s["final_val_loss"], "steps/s": s["steps_per_s"],
+                        "peak memory": s["peak_memory"], "skipped": s["skipped_steps"]})
+        return out
+
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def _repr_html_(self) -> str:
+        return records_html(self.rows(), f"best by {self.criterion} highlighted", self.best)
+
+    def __repr__(self) -> str:
+        best = self.runs[self.best].name if self.best is not None else "-"
+        return f"<Sweep of {len(self.runs)} runs, best {best} by {self.criterion}>"
+
+
+def score(run: Run) -> float:
+    s = run.summary
+    value = s["final_val_loss"] if s["final_val_loss"] is not None else s["final_loss"]
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def setting_label(setting: dict) -> str:
+    return " ".join(f"{k}={format_setting(v)}" for k, v in setting.items())
+
+
+def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: Sequence[View] = (),
+          keep_best: bool = False) -> Sweep:
+    """Train once per setting from the same starting state; return the Sweep.
+
+    The model ends in the starting state, or with `keep_best` in the best run's final state
+    (best by validation loss when `val` is given, else by final train loss). An exception or
+    an interrupt ends the sweep early; the model is restored all the same.
+    """
+    __tracebackhide__ = True
+    objects = TrainingObjects.of(options)
+    name = unique_group(options.name or "sweep")  # a second sweep's runs: sweep2[...]
+    claim = objects.claim(name)
+    start = objects.snapshot()
+    result = Sweep(settings, criterion="validation loss" if options.val is not None
+                   else "final train loss")
+    best = None
+    try:
+        for i, setting in enumerate(settings):
+            start.restore()
+            run = _one_setting(step_fn, setting, options, views, claim, name)
+            result.runs.append(run)
+            if run.status != "finished":
+                break
+            if result.best is None or score(run) < score(result.runs[result.best]):
+                result.best = i
+                if keep_best:
+                    best = objects.snapshot()
+    finally:
+        (best or start).restore()
+        claim.release()
+    return result
+
+
+def _one_setting(step_fn: StepFn, setting: dict, options: TrainOptions, views: Sequence[View],
+                 claim: Any, name: str) -> Run:
+    __tracebackhide__ = True
+    applied = apply_hyperparameters(setting, options.optimizers, options.scheduler)
+    run_options = dataclasses.replace(
+        options, name=f"{name}[{setting_label(setting)}]",
+        config={**options.config, "sweep": setting, "set": applied}, **engine_options(setting))
+    training = prepare(step_fn, run_options, views, claim)
+    training.run.notes += ratio_notes(applied)
+    training.execute()
+    return training.run
