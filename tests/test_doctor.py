@@ -138,33 +138,13 @@ def test_cpu_torch_on_a_gpu_machine_fails_with_a_fix():
     assert check.status == "fail" and "CUDA 12.4 or older" in check.fix
 
 
-def parse_environment_yml(text):
-    """The YAML subset the export writes: top-level keys, `- item` lists, and one nested `- pip:` list."""
-    doc, key = {}, None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if not line.startswith(" "):
-            key, _, value = line.partition(":")
-            doc[key] = value.strip() or []
-        elif line.startswith("  - pip:"):
-            doc[key].append({"pip": []})
-        elif line.startswith("      - "):
-            doc[key][-1]["pip"].append(line[8:])
-        elif line.startswith("  - "):
-            doc[key].append(line[4:])
-        else:
-            raise AssertionError(f"unexpected line {line!r}")
-    return doc
-
-
 def test_export_writes_a_conda_environment(shell, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CONDA_DEFAULT_ENV", "base")  # `conda env create` refuses that name
     path = tmp_path / "environment.yml"
     report = shell.run_line_magic("amp_check", f"--export {path}")
     assert isinstance(report, doctor.Report) and f"Wrote {path}" in capsys.readouterr().out
-    doc = parse_environment_yml(path.read_text())
-    assert doc["name"] == '"amp-magics"'
+    doc = yaml_doc(path.read_text())
+    assert doc["name"] == "amp-magics"
     assert doc["channels"] == ["pytorch", "conda-forge", "defaults"]
     python, pip, nested = doc["dependencies"]
     assert python == f"python={sys.version_info.major}.{sys.version_info.minor}" and pip == "pip"
@@ -185,11 +165,16 @@ def test_amp_check_bad_flags(shell, tmp_path):
 
 
 
-def test_export_is_valid_yaml(tmp_path):
-    yaml = pytest.importorskip("yaml")
+def test_export_is_valid_yaml_and_round_trips(tmp_path):
+    import yaml
+
     path = tmp_path / "environment.yml"
     environment.export_environment(path)
-    env = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    env = yaml.safe_load(text)
+    # written by the YAML library: loading and writing again gives the same document
+    assert yaml.safe_load(yaml.safe_dump(env, sort_keys=False)) == env
+    assert text.split("\n", 2)[2].lstrip("#").strip() and "name:" in text
     assert env["name"] and env["channels"] == ["pytorch", "conda-forge", "defaults"]
     assert env["dependencies"][:2] == [f"python={sys.version_info.major}.{sys.version_info.minor}", "pip"]
     assert f"torch=={torch.__version__}" in env["dependencies"][2]["pip"]
@@ -200,7 +185,8 @@ def pip_pins(text):
 
 
 def yaml_doc(text):
-    yaml = pytest.importorskip("yaml")
+    import yaml
+
     return yaml.safe_load(text)
 
 

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+import yaml
+
 from .. import __version__
 
 if TYPE_CHECKING:
@@ -94,22 +96,16 @@ def _conda_channel(record: dict) -> str:
     return channel
 
 
-def _yaml_item(text: str) -> str:
-    """`text` as a YAML list item: plain where that reads back unchanged, else quoted."""
-    if re.search(r": | #|^[\[\]{}&*!|>'\"%@`,?:]|\s$", text):
-        return json.dumps(text)
-    return text
-
-
-def _pip_lines(dists: dict[str, Distribution]) -> list[str]:
-    """Requirement lines pinning `dists` exactly, torch's build through PyTorch's index."""
-    indexes, lines = [], []
+def _pip_lines(dists: dict[str, Distribution]) -> tuple[list[str], list[str]]:
+    """Requirement lines pinning `dists` exactly, torch's build through PyTorch's index, and
+    notes on the pins a reader should know about."""
+    indexes, lines, notes = [], [], []
     for key, dist in sorted(dists.items()):
         name, version = dist.metadata["Name"], dist.version
         public, _, local = version.partition("+")
         if key == "amp-magics":
             if _editable(dist) or _from_clone():
-                lines.append(f"# {name} runs from a clone here: to rebuild from the clone, "
+                notes.append(f"# {name} runs from a clone here: to rebuild from the clone, "
                              "`pip install -e .` there instead of this pin")
             lines.append(f"{name}=={version or __version__}")
             continue
@@ -119,10 +115,10 @@ def _pip_lines(dists: dict[str, Distribution]) -> list[str]:
             lines.append(f"{name} @ {vcs.get('vcs', 'git')}+{origin['url']}@{vcs['commit_id']}")
             continue
         if origin and _editable(dist):
-            lines.append(f"# {name} is installed editable from a local directory here: the pin "
+            notes.append(f"# {name} is installed editable from a local directory here: the pin "
                          "takes the release")
         elif origin and str(origin.get("url", "")).startswith("file:"):
-            lines.append(f"# {name} is installed from a local file here: the pin takes the release")
+            notes.append(f"# {name} is installed from a local file here: the pin takes the release")
         if local and BUILD_TAG.fullmatch(local):
             # torch 2.4.0+cu121 and its companions live on PyTorch's own index, named by the
             # tag. `torch==2.4.0` would also take the +cu121 build from there (a local version
@@ -131,11 +127,11 @@ def _pip_lines(dists: dict[str, Distribution]) -> list[str]:
             if index not in indexes:
                 indexes.append(index)
         elif local:
-            lines.append(f"# {name} {version} is a local build: the pin drops its local tag "
+            notes.append(f"# {name} {version} is a local build: the pin drops its local tag "
                          f"(+{local}), which no index has")
             version = public
         lines.append(f"{name}=={version}")
-    return indexes + lines
+    return indexes + lines, notes
 
 
 def _direct_url(dist: Distribution) -> dict | None:
@@ -186,23 +182,16 @@ def environment_yml() -> str:
         owned = set()
         conda = [f"python={sys.version_info.major}.{sys.version_info.minor}", "pip"]
         channels = _DEFAULT_CHANNELS
-    pip = _pip_lines({k: d for k, d in dists.items() if k not in owned})
-    pinned = sum(not p.startswith(('#', '-')) for p in pip)
+    pip, notes = _pip_lines({k: d for k, d in dists.items() if k not in owned})
+    pinned = sum(not p.startswith("-") for p in pip)
     kind = f"conda environment ({len(records)} conda packages" if records else "Python environment ("
-    lines = [
+    header = [
         f"# Written by amp_magics on {time.strftime('%Y-%m-%d')} from a {kind}"
         f"{', ' if records else ''}{pinned} pip packages, Python {platform.python_version()}).",
-        "# Rebuild with: conda env create -f <this file>",
-        f"name: {json.dumps(name)}",
-        "channels:",
-        *(f"  - {_yaml_item(c)}" for c in channels),
-        "dependencies:",
-        *(f"  - {_yaml_item(c)}" for c in conda),
-    ]
-    if pip:
-        lines += ["  - pip:", *(f"      {p}" if p.startswith("#") else f"      - {_yaml_item(p)}"
-                                for p in pip)]
-    return "\n".join(lines) + "\n"
+        "# Rebuild with: conda env create -f <this file>", *notes]
+    document = {"name": name, "channels": channels,
+                "dependencies": conda + ([{"pip": pip}] if pip else [])}
+    return "\n".join(header) + "\n" + yaml.safe_dump(document, sort_keys=False, width=1000)
 
 
 def export_environment(path: str | os.PathLike) -> str:
