@@ -1,0 +1,148 @@
+"""TrainingObjects: one claim, one state_dict, one exact snapshot of what training changes."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amp_magics.ownership import Owned
+from amp_magics.training import scaler as scalers
+from amp_magics.training.objects import TrainingObjects, order_generators
+from recipes import assert_same_state, plain
+
+
+def make_objects(user_scaler=False):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(16, 3))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                             {"params": model[3].parameters(), "lr": 1e-2}])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if user_scaler else None
+    return TrainingObjects(model, (opt,), scheduler, scaler)
+
+
+def loader(seed=3):
+    dataset = torch.utils.data.TensorDataset(torch.randn(40, 8), torch.randint(0, 3, (40,)))
+    return torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def train_a_little(objects, data, scaler=None):
+    """What a finder or a sweep trial does to the objects (and the generators)."""
+    model, (opt,), scheduler = objects.model, objects.optimizers, objects.scheduler
+    scaler = scaler or objects.scaler
+    model.train()
+    for x, y in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scheduler.step()
+    random.random(), np.random.rand()
+
+
+def everything(objects, data):
+    """All of the state a snapshot must restore, as comparable values."""
+    model, (opt,) = objects.model, objects.optimizers
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "modes": [m.training for m in model.modules()],
+            "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            "opt": opt.state_dict(), "scheduler": objects.scheduler.state_dict(),
+            "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+            "order": [g.get_state() for g in order_generators(data)],
+            "scaler": (objects.scaler.state_dict() if objects.scaler is not None else
+                       scalers.scaler_for(opt) and scalers.scaler_for(opt).state_dict())}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("state", "opt", "scheduler"):
+            assert_same_state(a[key], b[key])
+        elif key == "grads":
+            assert [g is None for g in a[key]] == [g is None for g in b[key]]
+            assert all(torch.equal(x, y) for x, y in zip(a[key], b[key]) if x is not None)
+        elif key == "rng":
+            assert torch.equal(a[key][0], b[key][0]) and a[key][1] == b[key][1]
+            assert np.array_equal(a[key][2], b[key][2])
+        elif key == "order":
+            assert all(torch.equal(x, y) for x, y in zip(a[key], b[key]))
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("user_scaler", [False, True])
+def test_restore_puts_back_everything_training_changed(user_scaler):
+    objects, data = make_objects(user_scaler), loader()
+    objects.model.eval()  # a mode that training changes
+    objects.model[0].weight.grad = torch.ones_like(objects.model[0].weight)  # one grad, rest None
+    before = everything(objects, data)
+    snapshot = objects.snapshot(data)
+    scaler = objects.scaler or scalers.persistent_scaler(objects.optimizers[0], "cpu", {})
+    train_a_little(objects, data, scaler)
+    snapshot.restore()
+    assert_same(everything(objects, data), before)
+    assert scalers.scaler_for(objects.optimizers[0]) is None  # the detour's scaler is forgotten
+    # restored twice, from the same copy: a second trial starts from the same state again
+    train_a_little(objects, data, scaler)
+    snapshot.restore()
+    assert_same(everything(objects, data), before)
+
+
+def test_training_after_a_restore_equals_training_without_the_detour():
+    """The next epoch's order, dropout and the weights come out as if nothing had run."""
+    reference, ref_data = make_objects(), loader()
+    scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(7)
+    train_a_little(reference, ref_data, scaler)
+
+    objects, data = make_objects(), loader()
+    torch.manual_seed(7)
+    snapshot = objects.snapshot(data)
+    train_a_little(objects, data, torch.amp.GradScaler("cpu", init_scale=4.0))  # a detour
+    snapshot.restore()
+    train_a_little(objects, data, torch.amp.GradScaler("cpu"))
+    assert_same_state(objects.model.state_dict(), reference.model.state_dict())
+    assert_same_state(objects.optimizers[0].state_dict(), reference.optimizers[0].state_dict())
+
+
+def test_state_dict_round_trips_into_fresh_objects():
+    objects = make_objects(user_scaler=True)
+    train_a_little(objects, loader())
+    state = objects.state_dict()
+    fresh = make_objects(user_scaler=True)
+    fresh.load_state_dict(state)
+    assert_same_state(fresh.model.state_dict(), objects.model.state_dict())
+    assert_same_state(fresh.optimizers[0].state_dict(), objects.optimizers[0].state_dict())
+    assert fresh.scheduler.state_dict() == objects.scheduler.state_dict()
+    assert fresh.scaler.state_dict() == objects.scaler.state_dict()
+    with pytest.raises(ValueError, match="holds 1 optimizer"):
+        TrainingObjects(fresh.model, (*fresh.optimizers, fresh.optimizers[0])).load_state_dict(
+            state)
+
+
+def test_claim_covers_the_model_its_parameters_and_the_rest():
+    objects = make_objects(user_scaler=True)
+    claim = objects.claim("first")
+    try:
+        for other in (TrainingObjects(objects.model[0], ()),  # a submodule: its parameters
+                      TrainingObjects(torch.nn.Linear(1, 1), objects.optimizers),
+                      TrainingObjects(torch.nn.Linear(1, 1), (), scaler=objects.scaler)):
+            with pytest.raises(Owned, match="first"):
+                other.claim("second")
+    finally:
+        claim.release()
+    objects.claim("again").release()
+
+
+def test_order_generators_finds_each_once():
+    shared = torch.Generator()
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 1))
+    sampler = torch.utils.data.RandomSampler(dataset, generator=shared)
+    data = torch.utils.data.DataLoader(dataset, sampler=sampler, generator=shared)
+    assert order_generators(data) == [shared]
+    assert order_generators([1, 2]) == [] and order_generators(None) == []
