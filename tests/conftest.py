@@ -19,6 +19,17 @@ else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def _young_heap():
+    """After each test, what survives is moved out of the garbage collector's reach
+    (gc.freeze). Else every collection, ours and the automatic ones during training, walks
+    the whole heap of a long session (torch, IPython, transformers, dynamo: over a million
+    objects), which took more of the suite's time than the tests themselves."""
+    yield
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture
 def ip():
     """A real IPython shell with the extension loaded; `ip.run(src)` re-raises cell errors."""
@@ -38,4 +49,3 @@ def ip():
     shell.run_line_magic("unload_ext", "amp_magics")
     shell.reset(new_session=False)
     InteractiveShell.clear_instance()
-    gc.collect()
