@@ -16,19 +16,21 @@ to docs/dashboard.png, the picture in the README, so a plain test run leaves the
 untouched) and of the untrusted dark reopen (tmp folder).
 
 Needs Debian's Chromium at /usr/bin/chromium plus the `playwright` and `jupyterlab` packages
-(the `test` extra); the test skips only when one of those is missing. Playwright's own browser
-download is not used. Every process started here (the lab server and its kernels, the browser)
+(the `test` extra); it skips only when one of those is missing, and fails instead where
+AMP_MAGICS_BROWSER=required (CI). Playwright's own browser download is not used. Each
+scenario is its own test, in order, on one lab and one page: a failing one names itself, and
+the ones that need it are skipped with its name. Every process started here (the lab server and its kernels, the browser)
 is stopped by its handle, pass or fail.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -101,12 +103,6 @@ def _missing() -> str | None:
 
 # --- the lab server ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Lab:
     """A JupyterLab server on 127.0.0.1 with its own config, data, runtime, settings and
     workspace directories, serving `root`."""
@@ -143,27 +139,28 @@ class Lab:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, attempts: int = 3):
-        for _ in range(attempts):
-            self.port = _free_port()
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={self.port}",
-                 "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
-                 f"--IdentityProvider.token={self.token}", "--allow-root",
-                 f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=",
-                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-            log.close()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    self.api("GET", "/api")
-                    return
-                except (OSError, urllib.error.URLError):
-                    time.sleep(0.2)
-            self.stop()  # the port was taken meanwhile, or the server hung: try another
+    def start(self):
+        """Start the server on a port it picks itself (port 0) and read which from its
+        runtime file: no port is chosen here that another program could take meanwhile."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--port=0",
+             "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
+             f"--IdentityProvider.token={self.token}", "--allow-root",
+             f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        runtime = Path(self.env["JUPYTER_RUNTIME_DIR"]) / f"jpserver-{self.proc.pid}.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                self.port = json.loads(runtime.read_text())["port"]
+                self.api("GET", "/api")
+                return
+            except (OSError, ValueError, KeyError, urllib.error.URLError):
+                time.sleep(0.2)
         raise AssertionError(f"JupyterLab did not start:\n{self.log_tail()}")
 
     def api(self, method: str, path: str, body: dict | None = None, timeout: float = 10):
@@ -342,20 +339,52 @@ FADED_MIN_CONTRAST = 2.0
 BOLD_MIN_CONTRAST = 3.0
 
 
-# --- the test ----------------------------------------------------------------------------------
+# --- the journey: one lab, one browser page, one notebook, scenario after scenario --------------
 
-def test_dashboard_in_jupyterlab_live_stopped_narrow_and_shared_untrusted_in_the_dark(tmp_path):
+class Journey:
+    """What the scenarios share: the lab, the page, the notebook's cells, what each scenario
+    read, and which scenarios passed (a scenario needs the ones before it)."""
+
+    def __init__(self, lab: Lab, page, session: dict, folder: Path, clock: Clock):
+        self.lab, self.page, self.session, self.folder, self.clock = (lab, page, session,
+                                                                      folder, clock)
+        self.passed: list[str] = []
+        self.cells = self.train = None
+        self.first = self.second = None
+
+    @contextlib.contextmanager
+    def scenario(self, name: str, needs: str | None = None):
+        """Run one scenario; on failure keep a screenshot and the server's log."""
+        if needs is not None and needs not in self.passed:
+            pytest.skip(f"needs the scenario {needs!r}, which did not pass")
+        try:
+            yield
+        except BaseException:
+            failure = self.folder / f"failure_{name}.png"
+            with contextlib.suppress(Exception):  # the original error matters more
+                self.page.screenshot(path=str(failure), full_page=True)
+                print(f"screenshot of the failure: {failure}")
+            print(f"lab server log:\n{self.lab.log_tail()}")
+            raise
+        self.passed.append(name)
+        self.clock.mark(name)
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory):
     reason = _missing()
+    if reason and os.environ.get("AMP_MAGICS_BROWSER") == "required":  # CI: never skip
+        pytest.fail(f"the browser test is required here and cannot run: {reason}")
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
+    folder = tmp_path_factory.mktemp("browser")
     clock = Clock()
-    root = tmp_path / "notebooks"
+    root = folder / "notebooks"
     root.mkdir()
     _write_notebook(root / NOTEBOOK)
-    lab = Lab(root, tmp_path / "jupyter")
-    failure_png = tmp_path / "failure.png"
+    lab = Lab(root, folder / "jupyter")
     try:
         lab.start()
         session = lab.start_kernel_session(NOTEBOOK)
@@ -364,26 +393,49 @@ def test_dashboard_in_jupyterlab_live_stopped_narrow_and_shared_untrusted_in_the
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport=VIEWPORT)
-                try:
-                    screenshot = (README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT")
-                                  else tmp_path / "dashboard.png")
-                    _drive(page, lab, session, clock, screenshot)
-                    _reopen_shared(page, lab, root, clock, tmp_path / "shared_dark.png")
-                except BaseException:
-                    try:
-                        page.screenshot(path=str(failure_png), full_page=True)
-                        print(f"screenshot of the failure: {failure_png}")
-                    except Exception:  # noqa: BLE001 - the original error matters more
-                        pass
-                    print(f"lab server log:\n{lab.log_tail()}")
-                    raise
+                yield Journey(lab, browser.new_page(viewport=VIEWPORT), session, folder, clock)
             finally:
                 browser.close()
     finally:
         lab.stop()
         clock.mark("stopped")
         print(clock)
+
+
+def test_sweeps_keep_their_height_and_every_run_is_listed(journey):
+    with journey.scenario("sweeps"):
+        _open_and_run(journey)
+        _check_sweeps(journey)
+
+
+def test_the_live_dashboard_grows_with_skips_marked_and_earlier_runs_faded(journey):
+    with journey.scenario("live", needs="sweeps"):
+        _check_live(journey)
+
+
+def test_nothing_is_cut_off_at_370px_while_live(journey):
+    with journey.scenario("narrow live", needs="live"):
+        _assert_nothing_cut_off(journey.page, "live")
+
+
+def test_stop_leaves_a_static_snapshot_and_the_notice_says_how_it_ended(journey):
+    with journey.scenario("stopped", needs="live"):
+        _check_stopped(journey)
+
+
+def test_the_snapshot_fits_at_370px_and_is_saved(journey):
+    with journey.scenario("saved", needs="stopped"):
+        _assert_nothing_cut_off(journey.page, "snapshot")
+        screenshot = (README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT")
+                      else journey.folder / "dashboard.png")
+        _screenshot(journey.page, journey.cells, journey.train, screenshot)
+        _save(journey.page, journey.lab)
+
+
+def test_shared_untrusted_in_the_dark(journey):
+    with journey.scenario("shared", needs="saved"):
+        _reopen_shared(journey.page, journey.lab, journey.lab.root, journey.clock,
+                       journey.folder / "shared_dark.png")
 
 
 class Clock:
@@ -484,31 +536,33 @@ WATCH_HEIGHTS = """(cells) => {
 }"""
 
 
-def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
+def _open_and_run(journey: Journey):
     from playwright.sync_api import expect
 
+    page, lab = journey.page, journey.lab
     tracker = lab.api("GET", "/lab/api/settings/@jupyterlab/notebook-extension:tracker")
     assert tracker["settings"]["windowingMode"] == "none", tracker["settings"]
     page.set_default_timeout(30_000)
-    _open_notebook(page, lab, session)
+    _open_notebook(page, lab, journey.session)
     _close_left_sidebar(page)
-    cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+    cells = journey.cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     expect(cells).to_have_count(len(CELLS))
-    train = cells.nth(TRAIN_CELL)
+    journey.train = cells.nth(TRAIN_CELL)
     page.evaluate(WATCH_HEIGHTS, [cells.nth(i).element_handle() for i in SWEEP_CELLS])
-    clock.mark("notebook open, kernel idle")
+    journey.clock.mark("notebook open, kernel idle")
+    _run_all(page, lab, cells, journey.train)
 
-    _run_all(page, lab, cells, train)
-    clock.mark("sweeps ran, dashboard shown")
 
-    # The sweeps: the cell kept its height from one run to the next (no summary table between
-    # runs, a one-line legend): each size it took was recorded, and without an alarm (the
-    # diverged run's adds its box) they differ by at most a line.
+def _check_sweeps(journey: Journey):
+    """The sweep cells kept their height from one run to the next (no summary table between
+    runs, a one-line legend): each size it took was recorded, and without an alarm (the
+    diverged run's adds its box) they differ by at most a line. `%amp_runs` lists four sweep
+    runs, every one under its own name."""
+    page, cells = journey.page, journey.cells
     heights = page.evaluate("() => window.__ampHeights")
     for samples in heights:
         calm = [s["height"] for s in samples if s["alarms"] == 0]
         assert calm and max(calm) - min(calm) <= 24, samples
-    # %amp_runs: four sweep runs, every one under its own name.
     table = cells.nth(RUNS_CELL).locator(".jp-OutputArea-output table").inner_text()
     names = re.findall(r"(sweep\d*\[lr=[\d.]+\])", table)
     assert names == ["sweep[lr=0.05]", "sweep[lr=30]", "sweep2[lr=0.05]", "sweep2[lr=30]"], table
@@ -519,28 +573,28 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     assert largest > 1e6  # one setting diverged
     assert cells.nth(CONTROL_CELL).locator(".amp-control svg").count() == 1  # trusted: kept
 
-    # The live view: widgets, the Stop button, and charts drawn from the first refreshes.
-    stop = train.locator(".jp-OutputArea-output .widget-button", has_text="Stop")
-    stop.wait_for()
+
+def _check_live(journey: Journey):
+    """The live view: widgets, the Stop button, and charts drawn from the first refreshes;
+    it grows while the cell that started the run has long returned."""
+    page, train = journey.page, journey.train
+    train.locator(".jp-OutputArea-output .widget-button", has_text="Stop").wait_for()
     page.wait_for_function(f"(cell) => ({READ_DASHBOARD})(cell)?.loss_d?.length > 0",
                            arg=train.element_handle())
-    first = train.evaluate(READ_DASHBOARD)
+    first = journey.first = train.evaluate(READ_DASHBOARD)
     assert first["widgets"] > 0 and first["summary"] is None
     assert first["fraction"] is not None and 0 <= first["fraction"] < 1
     step1 = _step(first)
     assert _points(first["loss_d"]) >= 2, first["loss_d"]
     assert "started at" in first["area_text"]  # the cell's notice, while it runs
-
-    # It grows, while the cell that started the run has long returned: more steps, more points.
     page.wait_for_timeout(1500)
     page.wait_for_function(
         f"([cell, step]) => {{ const s = ({READ_DASHBOARD})(cell);"
         r" const m = s && s.text.match(/step ([\d,]+)/);"
         " return m && parseInt(m[1].replace(/,/g, '')) > step; }",
         arg=[train.element_handle(), step1], timeout=15_000)
-    second = train.evaluate(READ_DASHBOARD)
-    step2 = _step(second)
-    assert step2 > step1
+    second = journey.second = train.evaluate(READ_DASHBOARD)
+    assert _step(second) > step1
     assert second["loss_d"] != first["loss_d"]
     assert _points(second["loss_d"]) > _points(first["loss_d"]), (first["loss_d"], second["loss_d"])
     assert second["smoothed_d"] and _points(second["smoothed_d"]) >= 2
@@ -553,21 +607,18 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     earlier = [s for s in second["loss_series"] if s.startswith("sweep")]
     assert len(earlier) >= 4, second["loss_series"]
     _assert_axes_follow_the_current_run(second)
-    clock.mark(f"grew from step {step1} to {step2}")
 
-    # Narrow, live: nothing cut off.
-    _assert_nothing_cut_off(page, "live")
 
+def _check_stopped(journey: Journey):
+    """Stop: the run ends and a static snapshot replaces the widgets (no Stop button left);
+    the notice the cell returned says how the run ended."""
+    page, train, second = journey.page, journey.train, journey.second
     # A fuller picture for the README: up to ~100 steps, if they come within a few seconds.
-    try:
+    with contextlib.suppress(Exception):  # only the picture is poorer
         page.wait_for_function(
             f"(cell) => /step (\\d{{3,}}|[\\d,]{{4,}})/.test(({READ_DASHBOARD})(cell).text)",
             arg=train.element_handle(), timeout=4_000)
-    except Exception:  # noqa: BLE001 - only the picture is poorer
-        pass
-
-    # Stop: the run ends and a static snapshot replaces the widgets (no Stop button left).
-    stop.click()
+    train.locator(".jp-OutputArea-output .widget-button", has_text="Stop").click()
     train.locator(".jp-OutputArea-output table.amp-summary").wait_for(timeout=30_000)
     page.wait_for_function(
         "(cell) => cell.querySelectorAll('.jp-OutputArea .jupyter-widgets').length === 0"
@@ -580,11 +631,10 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     assert final["buttons"] == []
     assert final["images"] == 3 and final["inline_svgs"] == 0  # what the saved notebook keeps
     steps_done = int(final["summary"]["steps"].split()[0])
-    assert steps_done >= step2
+    assert steps_done >= _step(second)
     assert _step(final) == steps_done
     assert _points(final["loss_d"]) >= _points(second["loss_d"])
     _assert_axes_follow_the_current_run(final)
-    # The notice the cell returned now says how the run ended, in words and in text/plain.
     assert re.search(rf"Run run\d+ interrupted: {steps_done:,} steps", final["area_text"]), \
         final["area_text"][-400:]
     assert "Stop it with" not in final["area_text"]
@@ -593,13 +643,6 @@ def _drive(page, lab: Lab, session: dict, clock: Clock, screenshot: Path):
     assert final["summary"]["throughput (mean over the run)"] == \
         f"{header[0]} samples/s, {header[1]} steps/s"
     assert page.locator(".jp-Dialog").count() == 0
-    clock.mark(f"stopped at step {steps_done}, snapshot shown")
-
-    _assert_nothing_cut_off(page, "snapshot")
-    _screenshot(page, cells, train, screenshot)
-    clock.mark("narrow checks, screenshot")
-    _save(page, lab)
-    clock.mark("saved")
 
 
 def _assert_axes_follow_the_current_run(state: dict):

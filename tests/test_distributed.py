@@ -20,16 +20,11 @@ BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port():
-    from amp_magics.distributed.launcher import free_port
-    return free_port()
-
-
-def _reference_rank(rank, port, dtype, data, epochs, path, loader_args):
-    """The hand-written DDP AMP loop, one rank: the same fork, gloo, DDP with defaults."""
+def _reference_rank(rank, meeting, dtype, data, epochs, path, loader_args):
+    """The hand-written DDP AMP loop, one rank: the same fork, gloo, DDP with defaults (met
+    through a file: no port to pick)."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{meeting}", rank=rank, world_size=2)
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -54,7 +49,8 @@ def _reference_rank(rank, port, dtype, data, epochs, path, loader_args):
 
 def reference(tmp_path, dtype, data=None, epochs=1, loader_args=None):
     path = str(tmp_path / "reference.pt")
-    start_processes(_reference_rank, args=(_free_port(), dtype, data, epochs, path, loader_args),
+    start_processes(_reference_rank, args=(tmp_path / "meeting", dtype, data, epochs, path,
+                                           loader_args),
                     nprocs=2, start_method="fork")
     return torch.load(path, weights_only=False)
 
@@ -208,8 +204,7 @@ def test_routing_lets_ddp_go_before_the_group_is_destroyed():
     import weakref
 
     from amp_magics.training.routing import route_through
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     gc.disable()
     try:
         model = make_model()

@@ -15,7 +15,6 @@ import datetime
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -110,10 +109,12 @@ def check_fork_safe(options: TrainOptions, world: int) -> None:
         raise AmpUsageError(f"--nproc must be a positive number of processes, got {world}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(world: int) -> dist.TCPStore:
+    """The ranks' meeting point: a store this process serves on a port the system picked
+    (port 0) and holds, so no other program can take the port between choosing and use."""
+    return dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
+                         timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT),
+                         wait_for_workers=False)
 
 
 # -- one forked rank (runs in the child process) ------------------------------------------------
@@ -160,8 +161,11 @@ def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, re
     claim.step_lock = threading.RLock()  # the parent's may have been held by another thread
     ctx = RankContext.on(rank, world, rank, device_type == "cuda")
     with _rank_process(rank, world, port, channel):
-        dist.init_process_group(ctx.backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT))
+        timeout = datetime.timedelta(seconds=STARTUP_TIMEOUT)
+        store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(ctx.backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
         training, release = None, None
         try:
             rank_options, release = setup_rank(options, ctx)
@@ -226,8 +230,9 @@ class DistributedTraining:
         fd, state_path = tempfile.mkstemp(prefix=".amp_nproc_", suffix=".pt")
         os.close(fd)
         os.unlink(state_path)  # rank 0 writes it only when it has a consistent state
+        store = rendezvous(self.world)  # held until the ranks have ended
         processes = torch.multiprocessing.start_processes(
-            _worker, args=(self.world, free_port(), self.device_type, channel, requested,
+            _worker, args=(self.world, store.port, self.device_type, channel, requested,
                            stop_at, state_path, self.step_fn, self.options, self.claim),
             nprocs=self.world, join=False, start_method="fork")
         try:
@@ -239,6 +244,7 @@ class DistributedTraining:
                 p.join()
             self._receive(channel)
             channel.close()
+            del store
         if status == "finished" and self.run.stop_requested:
             status = "interrupted"
         self._load_state(state_path)
