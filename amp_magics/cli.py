@@ -23,16 +23,19 @@ def _indices(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="amp-magics", description="GPU status and AMP environment checks, as in the notebook magics.")
+        prog="amp-magics", description="GPU status and AMP environment checks, as in the notebook magics.",
+        allow_abbrev=False)  # a typo is an error, never another flag's prefix
     commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="GPUs, processes, memory and the dtype advice")
+    status = commands.add_parser("status", help="GPUs, processes, memory and the dtype advice",
+                                 allow_abbrev=False)
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="S",
                         help="redraw every S seconds (default 1) until Ctrl-C; with --json, "
                              "one JSON object per line")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("-i", "--index", type=_indices, metavar="0,2",
                         help="only these GPUs, numbered as nvidia-smi numbers them")
-    check = commands.add_parser("check", help="check torch, CUDA, the driver and AMP itself")
+    check = commands.add_parser("check", help="check torch, CUDA, the driver and AMP itself",
+                                allow_abbrev=False)
     check.add_argument("--export", metavar="PATH", help="also write a conda environment file")
     return parser
 

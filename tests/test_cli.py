@@ -47,6 +47,8 @@ def test_status_json_and_selection(monkeypatch, capsys):
     (["status", "--watch", "0"], "--watch needs a positive number"),
     (["bogus"], "invalid choice"),
     ([], "required"),
+    (["status", "--js"], "unrecognized arguments: --js"),  # never a prefix of --json
+    (["check", "--exp", "x.yml"], "unrecognized arguments: --exp"),
 ])
 def test_bad_arguments_exit_2_with_a_message(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(gpu, "_nvml_state", (FakeNvml([h100(uuid=f"GPU-{i}") for i in range(8)]), None))

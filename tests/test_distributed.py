@@ -56,8 +56,8 @@ def reference(tmp_path, dtype, data=None, epochs=1, loader_args=None):
 
 
 def no_children_left():
-    deadline = time.time() + 10
-    while multiprocessing.active_children() and time.time() < deadline:
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.05)
     return not multiprocessing.active_children()
 
@@ -102,8 +102,8 @@ def test_stop_from_the_notebook_stops_every_rank_together(nb):
     nb.user_ns["train_loader"] = make_data(n=8)
     run = nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 100000 --background -o run\n"
                  f"time.sleep(0.005)\n{BODY}")
-    deadline = time.time() + 60
-    while len(run.history) < 5 and time.time() < deadline:
+    deadline = time.monotonic() + 60
+    while len(run.history) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     nb.run("%amp_stop --wait 60")
     assert run.status == "interrupted" and len(run.history) >= 5

@@ -103,6 +103,14 @@ def test_missing_name_lists_the_candidates(nb):
     assert "encoder, model" in str(e.value) and "--model NAME" in str(e.value)
 
 
+@pytest.mark.parametrize("line", ["--epoch 3", "--dtyp bf16", "--no-pl", "--back"])
+def test_a_prefix_of_a_flag_is_refused_not_guessed(nb, line):
+    with pytest.raises(UsageError, match="unrecognized arguments"):
+        nb.run(f"%%amp_train {line}\n{BODY}")
+    with pytest.raises(UsageError, match="unrecognized arguments"):
+        nb.run("%amp_stop --wai 1")
+
+
 def test_unknown_flag_shows_usage(nb):
     with pytest.raises(UsageError) as e:
         nb.run(f"%%amp_train --frobnicate\n{BODY}")
@@ -295,8 +303,8 @@ def test_background_run_and_amp_stop(nb, capsys):
     run = nb.run(f"%%amp_train --dtype fp32 --epochs 100000 --background -o run\n"
                  f"time.sleep(0.002)\n{BODY}")
     assert run is nb.user_ns["run"] and run.status == "running"
-    deadline = time.time() + 10
-    while len(run.history) < 3 and time.time() < deadline:
+    deadline = time.monotonic() + 10
+    while len(run.history) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     nb.run("%amp_stop")
     assert run.status == "interrupted" and len(run.history) >= 3

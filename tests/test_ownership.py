@@ -109,8 +109,8 @@ def test_a_measurement_pauses_the_run_and_says_so(nb):
         time.sleep(0.01)
     claim = ownership.owner_of([nb.user_ns["model"]])
     with claim.paused("%amp_memory"):
-        deadline = time.time() + 30
-        while run.paused_for is None and time.time() < deadline:
+        deadline = time.monotonic() + 30
+        while run.paused_for is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert run.paused_for == "%amp_memory"  # the run stopped at its boundary and said why
         time.sleep(0.1)  # the pause's own refresh drains the steps done before it

@@ -201,7 +201,9 @@ class TrainOptions:
     resume: Optional[str] = option(
         None, help="continue from a --checkpoint file", group=CHECKPOINTS, metavar="PATH",
         legend=False,
-        doc="continue from a checkpoint, bit-identical to a run that was never interrupted")
+        doc="continue from a checkpoint, bit-identical to a run that was never interrupted "
+            "(read with `torch.load(weights_only=True)`: a checkpoint from elsewhere cannot run "
+            "code)")
     nproc: Union[int, str] = option(
         1, help="train on N processes with DistributedDataParallel (gloo on the CPU, one GPU "
                 "each with NCCL); auto: one per visible GPU (default 1)", group=PROCESSES,
