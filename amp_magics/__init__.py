@@ -12,14 +12,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "plot", "Run", "runs", "View", "load_ipython_extension", "__version__"]
+__all__ = ["train", "find_lr", "plot", "Run", "runs", "View", "load_ipython_extension",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `python -m amp_magics status` never pays for importing torch.
-    if name == "train":
-        from .api import train
-        return train
+    if name in ("train", "find_lr"):
+        from . import api
+        return getattr(api, name)
     if name == "Run":
         from .training.run import Run
         return Run

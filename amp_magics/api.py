@@ -5,12 +5,15 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import AmpUsageError
 from .training.options import TrainOptions, checked_output_path, option_specs
 from .training.run import Run
 from .training.view import View
+
+if TYPE_CHECKING:
+    from .tuning.findings import LrFinding
 
 
 def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequence[View] = (),
@@ -39,11 +42,7 @@ def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequ
 
     options = TrainOptions.from_keywords("train", options)
     save = checked_output_path(save, "save", "run.json") if save is not None else None
-    views = list(observers)
-    if progress and not views:
-        from .views.reporter import ConsoleReporter
-
-        views.append(ConsoleReporter())
+    views = _views(progress, observers)
     ranked = torchrun_context()
     if ranked is not None:  # started by torchrun: this process trains its rank
         return train_under_torchrun(step_fn, options, views, ranked)
@@ -57,13 +56,58 @@ def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequ
     return _finished(training.run, save, options.checkpoint)
 
 
+def find_lr(step_fn: Callable[..., Any], *, start: float = 1e-7, end: float = 10.0,
+            steps: int = 100, progress: bool = True, observers: Sequence[View] = (),
+            **options: Any) -> LrFinding:
+    """The learning-rate range test: `steps` applied optimizer steps with the lr rising
+    log-linearly from `start` to `end` (a step the loss scaler skips is tried again at the same
+    lr), stopped early when the smoothed loss exceeds 4x its minimum or is not finite. Returns
+    an LrFinding: `.records`, `.suggestions` (valley, steep, minimum/10, slide, each with its
+    rule), `.suggestion`, `.apply()`. The model, gradients, optimizers, scaler, scheduler, RNG
+    and the data's order are put back afterwards, however it ends (Ctrl-C in a script: the
+    KeyboardInterrupt goes on with the finding as its `.finding`). The options are
+    `amp_magics.train`'s that apply (dtype, accum, clip, init_scale or scaler, seed, move...).
+    """
+    __tracebackhide__ = True
+    from .tuning.findings import LrFinding
+    from .tuning.lr_finder import range_test
+
+    finding = LrFinding.new(start, end, steps)
+    options = TrainOptions.from_keywords("find_lr", options)
+    views = _views(progress, observers)
+    range_test(step_fn, options, finding, views)
+    if progress and not observers:
+        print(repr(finding))
+    try:
+        _raise_if_interrupted(finding.run, None, None)
+    except KeyboardInterrupt as stop:  # a script's Ctrl-C: it carries what was found
+        stop.finding = finding
+        raise
+    return finding
+
+
+def _views(progress: bool, observers: Sequence[View]) -> list[View]:
+    views = list(observers)
+    if progress and not views:
+        from .views.reporter import ConsoleReporter
+
+        views.append(ConsoleReporter())
+    return views
+
+
 def _finished(run: Run, save: Optional[str], checkpoint: Optional[str]) -> Run:
     if save is not None:
         run.save(save)
+    _raise_if_interrupted(run, checkpoint, save)
+    return run
+
+
+def _raise_if_interrupted(run: Run, checkpoint: Optional[str], save: Optional[str]) -> None:
+    """A script stopped by Ctrl-C ends as on any Ctrl-C (exit status 130); inside IPython, and
+    after %amp_stop or Stop, the caller goes on."""
     if (run.status == "interrupted" and getattr(run, "stop_reason", None) is not None
             and not _in_ipython()):  # Ctrl-C: engine.py marks it; %amp_stop and Stop do not
         raise _interrupt(run, checkpoint, save) from None
-    return run
 
 
 def _keyword_signature(function: Callable, specs: Sequence) -> inspect.Signature:
@@ -71,12 +115,13 @@ def _keyword_signature(function: Callable, specs: Sequence) -> inspect.Signature
     tooltips (the options are written once, in TrainOptions)."""
     params = [p for p in inspect.signature(function).parameters.values()
               if p.kind is not p.VAR_KEYWORD]
+    own = {p.name for p in params}  # find_lr's `steps` is its own
     params += [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
                                  default=(inspect.Parameter.empty
                                           if spec.default is dataclasses.MISSING
                                           else spec.default))
-               for spec in specs if spec.option.keyword]
-    return inspect.Signature(params, return_annotation=Run)
+               for spec in specs if spec.option.keyword and spec.name not in own]
+    return inspect.Signature(params, return_annotation=inspect.signature(function).return_annotation)
 
 
 def _options_doc(specs: Sequence) -> str:
@@ -84,9 +129,10 @@ def _options_doc(specs: Sequence) -> str:
                      if spec.option.keyword)
 
 
-train.__signature__ = _keyword_signature(train, option_specs())
-if train.__doc__:  # None under python -OO
-    train.__doc__ += "\n    Options:\n" + _options_doc(option_specs()) + "\n"
+for _function in (train, find_lr):
+    _function.__signature__ = _keyword_signature(_function, option_specs())
+    if _function.__doc__:  # None under python -OO
+        _function.__doc__ += "\n    Options:\n" + _options_doc(option_specs()) + "\n"
 
 
 def _interrupt(run: Run, checkpoint: Optional[str], saved: Optional[str]) -> KeyboardInterrupt:

@@ -78,6 +78,8 @@ def _add(group: Any, spec: OptionSpec, given_only: bool) -> None:
     else:
         kwargs.update(metavar=None if o.choices else o.metavar, choices=o.choices,
                       type=o.parse or (spec.kind if spec.kind is not object else str))
+        if o.bare is not None:
+            kwargs.update(nargs="?", const=o.bare)
     group.add_argument(*filter(None, (o.short, spec.flag)), **kwargs)
 
 
@@ -85,6 +87,8 @@ def flag_usage(spec: OptionSpec) -> str:
     """How the README writes a flag: `--dtype auto|fp16`, `-o NAME`, `--output NAME`."""
     o = spec.option
     arg = "|".join(o.choices) if o.choices else (o.metavar or "")
+    if o.bare is not None:
+        arg = f"[{arg}]"
     return ", ".join(f"`{name}{' ' + arg if arg else ''}`".replace("|", "\\|")
                      for name in filter(None, (o.short, spec.flag)))
 

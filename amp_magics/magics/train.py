@@ -60,6 +60,15 @@ MAGIC_FLAGS = [
           help="time each precision from the same start, e.g. fp32,bf16,fp16 (with --steps)",
           doc="precision showdown, e.g. `fp32,bf16,fp16` with `--steps 50`: median step time, "
               "peak memory, loss gap to fp32, skipped steps, and a verdict"),
+    _flag("find_lr", metavar="START,END", bare="1e-7,10", group=DIAGNOSIS,
+          help="learning-rate range test over --steps N (default 100) steps from START to END "
+               "(default 1e-7,10); everything is put back afterwards",
+          doc="learning-rate range test: `--steps N` (default 100) applied steps with the lr "
+              "rising log-linearly from START to END (default `1e-7,10`) on every param group "
+              "(ratios kept); a step the loss scaler skips is tried again at the same lr; stops "
+              "when the smoothed loss exceeds 4x its minimum or is not finite; suggests valley, "
+              "steep, minimum/10 and slide (see below). Model, gradients, optimizers, scaler, "
+              "scheduler, RNG and the data's order are as before, however it ends"),
 ]
 
 
@@ -98,10 +107,12 @@ class AmpMagics(Magics):
         args = parse(self.amp_train, line)
         if args.output is not None and not args.output.isidentifier():
             raise UsageError(f"-o {args.output}: not a valid Python name, e.g. -o run")
-        if args.sweep or args.compare:
+        if args.sweep or args.compare or args.find_lr:
             _check_several(args)
         options = self._options(args)
         step = CellStep(self.shell, cell, options.log)
+        if args.find_lr:
+            return self._find_lr(args, step, options)
         if args.sweep or args.compare:
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
@@ -167,6 +178,28 @@ class AmpMagics(Magics):
         if args.output:
             self.shell.user_ns[args.output] = result
         return result
+
+    def _find_lr(self, args, step, options):
+        """--find-lr: the range test, drawn live; the model is left as it was."""
+        __tracebackhide__ = True
+        from ..tuning.findings import LrFinding
+        from ..tuning.lr_finder import range_test
+        from ..views.reporter import ConsoleReporter
+
+        start, end = _lr_range(args.find_lr)
+        with usage_errors():
+            finding = LrFinding.new(start, end, options.steps or 100)
+        view = self._view(args, options.model)
+        if not isinstance(view, ConsoleReporter):
+            from ..views.dashboard import FinderDashboard
+
+            view = FinderDashboard(finding)
+        with usage_errors():
+            range_test(step, options, finding, [view])
+        registry.add_finding(finding)
+        if args.output:
+            self.shell.user_ns[args.output] = finding
+        return finding
 
     def _train_quietly(self, training, step):
         # The view shows a failure; the exception has nowhere better to go from a thread.
@@ -257,7 +290,7 @@ class AmpMagics(Magics):
             return None
         every = registry.runs()
         if not args.plot:
-            return registry.RunList(every)
+            return registry.RunList(every, registry.findings())
         known = {r.name: r for r in every}  # names are unique (registry.register)
         missing = [n for n in args.plot if n not in known]
         if missing:
@@ -285,15 +318,31 @@ class AmpMagics(Magics):
 
 
 def _check_several(args) -> None:
+    """--sweep, --compare and --find-lr: one at a time, in the foreground, in one process."""
+    modes = [flag for flag, given in (("--sweep", args.sweep), ("--compare", args.compare),
+                                      ("--find-lr", args.find_lr)) if given]
     conflicts = [flag for flag, given in (("--background", args.background),
                  ("--checkpoint", getattr(args, "checkpoint", None)),
                  ("--resume", getattr(args, "resume", None)),
-                 ("--nproc", getattr(args, "nproc", 1) != 1),
-                 ("--sweep with --compare", args.sweep and args.compare)) if given]
+                 ("--nproc", getattr(args, "nproc", 1) != 1)) if given]
+    conflicts += modes[1:]
     if conflicts:
-        raise UsageError(f"--sweep/--compare cannot be combined with {', '.join(conflicts)}")
+        raise UsageError(f"{modes[0]} cannot be combined with {', '.join(conflicts)}")
     if args.compare and getattr(args, "steps", None) is None:
         raise UsageError("--compare needs --steps N, e.g. --steps 50")
+
+
+def _lr_range(text: str) -> tuple[float, float]:
+    """--find-lr START,END"""
+    from ..formatting import number
+
+    parts = text.split(",")
+    try:
+        start, end = (number(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--find-lr {text}: give START,END, two numbers such as 1e-7,10"
+                         ) from None
+    return start, end
 
 
 def _prepare_training(step: CellStep, options: Any, views: list) -> Any:

@@ -41,12 +41,13 @@ FALSE_SCHEDULER_WARNING = (
 
 
 def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = (),
-            claim: ownership.Claim | None = None) -> "Training":
+            claim: ownership.Claim | None = None, listed: bool = True) -> "Training":
     """Check everything, own the model and register the Run, without training yet:
     `.execute()` trains and then lets the model go.
 
     Bad input raises AmpUsageError before anything changes, and `ownership.Owned` when another
-    run is training the model. A sweep passes its own `claim` for all of its runs.
+    run is training the model. A sweep passes its own `claim` for all of its runs. A tool that
+    trains only to measure (a finder) passes `listed=False`: its run is not in `runs()`.
     `options.resume` loads its checkpoint into the model, optimizers, scaler and scheduler here.
     """
     step_fn = as_step(step_fn)
@@ -56,7 +57,7 @@ def prepare(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = (),
     if own:
         claim = objects.claim(options.name or "a run")
     try:
-        return _prepare(step_fn, options, objects, views, claim, own)
+        return _prepare(step_fn, options, objects, views, claim, own, listed)
     except BaseException:
         if own:
             claim.release()
@@ -88,7 +89,7 @@ def new_run(o: TrainOptions, *, device: str, precision: str, reason: str = "",
 
 
 def _prepare(step_fn: StepFn, o: TrainOptions, objects: TrainingObjects, views: list[View],
-             claim: ownership.Claim, own: bool) -> "Training":
+             claim: ownership.Claim, own: bool, listed: bool) -> "Training":
     device = model_device(o.model)
     chosen = precision_policy.resolve(o.dtype, device)
     objects = objects.with_scaler(_run_scaler(o, chosen, device))
@@ -96,7 +97,8 @@ def _prepare(step_fn: StepFn, o: TrainOptions, objects: TrainingObjects, views: 
                   scaler=objects.scaler)
     run.notes += _start_notes(o, chosen, device)
     resumed = _resume(o.resume, objects, run) if o.resume is not None else None
-    register(run)
+    if listed:
+        register(run)
     claim.run = run
     amp = AmpStep(step_fn, o.model, o.optimizers, chosen, objects.scaler, device,
                   accum=o.accum, clip=o.clip, scheduler=o.scheduler, move=o.move,

@@ -43,7 +43,7 @@ class Option:
 
     flag: "" derives `--field-name`; None offers no flag (a keyword only); short: another
     spelling ("-o"). metavar: the flag's argument as the README writes it; choices: the values
-    it takes. parse: text -> value for the flag (default: the
+    it takes; bare: the value of the flag given alone (`--find-lr` means `--find-lr 1e-7,10`). parse: text -> value for the flag (default: the
     field's type). notebook: the kind of notebook object a flag names ("model", "optimizers",
     "iterable", "scheduler", "scaler"), looked up by the magic. legend: shown beside a run in
     legends and tables when not the default. tunable: a key `--sweep` and `--search` may vary.
@@ -56,6 +56,7 @@ class Option:
     short: Optional[str] = None  # e.g. "-o"
     metavar: Optional[str] = None
     choices: Optional[tuple] = None
+    bare: Optional[str] = None  # the value when the flag is given without one
     parse: Optional[Callable[[str], Any]] = None
     notebook: Optional[str] = None
     magic_default: Optional[str] = None

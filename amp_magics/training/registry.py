@@ -58,16 +58,23 @@ def _numbered(base: str, n: int) -> str:
 
 
 def forget_runs() -> int:
-    """Forget every finished run (running ones stay); return how many were forgotten."""
+    """Forget every finished run (running ones stay) and the finders' results; return how
+    many were forgotten."""
     with _RUNS_LOCK:
         kept = [r for r in _RUNS if not r.done]
-        forgotten = len(_RUNS) - len(kept)
+        forgotten = len(_RUNS) - len(kept) + len(_FINDINGS)
         _RUNS[:] = kept
+        _FINDINGS.clear()
     return forgotten
 
 
 class RunList(list):
-    """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory."""
+    """Runs shown as a table: name, model, flags, status, steps, final loss, time, memory;
+    below it, apart, the finders' results (`findings`)."""
+
+    def __init__(self, runs=(), findings=()):
+        super().__init__(runs)
+        self.findings = list(findings)
 
     def rows(self) -> list[dict]:
         return [self._row(r, r.summary) for r in self]
@@ -79,11 +86,21 @@ class RunList(list):
                 "final loss": summary["final_loss"], "time s": run.wall_time,
                 "peak memory": summary["peak_memory"]}
 
+    def finding_rows(self) -> list[dict]:
+        return [{"finder": f.kind, "precision": f.precision, "status": f.status,
+                 "answer": f.answer, "how it ended": f.stop_reason} for f in self.findings]
+
     def _repr_html_(self) -> str:
-        return records_html(self.rows(), f"{len(self)} run{'s' * (len(self) != 1)} this session")
+        page = records_html(self.rows(), f"{len(self)} run{'s' * (len(self) != 1)} this session")
+        if self.findings:
+            page += records_html(self.finding_rows(), "finders (they train only to measure, "
+                                 "and put everything back)")
+        return page
 
     def __repr__(self) -> str:
-        return "\n".join(repr(r) for r in self) or "no runs yet"
+        lines = [repr(r) for r in self] + [f"<{f.kind} {f.status}: {f.answer}>"
+                                           for f in self.findings]
+        return "\n".join(lines) or "no runs yet"
 
 
 def next_name() -> str:
@@ -93,6 +110,21 @@ def next_name() -> str:
     while f"run{n}" in taken:
         n += 1
     return f"run{n}"
+
+
+# -- finders' results, apart from runs ----------------------------------------------------------
+_FINDINGS: list = []
+
+
+def add_finding(finding) -> None:
+    with _RUNS_LOCK:
+        _FINDINGS.append(finding)
+
+
+def findings() -> list:
+    """What the finders (--find-lr, --find-batch-size) found this session, oldest first."""
+    with _RUNS_LOCK:
+        return list(_FINDINGS)
 
 
 # -- background runs ----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ SMOOTH_POINTS = 200  # for slow lines (smoothed loss, memory): fewer points, sam
 CHART_WIDTH, CHART_HEIGHT = 360, 240  # pixels: charts shrink to fit, never grow
 
 _DASHES = {"line": None, "faint": None, "dashed": "6 3", "dotted": "1.5 3", "dashdot": "7 3 1.5 3",
-           "markers": "2 3"}
+           "markers": "2 3", "hollow": None}  # hollow: open circles at the points, no line
 STYLES = tuple(_DASHES)
 _MEMORY_STYLES = ("line", "dashed", "dotted", "dashdot")
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -277,13 +277,16 @@ def _y_axis(values: np.ndarray, y_scale: str, ignore_outliers: bool):
 
 def _x_axis(values: np.ndarray, x_scale: str):
     lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-    if 0 < lo <= 0.05 * hi:  # steps from 1, times from the first refresh: start the axis at 0
-        lo = 0.0
+    if 0 < lo <= 0.05 * hi and x_scale != "log10":  # steps from 1, times from the first
+        lo = 0.0  # refresh: start the axis at 0
     if hi <= lo:
         hi = lo + 1.0
     if x_scale == "seconds":
         ticks = _time_ticks(lo, hi)
         return lo, hi, ticks, [_fmt_seconds(t) for t in ticks]
+    if x_scale == "log10":  # the values are exponents
+        ticks = _log_ticks(lo, hi)
+        return lo, hi, ticks, [_power_label(10, t) for t in ticks]
     ticks = _linear_ticks(lo, hi)
     return lo, hi, ticks, [_fmt_steps(t) for t in ticks]
 
@@ -360,6 +363,9 @@ def _legend(entries, width: float) -> tuple[list[str], int]:
             swatch = f'<path d="{_triangle(x + 7, y + 2)}" fill="{ALERT}"/>'
         elif style == "nonfinite":
             swatch = f'<path d="M{x + 7},{y - 5}v9" stroke="{ALERT}" stroke-width="2"/>'
+        elif style == "hollow":
+            swatch = (f'<circle cx="{x + 8}" cy="{y - 1}" r="3" fill="none" '
+                      f'stroke="{_e(color)}" stroke-width="1.3"/>')
         elif style == "off_scale":  # an arrow pointing up and out of the plot
             swatch = (f'<path d="M{x + 7},{y + 4}v-9m-3.5,3.5l3.5,-3.5l3.5,3.5" '
                       f'stroke="{INK}" stroke-width="1.5" fill="none"/>')
@@ -399,12 +405,14 @@ def _x_window(xs, ys, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
 def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step",
                    x_scale: str = "linear", y_scale: str = "linear", marks: Sequence[float] = (),
                    marks_label: str = "skipped step", note: str = "",
+                   guides: Sequence[tuple[float, str]] = (),
                    ignore_outliers: bool = False, max_points: int = MAX_POINTS,
                    width: int = CHART_WIDTH, height: int = CHART_HEIGHT) -> str:
     """A standalone SVG document: a line chart with title, legend, ticks and gridlines,
     `width` x `height` pixels, in fixed colours (it must read inside an <img>, on any theme).
 
-    x_scale: "linear" (steps, labelled 5k, 10k ...) or "seconds" (0.5s, 30s, 2m ...);
+    x_scale: "linear" (steps, labelled 5k, 10k ...), "seconds" (0.5s, 30s, 2m ...) or
+    "log10" (the xs are exponents, labelled 10⁻³, 10⁻² ...: a learning rate's axis);
     y_scale: "linear", "log2" (ticks 2¹⁰, 2¹⁶ ...), "log10", "bytes" (from 0, in KiB/MiB/GiB),
     "rate" (from 0, labelled 500, 1.5k ...) or "auto": linear, or log10 when positive data
     spans more than 1000x (a loss that diverged).
@@ -413,20 +421,22 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
     cannot flatten the current one. (With no bold data yet, the axes fit the faded series.)
     `marks` are x positions flagged by red triangles above the plot (skipped steps); non-finite
     values of the bold series get a red tick there too. `note` is written across the plot
-    (e.g. "no scaler"). With `ignore_outliers`, the y axis spans the `robust_band` of the data,
+    (e.g. "no scaler"). `guides` are (x, label) drawn as labelled vertical lines (suggested
+    learning rates). With `ignore_outliers`, the y axis spans the `robust_band` of the data,
     not its extremes (lines run off the plot there and the legend counts them), so a single
     overflowed batch cannot flatten the rest of the loss curve.
     Every series is reduced to about `max_points` points first.
     """
     scales = ("linear", "log2", "log10", "bytes", "rate", "auto")
-    if x_scale not in ("linear", "seconds") or y_scale not in scales:
+    if x_scale not in ("linear", "seconds", "log10") or y_scale not in scales:
         raise ValueError(f"unknown scale: x_scale={x_scale!r}, y_scale={y_scale!r}")
     plot = _Plot(series, _floats(marks), x_scale, y_scale, ignore_outliers, max_points)
     legend, legend_rows = _legend(plot.legend_entries(marks_label), width)
     box = _Box(plot, width, height, legend_rows)
     lines, nonfinite_columns = _lines_svg(plot, box)
     out = [_frame_svg(title, x_label, plot, box, legend), lines,
-           _marks_svg(plot, box, nonfinite_columns, marks_label, x_label)]
+           _marks_svg(plot, box, nonfinite_columns, marks_label, x_label),
+           _guides_svg(box, guides)]
     if note or not plot.has_data:
         out.append(f'<text x="{(box.left + box.right) / 2}" y="{(box.top + box.bottom) / 2}" '
                    f'text-anchor="middle" font-size="{_TITLE_FONT}">'
@@ -563,6 +573,13 @@ def _lines_svg(plot: _Plot, box: _Box) -> tuple[str, dict]:
         px, py = box.sx(x), box.sy(y)
         # far-off points are pulled in to just outside the plot: same look, short numbers
         py = np.where(np.isfinite(py), np.clip(py, top - box.height, bottom + box.height), np.nan)
+        if s.style == "hollow":
+            rings = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3"/>'
+                            for a, b in zip(px.tolist(), py.tolist()) if math.isfinite(b))
+            out.append(f'<g class="series" data-series="{_e(s.label)}" fill="none" '
+                       f'stroke="{_e(s.color)}" stroke-width="1.3"{_fade(s.faded)}>{rings}'
+                       f"<title>{_e(s.label)}</title></g>")
+            continue
         out.append(f'<path class="series" data-series="{_e(s.label)}" d="{_path_d(px, py)}" '
                    f"{_stroke(s)}><title>{_e(s.label)}</title></path>")
         if s.style == "markers" and len(x) <= 100:
@@ -590,6 +607,22 @@ def _marks_svg(plot: _Plot, box: _Box, nonfinite_columns: dict, marks_label: str
         out.append(f'<path class="nonfinite" data-x="{m:g}" d="M{column},{top - 8}V{top + 4}" '
                    f'stroke="{ALERT}" stroke-width="2"><title>{_e(label)} is {value} at '
                    f"{_e(x_label)} {m:g}</title></path>")
+    return "".join(out)
+
+
+def _guides_svg(box: _Box, guides: Sequence[tuple[float, str]]) -> str:
+    """Labelled vertical lines, the labels stepped down so that neighbours do not overlap."""
+    out = []
+    for i, (x, label) in enumerate(sorted(guides)):
+        if not (math.isfinite(x) and box.x_lo <= x <= box.x_hi):
+            continue
+        px = float(box.sx(x))
+        anchor = "end" if px > (box.left + box.right) / 2 else "start"
+        dx = -3 if anchor == "end" else 3
+        out.append(f'<path class="guide" d="M{px:.1f},{box.top}V{box.bottom}" stroke="{INK}" '
+                   f'stroke-width="1" stroke-dasharray="3 3" fill="none"/>'
+                   f'<text class="guide" x="{px + dx:.1f}" y="{box.top + 11 + 12 * (i % 4)}" '
+                   f'text-anchor="{anchor}">{_e(label)}</text>')
     return "".join(out)
 
 

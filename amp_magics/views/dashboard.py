@@ -21,12 +21,14 @@ import numpy as np
 from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
+from .finder import finding_html
 from ..formatting import format_number, format_setting
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
     from ..training.run import Run
+    from ..tuning.findings import LrFinding
 
 
 
@@ -317,3 +319,29 @@ class Dashboard(View):
         self._columns.run.request_stop()
         self._button.disabled = True
         self._button.description = "Stopping…"
+
+
+class FinderDashboard(View):
+    """A live widget while the finder runs; when it ends the widget gives way to the result
+    the cell returns (or to the traceback of a step that failed)."""
+
+    def __init__(self, finding: LrFinding):
+        self.finding = finding
+        self._html = self._handle = None
+
+    def on_start(self, run: Run) -> None:
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        self._html = widgets.HTML(finding_html(self.finding, live=True))
+        self._handle = display(self._html, display_id=True)
+
+    def on_refresh(self, run: Run) -> None:
+        self._html.value = finding_html(self.finding, live=True)
+
+    def on_end(self, run: Run) -> None:
+        if self._handle is None:
+            return
+        self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
+        self._html.close()
+        self._handle = None

@@ -2,7 +2,8 @@
 formatters when the extension loads, so data modules never import views.
 
 A running Run (what a `--background` cell returns) is shown with a display_id and rewritten
-when it ends; a GPU Status and an %amp_check Report render as HTML tables and as text.
+when it ends; a GPU Status and an %amp_check Report render as HTML tables and as text, a
+learning-rate finding as its chart and suggestions.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 from ..system.doctor import Report
 from ..system.gpu import Status
 from ..training.run import Run
+from ..tuning.findings import LrFinding
+from .finder import finding_html
 from .status import checks_html, checks_text, status_html, status_text
 
 
@@ -28,6 +31,7 @@ _RICH = {  # type -> (text/html, text/plain)
     Status: (status_html, _pretty(status_text)),
     Report: (lambda report: checks_html(report.checks),
              _pretty(lambda report: checks_text(report.checks))),
+    LrFinding: (finding_html, _pretty(repr)),
 }
 
 

@@ -1,0 +1,168 @@
+"""What a learning-rate range test found: `LrFinding`, and the rules its suggestions follow.
+
+Plain data and pure functions (the test itself is lr_finder.py): the records of each step,
+the suggestions by fastai's four rules on the smoothed loss of the steps that trained, and
+`apply()`, which sets one on the optimizers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AmpUsageError
+from ..training.options import MAX_COUNT
+from .hyperparameters import apply_hyperparameters
+
+SMOOTHING = 0.98  # the exponential moving average's beta, as fastai's recorder
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+MAX_SKIPS_IN_A_ROW = 30  # from 2**16, the scale is 2**-14 by then: fp16 overflows at any scale
+MAX_NONFINITE_IN_A_ROW = 3  # skipped steps whose loss itself was inf/NaN: diverged
+MIN_STEPS = 5
+
+RULES = {
+    "valley": "the middle of the longest stretch over which the smoothed loss keeps falling "
+              "(fastai's default)",
+    "steep": "where the smoothed loss falls fastest per decade of lr",
+    "minimum/10": "a tenth of the lr at the lowest smoothed loss",
+    "slide": "walking back from the highest lr, where the slope of the loss curve stops "
+             "changing (fastai's slide: 15 steps apart, threshold 0.005)",
+}
+
+
+@dataclass
+class LrFinding:
+    """What a learning-rate range test found. `records`: one per optimizer step (lr, loss,
+    smoothed, skipped); `suggestions`: name -> lr, by the rules in `RULES`."""
+
+    start: float
+    end: float
+    steps: int
+    precision: str = ""
+    records: list[dict] = field(default_factory=list)
+    suggestions: dict[str, float] = field(default_factory=dict)
+    default: str = "valley"
+    status: str = "running"  # finished (N steps, or stopped early by its rule), interrupted, failed
+    stop_reason: str = ""
+    error: str | None = None
+    objects: Any = field(default=None, repr=False)  # the TrainingObjects `apply()` sets
+    run: Any = field(default=None, repr=False)  # the finder's own Run (not in runs())
+
+    @classmethod
+    def new(cls, start: float = 1e-7, end: float = 10.0, steps: int = 100) -> LrFinding:
+        """A test to run, its range checked."""
+        if not (0 < start < end < math.inf):
+            raise AmpUsageError(f"--find-lr {start:g},{end:g}: give 0 < START < END, e.g. "
+                                "--find-lr 1e-7,10")
+        if isinstance(steps, bool) or not isinstance(steps, int) or \
+                not MIN_STEPS <= steps <= MAX_COUNT:
+            raise AmpUsageError(f"--find-lr needs --steps N of at least {MIN_STEPS} (default "
+                                f"100), got {steps!r}")
+        return cls(start, end, steps)
+
+    kind = "find-lr"
+
+    @property
+    def suggestion(self) -> float | None:
+        return self.suggestions.get(self.default)
+
+    @property
+    def answer(self) -> str:
+        """The result in a few words, for tables."""
+        return f"lr {self.suggestion:.3g} ({self.default})" if self.suggestion else "none"
+
+    @property
+    def applied_steps(self) -> int:
+        return sum(not r["skipped"] for r in self.records)
+
+    def apply(self, name: str | None = None) -> float:
+        """Set the suggested lr (`name`, default: the default rule's) on the optimizers' param
+        groups, keeping their ratios to the first group; return it."""
+        which = name or self.default
+        if which not in self.suggestions:
+            raise AmpUsageError(f"no {which!r} suggestion: the finder suggested "
+                                f"{', '.join(self.suggestions) or 'nothing'}")
+        lr = self.suggestions[which]
+        apply_hyperparameters({"lr": lr}, self.objects.optimizers, self.objects.scheduler)
+        return lr
+
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+    def lines(self) -> list[str]:
+        """The result in words: how it ran, how it ended, each suggestion with its rule."""
+        skipped = len(self.records) - self.applied_steps
+        out = [f"learning-rate range test, {self.precision}: {self.applied_steps} of "
+               f"{self.steps} steps from lr {self.start:.3g} to {self.end:.3g}"
+               + (f" ({skipped} skipped by the loss scaler, each tried again)" if skipped
+                  else "") + f"; {self.status}: {self.stop_reason}"]
+        for name, lr in self.suggestions.items():
+            mark = " (suggested)" if name == self.default else ""
+            out.append(f"  {name:<10} {lr:.3g}{mark}: {RULES[name]}")
+        if not self.suggestions:
+            out.append("  no suggestion: too few steps with a finite loss")
+        out.append("the model, gradients, optimizers (state and lr), scaler, scheduler, RNG "
+                   "and the data's order are as before the finder ran")
+        return out
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def lr_schedule(start: float, end: float, steps: int) -> list[float]:
+    """lr_k = start * (end / start) ** (k / (steps - 1)), k = 0 .. steps - 1."""
+    return [start * (end / start) ** (k / (steps - 1)) for k in range(steps)]
+
+
+# -- suggestions: fastai's rules, on the smoothed loss of the steps that trained --------------
+def suggestions(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float]:
+    """name -> lr by each rule of RULES. As fastai, the first tenth of the steps and the last
+    five are left out (the smoothing's start, the divergence at the end) when enough remain."""
+    n = len(lrs)
+    trim = slice(n // 10, n - 5) if n - n // 10 - 5 >= MIN_STEPS else slice(None)
+    lrs, losses = list(lrs[trim]), list(smoothed[trim])
+    if len(lrs) < 2:
+        return {}
+    found = {"valley": _valley(lrs, losses), "steep": _steep(lrs, losses),
+             "minimum/10": lrs[losses.index(min(losses))] / 10}
+    if len(lrs) > 15:
+        found["slide"] = _slide(lrs, losses)
+    return found
+
+
+def _valley(lrs: list[float], losses: list[float]) -> float:
+    """The longest decreasing subsequence of the losses; the lr at the middle of its first
+    half and a half (fastai: start + sections + sections/2, sections = length / 3)."""
+    n = len(losses)
+    longest = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end, start = i, i - longest[i]
+    sections = (end - start) / 3
+    return lrs[start + int(sections) + int(sections / 2)]
+
+
+def _steep(lrs: list[float], losses: list[float]) -> float:
+    slopes = [(b - a) / (math.log(y) - math.log(x))
+              for a, b, x, y in zip(losses, losses[1:], lrs, lrs[1:])]
+    return lrs[slopes.index(min(slopes)) + 1]
+
+
+def _slide(lrs: list[float], losses: list[float], lr_diff: int = 15,
+           threshold: float = 0.005) -> float:
+    gradient = [losses[1] - losses[0]] + [(losses[i + 1] - losses[i - 1]) / 2
+                                          for i in range(1, len(losses) - 1)]
+    gradient.append(losses[-1] - losses[-2])
+    right, left = len(losses) - 1, len(losses) - 1 - lr_diff
+    found = lrs[left]
+    while left >= 0 and abs(gradient[right] - gradient[left]) > threshold:
+        found = lrs[left]
+        right, left = right - 1, left - 1
+    return found

@@ -1,0 +1,48 @@
+"""The learning-rate range test drawn: loss against lr on a log axis (raw and smoothed), the
+steps the loss scaler skipped as open circles, each suggestion a labelled line; a table of the
+suggestions and their rules. Live in a widget while it runs (dashboard.FinderDashboard); the
+LrFinding itself displays the final picture (an image: it reads in a saved, untrusted
+notebook)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ..formatting import escape, records_html
+from .charts import ALERT, PALETTE, Series, line_chart_svg, svg_image, svg_inline
+
+if TYPE_CHECKING:
+    from ..tuning.findings import LrFinding
+
+TITLE = "Learning-rate range test"
+
+
+def lr_chart_svg(finding: LrFinding) -> str:
+    trained = [r for r in finding.records if not r["skipped"]]
+    skipped = [r for r in finding.records if r["skipped"]]
+    x = [math.log10(r["lr"]) for r in trained]
+    series = [Series("loss", x, [r["loss"] for r in trained], PALETTE[0], "faint"),
+              Series("smoothed", x, [r["smoothed"] for r in trained], PALETTE[0])]
+    if skipped:
+        series.append(Series(f"skipped by the scaler ({len(skipped)})",
+                             [math.log10(r["lr"]) for r in skipped],
+                             [r["loss"] for r in skipped], ALERT, "hollow"))
+    guides = [(math.log10(lr), f"{name} {lr:.2g}") for name, lr in finding.suggestions.items()]
+    return line_chart_svg(TITLE, series, x_label="learning rate", x_scale="log10",
+                          y_scale="auto", ignore_outliers=True, guides=guides)
+
+
+def finding_html(finding: LrFinding, live: bool = False) -> str:
+    """The picture: what ran and how it ended, the chart, the suggestions with their rules."""
+    from ..tuning.findings import RULES
+
+    head, *_, restored = finding.lines()
+    svg = lr_chart_svg(finding)
+    chart = svg_inline(svg) if live else svg_image(svg, f"{TITLE} chart")
+    rows = [{"rule": name, "lr": lr, "how": RULES[name]} for name, lr in finding.suggestions.items()]
+    default = list(finding.suggestions).index(finding.default) if finding.suggestion else None
+    table = records_html(rows, "suggestions (highlighted: .suggestion, what .apply() sets)",
+                         default) if rows else ""
+    note = "" if live else f'<p style="opacity:.75">{escape(restored)}</p>'
+    return (f'<div class="amp-finder" style="font-size:12.5px;line-height:1.45">'
+            f"<p>{escape(head)}</p>{chart}{table}{note}</div>")

@@ -1,0 +1,326 @@
+"""The learning-rate finder: bit-identical to a hand-written lr sweep, AMP-aware (a skipped step
+is tried again at the same lr), and everything it touched put back however it ends."""
+import contextlib
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+
+import amp_magics
+from amp_magics.errors import AmpUsageError
+from amp_magics.tuning.findings import LrFinding, lr_schedule, suggestions
+from recipes import assert_same_state, make_data, make_model
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
+
+
+def hand_written_lr_sweep(data, lrs, dtype, scaler=None, model=None):
+    """The range test written out: set lr_k on the group, one AMP recipe step; a step the
+    scaler skipped is tried again at the same lr. Returns (lr, loss, skipped) per step."""
+    model = model or make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out, k, i = [], 0, 0
+    while k < len(lrs):
+        for group in opt.param_groups:
+            group["lr"] = lrs[k]
+        x, y = data[i % len(data)]
+        i += 1
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            skipped = False
+        else:
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped = scaler.get_scale() < before
+        out.append((lrs[k], loss.item(), skipped))
+        k += not skipped
+    return out, model
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def find(model, opt, data, **kwargs):
+    def step(batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    return amp_magics.find_lr(step, model=model, optimizer=opt, data=data, progress=False,
+                              **kwargs)
+
+
+def test_losses_are_bit_identical_to_a_hand_written_lr_sweep():
+    data = make_data(n=7)  # fewer batches than steps: the finder cycles the data
+    model = make_model()
+    finding = find(model, sgd(model), data, dtype="bf16", start=1e-4, end=0.5, steps=20)
+    assert finding.status == "finished" and finding.stop_reason == "all 20 steps ran"
+    expected, _ = hand_written_lr_sweep(data, lr_schedule(1e-4, 0.5, 20), torch.bfloat16)
+    assert [(r["lr"], r["loss"], r["skipped"]) for r in finding.records] == expected
+    assert finding.precision == "bf16" and len(finding.records) == 20
+
+
+def test_a_step_the_scaler_skips_is_tried_again_at_the_same_lr():
+    """Real GradScaler overflow: at 2**40 the gradients overflow fp16 (the loss is finite), the
+    scale halves each time until they fit; none of those steps advances the lr."""
+    data = make_data(n=10)
+    model = make_model()
+    finding = find(model, sgd(model), data, dtype="fp16", init_scale=2.0**40, start=1e-3,
+                   end=0.1, steps=10)
+    lrs = lr_schedule(1e-3, 0.1, 10)
+    expected, _ = hand_written_lr_sweep(data, lrs, torch.float16,
+                                        torch.amp.GradScaler("cpu", init_scale=2.0**40))
+    got = [(r["lr"], r["loss"], r["skipped"]) for r in finding.records]
+    assert got == expected
+    skipped = [r for r in finding.records if r["skipped"]]
+    assert finding.records[0]["skipped"] and all(math.isfinite(r["loss"]) for r in skipped)
+    for this, following in zip(finding.records, finding.records[1:]):
+        if this["skipped"]:  # the next step tries the same lr again
+            assert following["lr"] == this["lr"]
+    assert finding.applied_steps == 10 and len(finding.records) == 10 + len(skipped)
+    assert all(r["smoothed"] is None for r in skipped)  # never used for a suggestion
+    assert f"({len(skipped)} skipped by the loss scaler, each tried again)" in repr(finding)
+
+
+def test_a_batch_that_overflows_the_forward_pass_is_skipped_not_the_end():
+    data = make_data(n=12, overflow_at=(3,))  # batch 3's loss is inf/NaN in fp16
+    model = make_model()
+    finding = find(model, sgd(model), data, dtype="fp16", start=1e-3, end=0.1, steps=15)
+    third = finding.records[3]
+    assert third["skipped"] and not math.isfinite(third["loss"])
+    assert finding.records[4]["lr"] == third["lr"] and not finding.records[4]["skipped"]
+    assert finding.applied_steps == 15 and finding.status == "finished"
+
+
+def test_divergence_stops_the_test_and_says_why():
+    data = make_data(n=12)
+    model = make_model()
+    finding = find(model, sgd(model), data, dtype="fp32", start=1e-3, end=1e4, steps=60)
+    assert finding.status == "finished" and finding.applied_steps < 60
+    assert "exceeded 4x its minimum" in finding.stop_reason or "was nan" in finding.stop_reason \
+        or "was inf" in finding.stop_reason, finding.stop_reason
+    assert set(finding.suggestions) >= {"valley", "steep", "minimum/10"}
+    assert finding.suggestion == finding.suggestions["valley"]
+    assert 1e-3 <= finding.suggestion <= 1e4
+
+
+def everything(model, opt, scheduler, data):
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "modes": [m.training for m in model.modules()],
+            "grads": [p.grad for p in model.parameters()],
+            "opt": opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()),
+            "order": data.generator.get_state()}
+
+
+def assert_unchanged(before, after):
+    assert_same_state(after["state"], before["state"])
+    assert after["modes"] == before["modes"] and after["grads"] == before["grads"]
+    assert_same_state(after["opt"], before["opt"])
+    assert after["scheduler"] == before["scheduler"]
+    assert torch.equal(after["rng"][0], before["rng"][0]) and after["rng"][1:] == before["rng"][1:]
+    assert torch.equal(after["order"], before["order"])
+
+
+def setup_objects():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(16, 3))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                             {"params": model[2].parameters(), "lr": 1e-2}])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 3)
+    dataset = torch.utils.data.TensorDataset(torch.randn(48, 8), torch.randint(0, 3, (48,)))
+    data = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
+                                       generator=torch.Generator().manual_seed(5))
+    return model, opt, scheduler, data
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted", "failed"])
+def test_everything_is_as_before_however_it_ends(ending):
+    model, opt, scheduler, data = setup_objects()
+    model.eval()
+
+    def step(batch, step, epoch):
+        if step == 6 and ending == "interrupted":
+            raise KeyboardInterrupt  # the notebook's second interrupt: stop at once
+        if step == 6 and ending == "failed":
+            raise RuntimeError("the user's step broke")
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    before = everything(model, opt, scheduler, data)
+    raises = {"failed": RuntimeError, "interrupted": KeyboardInterrupt}.get(ending)
+    with pytest.raises(raises) if raises else contextlib.nullcontext() as stopped:
+        finding = amp_magics.find_lr(step, model=model, optimizer=opt, data=data, steps=10,
+                                     dtype="bf16", progress=False)
+    if ending == "interrupted":  # outside IPython, Ctrl-C goes on, carrying the finding
+        finding = stopped.value.finding
+        assert "interrupted after 6" in finding.stop_reason
+    if ending != "failed":
+        assert finding.status == ending
+    assert_unchanged(before, everything(model, opt, scheduler, data))
+
+
+def test_training_after_the_finder_equals_training_without_it():
+    def train(model, opt, scheduler, data):
+        def step(batch):
+            x, y = batch
+            return F.cross_entropy(model(x), y)
+        return amp_magics.train(step, model=model, optimizer=opt, data=data, scheduler=scheduler,
+                                epochs=2, dtype="bf16", progress=False)
+
+    reference = setup_objects()
+    torch.manual_seed(3)
+    train(*reference)
+    objects = setup_objects()
+    torch.manual_seed(3)
+    model, opt, scheduler, data = objects
+    find(model, opt, data, steps=8, dtype="bf16", seed=99)  # even a seed is undone
+    train(*objects)
+    assert_same_state(objects[0].state_dict(), reference[0].state_dict())
+    assert_same_state(objects[1].state_dict(), reference[1].state_dict())
+
+
+def test_apply_sets_the_suggestion_on_every_group_keeping_ratios():
+    """A scheduler given to the finder is not stepped (the finder sets the lr), but apply()
+    moves its base lrs too, so its schedule starts from the suggestion."""
+    model, opt, scheduler, data = setup_objects()
+    finding = find(model, opt, data, steps=12, dtype="bf16", start=1e-4, end=1.0,
+                   scheduler=scheduler)
+    assert scheduler.state_dict()["last_epoch"] == 0
+    lr = finding.apply("minimum/10")
+    assert lr == finding.suggestions["minimum/10"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, lr * 10])
+    assert scheduler.base_lrs == pytest.approx([lr, lr * 10])
+    with pytest.raises(AmpUsageError, match="no 'nope' suggestion"):
+        finding.apply("nope")
+
+
+def test_the_groups_keep_their_ratios_during_the_test():
+    model, opt, _, data = setup_objects()
+    seen = []
+
+    def step(batch):
+        seen.append([g["lr"] for g in opt.param_groups])
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    amp_magics.find_lr(step, model=model, optimizer=opt, data=data, steps=6, start=1e-3,
+                       end=1e-1, dtype="bf16", progress=False)
+    lrs = lr_schedule(1e-3, 1e-1, 6)
+    assert seen == [[lr, lr * 10.0] for lr in lrs]
+
+
+def test_the_rules_on_a_known_curve():
+    lrs = [10 ** (-5 + 5 * k / 99) for k in range(100)]
+    # falls steepest around lr 1e-3, lowest at 1e-1, then climbs
+    losses = [3 - math.tanh((math.log10(lr) + 3) * 2) + max(0.0, math.log10(lr) + 1) ** 2 * 8
+              for lr in lrs]
+    found = suggestions(lrs, losses)
+    lowest = lrs[losses.index(min(losses[10:95]))]
+    assert found["minimum/10"] == pytest.approx(lowest / 10)
+    assert 10 ** -3.3 < found["steep"] < 10 ** -2.7
+    assert 1e-4 < found["valley"] < lowest
+    assert set(found) == {"valley", "steep", "minimum/10", "slide"}
+    assert suggestions([1e-3], [1.0]) == {}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"start": 1, "end": 1e-3}, "0 < START < END"),
+    ({"steps": 3}, "at least 5"),
+    ({"val": [(torch.zeros(1, 8), torch.zeros(1, dtype=torch.long))]}, "does not take --val"),
+    ({"checkpoint": "x.pt"}, "does not take --checkpoint"),
+    ({"nproc": 2}, "runs in this process"),
+])
+def test_bad_input_is_refused_before_anything_changes(kwargs, message):
+    model = make_model()
+    opt = sgd(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AmpUsageError, match=message):
+        find(model, opt, make_data(), **kwargs)
+    assert_same_state(model.state_dict(), before)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.fixture
+def nb(ip):
+    model = make_model()
+    ip.user_ns.update(model=model, optimizer=sgd(model), train_loader=make_data(n=8), F=F,
+                      torch=torch)
+    return ip
+
+
+def test_the_magic_finds_stores_and_lists_it_apart_from_runs(nb):
+    before = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    runs_before = len(amp_magics.runs())
+    result = nb.run(f"%%amp_train --find-lr 1e-4,1 --steps 12 --dtype bf16 -o lr\n{BODY}")
+    finding = nb.user_ns["lr"]
+    assert result is finding and isinstance(finding, LrFinding)
+    assert finding.start == 1e-4 and finding.end == 1 and finding.applied_steps <= 12
+    assert_same_state(nb.user_ns["model"].state_dict(), before)
+    assert nb.user_ns["optimizer"].param_groups[0]["lr"] == 0.1
+    assert len(amp_magics.runs()) == runs_before  # not a run
+    table = nb.run("%amp_runs")
+    assert table.findings[-1] is finding and "find-lr" in table._repr_html_()
+    html = nb.display_formatter.format(finding)[0]["text/html"]
+    assert 'img class="amp-chart"' in html and "<svg" not in html  # reads untrusted
+    assert "suggestions" in html and "valley" in html
+
+
+@pytest.mark.parametrize("line, message", [
+    ("--find-lr 1e-3", "give START,END"),
+    ("--find-lr 1,1e-3", "0 < START < END"),
+    ("--find-lr --steps 2", "at least 5"),
+    ("--find-lr --sweep lr=0.1,0.2", "--sweep cannot be combined with --find-lr"),
+    ("--find-lr --background", "--find-lr cannot be combined with --background"),
+    ("--find-lr --epochs 2", "does not take --epochs"),
+    ("--find-lr --checkpoint c.pt", "--find-lr cannot be combined with --checkpoint"),
+    ("--find-lr --val train_loader", "does not take --val"),
+])
+def test_the_magic_refuses_clearly(nb, line, message):
+    nb.user_ns["sched"] = torch.optim.lr_scheduler.StepLR(nb.user_ns["optimizer"], 2)
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train {line}\n{BODY}")
+    assert nb.user_ns["optimizer"].param_groups[0]["lr"] == 0.1
+
+
+def test_a_model_a_background_run_trains_is_refused(nb):
+    nb.user_ns["train_loader"] = make_data(n=8) * 200
+    run = nb.run(f"%%amp_train --dtype bf16 --background -o bg\nimport time; time.sleep(0.002)"
+                 f"\n{BODY}")
+    try:
+        with pytest.raises(UsageError, match="being trained by"):
+            nb.run(f"%%amp_train --find-lr\n{BODY}")
+    finally:
+        nb.run("%amp_stop")
+    assert run.status == "interrupted"
+
+
+def test_a_hugging_face_model_on_dict_batches():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100,
+                                     n_positions=16, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 100, (24, 12))
+    loader = torch.utils.data.DataLoader(
+        [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids],
+        batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    order = loader.generator.get_state()
+    finding = amp_magics.find_lr(lambda batch: model(**batch).loss, model=model, optimizer=opt,
+                                 data=loader, steps=10, dtype="bf16", progress=False)
+    assert finding.applied_steps == 10 and finding.suggestion is not None
+    assert_same_state(model.state_dict(), before)
+    assert opt.state_dict()["state"] == {} and opt.param_groups[0]["lr"] == 3e-4
+    assert torch.equal(loader.generator.get_state(), order)
