@@ -13,7 +13,7 @@ from .training.run import Run
 from .training.view import View
 
 if TYPE_CHECKING:
-    from .tuning.findings import LrFinding
+    from .tuning.findings import BatchSizeFinding, LrFinding
 
 
 def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequence[View] = (),
@@ -86,6 +86,33 @@ def find_lr(step_fn: Callable[..., Any], *, start: float = 1e-7, end: float = 10
     return finding
 
 
+def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = None,
+                    max_memory: Optional[str] = None, compare: Optional[str] = None,
+                    progress: bool = True, **options: Any) -> BatchSizeFinding:
+    """The largest batch size that trains with headroom: from `data`'s own batch size (a
+    DataLoader, or a Dataset: from 1), halving while it does not fit, doubling while it fits
+    (up to `max_size`), then bisecting; each trial trains 3 whole optimizer steps from the
+    same starting state on the loader re-made with that size (its sampler, collate_fn, workers
+    and generator kept). It fits when its peak memory stays under 90% of the device's memory
+    (or of `max_memory`: "6GiB", "80%"); out of memory is recognised by type and cleaned up.
+    `compare="fp32,bf16"` answers for each precision. Returns a BatchSizeFinding: `.batch_size`,
+    `.trials`, `.searches` (per precision), `.loader` (re-made with the answer). Everything is
+    put back afterwards. The options are `amp_magics.train`'s that apply (dtype, accum, clip...).
+    """
+    __tracebackhide__ = True
+    from .tuning.batch_size import find_batch_size as search
+
+    options = TrainOptions.from_keywords("find_batch_size", options)
+    precisions = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
+    report = (lambda finding, trial: print(f"batch {trial.batch_size}: {trial.result}",
+                                           flush=True)) if progress else None
+    finding = search(step_fn, options, max_size=max_size, max_memory=max_memory,
+                     precisions=precisions, on_trial=report)
+    if progress:
+        print(repr(finding))
+    return finding
+
+
 def _views(progress: bool, observers: Sequence[View]) -> list[View]:
     views = list(observers)
     if progress and not views:
@@ -129,7 +156,7 @@ def _options_doc(specs: Sequence) -> str:
                      if spec.option.keyword)
 
 
-for _function in (train, find_lr):
+for _function in (train, find_lr, find_batch_size):
     _function.__signature__ = _keyword_signature(_function, option_specs())
     if _function.__doc__:  # None under python -OO
         _function.__doc__ += "\n    Options:\n" + _options_doc(option_specs()) + "\n"

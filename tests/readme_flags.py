@@ -17,7 +17,7 @@ PLACEHOLDERS = {
     "NAME": "net", "NAME[,NAME]": "opt1,opt2", "NAME NAME ...": "first second",
     "N": "3", "K": "2", "X": "2.0", "NORM": "1.0", "S": "0.5", "PATH": "ckpt.pt",
     "SPEC": '"lr=1e-3,1e-2"', "PRECISIONS": "fp32,bf16", "a,b": "acc,top5", "0,2": "0,2",
-    "MODE": "default", "START,END": "1e-4,1",
+    "MODE": "default", "START,END": "1e-4,1", "MAX": "64", "SIZE": "2GiB", "PCT": "80%",
 }
 
 

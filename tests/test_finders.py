@@ -324,3 +324,129 @@ def test_a_hugging_face_model_on_dict_batches():
     assert_same_state(model.state_dict(), before)
     assert opt.state_dict()["state"] == {} and opt.param_groups[0]["lr"] == 3e-4
     assert torch.equal(loader.generator.get_state(), order)
+
+
+# -- the batch-size finder ------------------------------------------------------------------------
+def batch_setup(n=400, **loader_kwargs):
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dataset = torch.utils.data.TensorDataset(torch.randn(n, 8), torch.randint(0, 3, (n,)))
+    loader_kwargs = {"batch_size": 8, "shuffle": True,
+                     "generator": torch.Generator().manual_seed(1), **loader_kwargs}
+    return model, opt, torch.utils.data.DataLoader(dataset, **loader_kwargs)
+
+
+def oom_above(model, limit):
+    """A step whose batches above `limit` samples run out of memory, as CUDA would say it."""
+    def step(batch):
+        x, y = batch
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above {limit})")
+        return F.cross_entropy(model(x), y)
+    return step
+
+
+def test_out_of_memory_is_recognised_by_type_and_bisected():
+    model, opt, loader = batch_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    order = loader.generator.get_state()
+    finding = amp_magics.find_batch_size(oom_above(model, 24), model=model, optimizer=opt,
+                                         data=loader, dtype="bf16", progress=False)
+    assert finding.batch_size == 24 and finding.status == "finished"
+    assert [(t.batch_size, t.result) for t in finding.trials] == [
+        (8, "fits"), (16, "fits"), (32, "out of memory"), (24, "fits"), (28, "out of memory"),
+        (26, "out of memory"), (25, "out of memory")]
+    assert all(t.peak > 0 and t.samples_per_s > 0 for t in finding.trials if t.result == "fits")
+    assert_same_state(model.state_dict(), before)
+    assert opt.state_dict()["state"] == {} and all(p.grad is None for p in model.parameters())
+    assert torch.equal(loader.generator.get_state(), order)
+    assert finding.loader.batch_size == 24 and loader.batch_size == 8
+
+
+def test_a_message_that_only_reads_like_out_of_memory_is_the_users_error():
+    model, opt, loader = batch_setup()
+
+    def step(batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")  # no OOM type
+    with pytest.raises(RuntimeError, match="Tried to allocate"):
+        amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
+                                   dtype="bf16", progress=False)
+
+
+def test_the_answer_leaves_the_headroom_of_max_memory():
+    model, opt, loader = batch_setup()
+    probe = amp_magics.find_batch_size(oom_above(model, 16), model=model, optimizer=opt,
+                                       data=loader, dtype="bf16", progress=False)
+    peaks = {t.batch_size: t.peak for t in probe.trials if t.peak}
+    limit = peaks[16] + 8  # bytes: 16 fits without headroom, 8 with it, if 10% allows
+    finding = amp_magics.find_batch_size(lambda b: F.cross_entropy(model(b[0]), b[1]),
+                                         model=model, optimizer=opt, data=loader, dtype="bf16",
+                                         max_memory=f"{limit}B", progress=False)
+    answer = next(t for t in finding.trials if t.batch_size == finding.batch_size)
+    assert answer.peak <= 0.9 * limit
+    bigger = [t for t in finding.trials if t.batch_size > finding.batch_size]
+    assert bigger and all(t.result != "fits" for t in bigger)
+    assert "90% of --max-memory" in repr(finding)
+
+
+def test_the_loader_keeps_its_sampler_collate_fn_and_generator():
+    calls = []
+
+    def collate(rows):
+        calls.append(len(rows))
+        return torch.utils.data.default_collate(rows)
+
+    model, opt, _ = batch_setup()
+    dataset = torch.utils.data.TensorDataset(torch.randn(300, 8), torch.randint(0, 3, (300,)))
+    sampler = torch.utils.data.SubsetRandomSampler(range(0, 300, 2),
+                                                   generator=torch.Generator().manual_seed(4))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler,
+                                         collate_fn=collate, drop_last=True)
+    state = sampler.generator.get_state()
+    finding = amp_magics.find_batch_size(oom_above(model, 12), model=model, optimizer=opt,
+                                         data=loader, dtype="bf16", max_size=16,
+                                         progress=False)
+    assert finding.batch_size == 12 and set(calls) >= {4, 8, 12}
+    remade = finding.loader
+    assert remade.sampler is sampler and remade.collate_fn is collate and remade.drop_last
+    assert torch.equal(sampler.generator.get_state(), state)  # its order as before
+
+
+def test_each_precision_answers_side_by_side():
+    model, opt, loader = batch_setup()
+    finding = amp_magics.find_batch_size(oom_above(model, 20), model=model, optimizer=opt,
+                                         data=loader, compare="fp32,bf16", progress=False)
+    assert list(finding.searches) == ["fp32", "bf16"]
+    assert [s.batch_size for s in finding.searches.values()] == [20, 20]
+    assert "fp32: 20" in repr(finding) and "bf16: 20" in repr(finding)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"data": [(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))]}, "varies a DataLoader"),
+    ({"max_memory": "lots"}, "give a size such as 6GiB"),
+    ({"compare": "fp8"}, "choose from"),
+    ({"nproc": 2}, "runs in this process"),
+])
+def test_the_batch_size_finder_refuses_clearly(kwargs, message):
+    model, opt, loader = batch_setup()
+    with pytest.raises(AmpUsageError, match=message):
+        amp_magics.find_batch_size(oom_above(model, 8), **{
+            "model": model, "optimizer": opt, "data": loader, "progress": False, **kwargs})
+
+
+def test_the_magic_finds_a_batch_size_from_a_dataset(nb):
+    model, opt, loader = batch_setup(n=200)
+    nb.user_ns.update(model=model, optimizer=opt, dataset=loader.dataset,
+                      step_fn=oom_above(model, 6))
+    finding = nb.run("%%amp_train --data dataset --find-batch-size --dtype bf16 -o bs\n"
+                     "loss = step_fn(batch)")
+    assert finding is nb.user_ns["bs"] and finding.batch_size == 6
+    assert [t.batch_size for t in finding.trials][:4] == [1, 2, 4, 8]  # a Dataset: from 1
+    assert nb.run("%amp_runs").findings[-1] is finding
+    html = nb.display_formatter.format(finding)[0]["text/html"]
+    assert "out of memory" in html and "trials" in html
+    with pytest.raises(UsageError, match="--max-memory goes with --find-batch-size"):
+        nb.run(f"%%amp_train --max-memory 2GiB\n{BODY}")
+    with pytest.raises(UsageError, match="positive whole number"):
+        nb.run(f"%%amp_train --data dataset --find-batch-size 0\n{BODY}")

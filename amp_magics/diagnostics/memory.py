@@ -7,6 +7,7 @@ are counted exactly on every device, by watching what autograd saves.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -27,7 +28,7 @@ from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
                        unpack_loss)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from ..tensors import StepFn
 
@@ -387,27 +388,47 @@ def _step_activation_memory(step_fn, model, batch, precision) -> ActivationRepor
     return ActivationReport(str(device), steps, note)
 
 
+class SavedForBackward:
+    """Counts, exactly, the bytes autograd saves for backward in the forward passes run inside
+    `watching(batch)`: storages other than the model's parameters and buffers and the batch's
+    own tensors, each once. `most` is the largest of any one forward pass watched."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.most = 0
+
+    @contextlib.contextmanager
+    def watching(self, batch: Any) -> Iterator[dict]:
+        held = {storage_of(t)[0] for t in [*self.model.parameters(), *self.model.buffers(),
+                                          *tensors_in(batch)]}
+        saved: dict = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key, nbytes = storage_of(t)
+            if key is not None and key not in held:
+                saved[key] = nbytes
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                yield saved
+        finally:
+            self.most = max(self.most, sum(saved.values()))
+
+
 def _measure(step, model, batch, chosen, device) -> StepMemory:
-    held = {storage_of(t)[0] for t in [*model.parameters(), *model.buffers(), *tensors_in(batch)]}
-    saved: dict = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key, nbytes = storage_of(t)
-        if key is not None and key not in held:
-            saved[key] = nbytes
-        return t
-
+    counter = SavedForBackward(model)
     with preserved(model):
         _release_freed_memory()
         peak = PeakMemory(device).start()
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter.watching(batch):
             loss = forward_loss(step, batch, chosen)
         loss.backward()
         del loss
         measured = peak.stop()
         seconds = time.perf_counter() - t0
-    return StepMemory(chosen.name, sum(saved.values()), measured["peak"], peak.method, seconds)
+    return StepMemory(chosen.name, counter.most, measured["peak"], peak.method, seconds)
 
 
 # -- live tensors --------------------------------------------------------------------------

@@ -100,13 +100,17 @@ def candidates(user_ns: Mapping[str, Any], kind: Kind, what: str) -> str:
             if found else f"No {label} is defined in the notebook yet.")
 
 
-def resolve_objects(user_ns: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
-    """The notebook objects that options in `given` name (their flags' values), by kind."""
+def resolve_objects(user_ns: Mapping[str, Any], given: Mapping[str, Any],
+                    dataset_data: bool = False) -> dict:
+    """The notebook objects that options in `given` name (their flags' values), by kind.
+    With `dataset_data` (the batch-size finder), `--data` may name a map-style Dataset."""
     from ..training.options import option_specs
 
     found = {}
     for spec in option_specs():
         kind = spec.option.notebook
+        if kind == "iterable" and spec.name == "data" and dataset_data:
+            kind = "loader or dataset"
         if kind is not None and spec.name in given:
             found[spec.name] = _find(kind, user_ns, given[spec.name], spec.flag)
     return found
@@ -119,6 +123,8 @@ def _find(kind: str, user_ns: Mapping[str, Any], name: str, flag: str) -> Any:
         return lookup_optimizers(user_ns, name)
     of_kind = {"model": (torch.nn.Module, "an nn.Module"),
                "iterable": (Iterable, "an iterable of batches"),
+               "loader or dataset": ((torch.utils.data.DataLoader, torch.utils.data.Dataset),
+                                     "a DataLoader or a Dataset"),
                "scheduler": (scheduler_types(), "an LR scheduler"),
                "scaler": (torch.amp.GradScaler, "a GradScaler")}
     return lookup(user_ns, name, flag, *of_kind[kind])

@@ -17,6 +17,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Enum, Float
 
+from ..formatting import format_bytes
 from ..training import registry
 from ..training.options import DIAGNOSIS, DISPLAY, Option, OptionSpec, option_specs
 from .args import generated_flags, parse
@@ -69,6 +70,26 @@ MAGIC_FLAGS = [
               "when the smoothed loss exceeds 4x its minimum or is not finite; suggests valley, "
               "steep, minimum/10 and slide (see below). Model, gradients, optimizers, scaler, "
               "scheduler, RNG and the data's order are as before, however it ends"),
+    _flag("find_batch_size", metavar="MAX", bare="", group=DIAGNOSIS,
+          help="the largest batch size (up to MAX) whose 3-step trial fits in memory with "
+               "10%% headroom; with --compare, per precision",
+          doc="the largest batch size (up to MAX) that trains with headroom: from `--data`'s "
+              "own batch size (a DataLoader, or a Dataset from 1), halving while it does not "
+              "fit, doubling while it fits, then bisecting; each trial trains 3 whole optimizer "
+              "steps on the same loader re-made with that size (sampler, shuffle, collate_fn, "
+              "workers, generator kept) from the same start. It fits when its peak memory "
+              "stays under 90% of the device's memory or of `--max-memory`; out of memory is "
+              "recognised by its type, and cleaned up. With `--compare fp32,bf16`, one answer "
+              "per precision. `-o` gives `.batch_size`, `.trials` and `.loader` (re-made with "
+              "the answer); everything is put back afterwards"),
+    _flag("max_memory", metavar="SIZE|PCT", group=DIAGNOSIS,
+          help="with --find-batch-size: the memory a trial may peak at, e.g. 6GiB or 80%% "
+               "(default: the device's memory; on the CPU the RAM available)",
+          doc="with `--find-batch-size`: the memory limit, e.g. `6GiB`, `500MB` or `80%` of the "
+              "device's (default: the GPU's memory; on the CPU, the RAM available at the "
+              "start). On the CPU memory is counted exactly as tensor bytes (model, gradients, "
+              "optimizer state, what a step keeps for backward), and a trial that the last one "
+              "predicts over the limit is not run"),
 ]
 
 
@@ -107,12 +128,13 @@ class AmpMagics(Magics):
         args = parse(self.amp_train, line)
         if args.output is not None and not args.output.isidentifier():
             raise UsageError(f"-o {args.output}: not a valid Python name, e.g. -o run")
-        if args.sweep or args.compare or args.find_lr:
-            _check_several(args)
+        _check_modes(args)
         options = self._options(args)
         step = CellStep(self.shell, cell, options.log)
         if args.find_lr:
             return self._find_lr(args, step, options)
+        if args.find_batch_size is not None:
+            return self._find_batch_size(args, step, options)
         if args.sweep or args.compare:
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
@@ -134,7 +156,13 @@ class AmpMagics(Magics):
 
         given = {spec.name: getattr(args, spec.name) for spec in option_specs()
                  if hasattr(args, spec.name)}
-        given.update(resolve_objects(self.shell.user_ns, given))
+        finds_batch_size = args.find_batch_size is not None
+        given.update(resolve_objects(self.shell.user_ns, given, dataset_data=finds_batch_size))
+        if finds_batch_size:
+            from ..tuning.batch_size import checked_loader
+
+            with usage_errors():
+                given["data"] = checked_loader(given["data"])
         given.setdefault("refresh_seconds", self.refresh_seconds)
         with usage_errors():
             return TrainOptions(**given, config={"model_name": args.model})
@@ -196,6 +224,30 @@ class AmpMagics(Magics):
             view = FinderDashboard(finding)
         with usage_errors():
             range_test(step, options, finding, [view])
+        registry.add_finding(finding)
+        if args.output:
+            self.shell.user_ns[args.output] = finding
+        return finding
+
+    def _find_batch_size(self, args, step, options):
+        """--find-batch-size: trials shown as they run; the model is left as it was."""
+        __tracebackhide__ = True
+        from ..tuning.batch_size import find_batch_size
+        from ..views.reporter import ConsoleReporter
+
+        largest = _count(args.find_batch_size, "--find-batch-size") if args.find_batch_size \
+            else None
+        precisions = tuple(p.strip() for p in (args.compare or "").split(",") if p.strip())
+        live = None if isinstance(self._view(args, options.model), ConsoleReporter) else \
+            _LiveTrials()
+        try:
+            with usage_errors():
+                finding = find_batch_size(
+                    step, options, max_size=largest, max_memory=args.max_memory,
+                    precisions=precisions, on_trial=live or _print_trial)
+        finally:
+            if live is not None:
+                live.close()
         registry.add_finding(finding)
         if args.output:
             self.shell.user_ns[args.output] = finding
@@ -317,10 +369,18 @@ class AmpMagics(Magics):
         return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
 
-def _check_several(args) -> None:
-    """--sweep, --compare and --find-lr: one at a time, in the foreground, in one process."""
-    modes = [flag for flag, given in (("--sweep", args.sweep), ("--compare", args.compare),
+def _check_modes(args) -> None:
+    """--sweep, --compare, --find-lr and --find-batch-size: one at a time (--compare may
+    go with --find-batch-size: an answer per precision), in the foreground, in one process."""
+    finds_batch_size = args.find_batch_size is not None
+    if args.max_memory is not None and not finds_batch_size:
+        raise UsageError("--max-memory goes with --find-batch-size: add it, or drop --max-memory")
+    modes = [flag for flag, given in (("--find-batch-size", finds_batch_size),
+                                      ("--sweep", args.sweep),
+                                      ("--compare", args.compare and not finds_batch_size),
                                       ("--find-lr", args.find_lr)) if given]
+    if not modes:
+        return
     conflicts = [flag for flag, given in (("--background", args.background),
                  ("--checkpoint", getattr(args, "checkpoint", None)),
                  ("--resume", getattr(args, "resume", None)),
@@ -328,8 +388,45 @@ def _check_several(args) -> None:
     conflicts += modes[1:]
     if conflicts:
         raise UsageError(f"{modes[0]} cannot be combined with {', '.join(conflicts)}")
-    if args.compare and getattr(args, "steps", None) is None:
+    if args.compare and not finds_batch_size and getattr(args, "steps", None) is None:
         raise UsageError("--compare needs --steps N, e.g. --steps 50")
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{flag} {text}: give a positive whole number, e.g. {flag} 512")
+    return value
+
+
+def _print_trial(finding, trial) -> None:
+    peak = f", peak {format_bytes(trial.peak)}" if trial.peak is not None else ""
+    print(f"batch {trial.batch_size}: {trial.result}{peak}", flush=True)
+
+
+class _LiveTrials:
+    """The batch-size finder's trials as a live table in the cell, updated after each."""
+
+    def __init__(self):
+        self.live = None
+
+    def __call__(self, finding, trial) -> None:
+        from ..views.finder import batch_finding_html
+
+        html = batch_finding_html(finding, live=True)
+        if self.live is None:
+            from ..views.dashboard import LiveHtml
+
+            self.live = LiveHtml(html)
+        else:
+            self.live.update(html)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
 
 
 def _lr_range(text: str) -> tuple[float, float]:

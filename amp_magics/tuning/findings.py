@@ -166,3 +166,86 @@ def _slide(lrs: list[float], losses: list[float], lr_diff: int = 15,
         found = lrs[left]
         right, left = right - 1, left - 1
     return found
+
+
+# -- the batch-size finder ---------------------------------------------------------------------
+FITS, HEADROOM_ONLY, OVER_CAP, OUT_OF_MEMORY, PREDICTED = (
+    "fits", "fits, but not with the headroom", "over the cap", "out of memory",
+    "not tried: predicted over the cap")
+
+
+@dataclass
+class Trial:
+    batch_size: int
+    result: str  # one of FITS, HEADROOM_ONLY, OVER_CAP, OUT_OF_MEMORY, PREDICTED
+    peak: int | None  # bytes
+    samples_per_s: float | None = None
+
+
+@dataclass
+class BatchSizeSearch:
+    """The trials of one precision and the largest batch size that fits with the headroom."""
+
+    precision: str
+    trials: list[Trial] = field(default_factory=list)
+    batch_size: int | None = None
+    faster: Trial | None = None  # a smaller batch that trained more samples per second
+
+    def note(self) -> str:
+        if self.batch_size is None:
+            return "no batch size fits"
+        best = next(t for t in self.trials if t.batch_size == self.batch_size)
+        if self.faster is None or not (best.samples_per_s and self.faster.samples_per_s):
+            return ""
+        return (f"batch {self.faster.batch_size} trained {self.faster.samples_per_s / best.samples_per_s:.2f}x "
+                f"the samples per second of {self.batch_size}")
+
+
+@dataclass
+class BatchSizeFinding:
+    """What the batch-size finder found: per precision, its trials and the answer. The
+    answer's peak stays under (1 - headroom) x limit."""
+
+    limit: int  # bytes
+    limit_source: str  # what the limit is ("CUDA device memory", "--max-memory 2 GiB", ...)
+    headroom: float
+    memory_method: str
+    start: int
+    searches: dict[str, BatchSizeSearch] = field(default_factory=dict)
+    status: str = "running"
+    stop_reason: str = ""
+    loader: Any = field(default=None, repr=False)  # the DataLoader re-made with the answer
+
+    kind = "find-batch-size"
+
+    @property
+    def batch_size(self) -> int | None:
+        return next(iter(self.searches.values())).batch_size if self.searches else None
+
+    @property
+    def trials(self) -> list[Trial]:
+        return next(iter(self.searches.values())).trials if self.searches else []
+
+    @property
+    def answer(self) -> str:
+        return ", ".join(f"{p}: {s.batch_size}" for p, s in self.searches.items()) or "none"
+
+    def rows(self) -> list[dict]:
+        return [{"precision": p, "batch size": t.batch_size, "result": t.result,
+                 "peak memory": t.peak, "samples/s": t.samples_per_s}
+                for p, search in self.searches.items() for t in search.trials]
+
+    def lines(self) -> list[str]:
+        out = [f"batch-size finder: the largest batch whose peak memory stays under "
+               f"{1 - self.headroom:.0%} of {self.limit_source} ({self.memory_method}); "
+               f"{self.status}{': ' + self.stop_reason if self.stop_reason else ''}"]
+        for precision, search in self.searches.items():
+            tried = ", ".join(f"{t.batch_size} {t.result}" for t in search.trials)
+            out.append(f"  {precision}: {search.batch_size} ({tried})"
+                       + (f"; {search.note()}" if search.note() else ""))
+        out.append("the model, gradients, optimizers, scaler, scheduler, RNG and the data's "
+                   "order are as before the finder ran")
+        return out
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())

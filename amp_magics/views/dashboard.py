@@ -321,27 +321,41 @@ class Dashboard(View):
         self._button.description = "Stopping…"
 
 
+class LiveHtml:
+    """HTML shown in the cell (call from its own thread), rewritten in place, and removed when
+    the result it stands in for is displayed instead."""
+
+    def __init__(self, html: str):
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        self._html = widgets.HTML(html)
+        self._handle = display(self._html, display_id=True)
+
+    def update(self, html: str) -> None:
+        self._html.value = html
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
+            self._html.close()
+            self._handle = None
+
+
 class FinderDashboard(View):
-    """A live widget while the finder runs; when it ends the widget gives way to the result
+    """The learning-rate finder drawn live; when it ends the picture gives way to the result
     the cell returns (or to the traceback of a step that failed)."""
 
     def __init__(self, finding: LrFinding):
         self.finding = finding
-        self._html = self._handle = None
+        self._live: LiveHtml | None = None
 
     def on_start(self, run: Run) -> None:
-        import ipywidgets as widgets
-        from IPython.display import display
-
-        self._html = widgets.HTML(finding_html(self.finding, live=True))
-        self._handle = display(self._html, display_id=True)
+        self._live = LiveHtml(finding_html(self.finding, live=True))
 
     def on_refresh(self, run: Run) -> None:
-        self._html.value = finding_html(self.finding, live=True)
+        self._live.update(finding_html(self.finding, live=True))
 
     def on_end(self, run: Run) -> None:
-        if self._handle is None:
-            return
-        self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
-        self._html.close()
-        self._handle = None
+        if self._live is not None:
+            self._live.close()

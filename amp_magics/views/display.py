@@ -3,7 +3,7 @@ formatters when the extension loads, so data modules never import views.
 
 A running Run (what a `--background` cell returns) is shown with a display_id and rewritten
 when it ends; a GPU Status and an %amp_check Report render as HTML tables and as text, a
-learning-rate finding as its chart and suggestions.
+learning-rate finding as its chart and suggestions, a batch-size finding as its trials.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 from ..system.doctor import Report
 from ..system.gpu import Status
 from ..training.run import Run
-from ..tuning.findings import LrFinding
-from .finder import finding_html
+from ..tuning.findings import BatchSizeFinding, LrFinding
+from .finder import batch_finding_html, finding_html
 from .status import checks_html, checks_text, status_html, status_text
 
 
@@ -32,6 +32,7 @@ _RICH = {  # type -> (text/html, text/plain)
     Report: (lambda report: checks_html(report.checks),
              _pretty(lambda report: checks_text(report.checks))),
     LrFinding: (finding_html, _pretty(repr)),
+    BatchSizeFinding: (batch_finding_html, _pretty(repr)),
 }
 
 

@@ -12,7 +12,7 @@ from ..formatting import escape, records_html
 from .charts import ALERT, PALETTE, Series, line_chart_svg, svg_image, svg_inline
 
 if TYPE_CHECKING:
-    from ..tuning.findings import LrFinding
+    from ..tuning.findings import BatchSizeFinding, LrFinding
 
 TITLE = "Learning-rate range test"
 
@@ -46,3 +46,18 @@ def finding_html(finding: LrFinding, live: bool = False) -> str:
     note = "" if live else f'<p style="opacity:.75">{escape(restored)}</p>'
     return (f'<div class="amp-finder" style="font-size:12.5px;line-height:1.45">'
             f"<p>{escape(head)}</p>{chart}{table}{note}</div>")
+
+
+def batch_finding_html(finding: BatchSizeFinding, live: bool = False) -> str:
+    """The trials as a table, the answer of each precision highlighted, and how it was judged."""
+    head, *answers, restored = finding.lines()
+    rows = finding.rows()
+    chosen = [i for i, row in enumerate(rows)
+              if row["batch size"] == finding.searches[row["precision"]].batch_size
+              and row["result"] == "fits"]
+    table = records_html(rows, "trials, in the order run (highlighted: the answer)",
+                         chosen[0] if len(chosen) == 1 else None, byte_columns=("peak memory",))
+    notes = "".join(f"<li>{escape(a.strip())}</li>" for a in answers)
+    tail = "" if live else f'<p style="opacity:.75">{escape(restored)}</p>'
+    return (f'<div class="amp-finder" style="font-size:12.5px;line-height:1.45">'
+            f"<p>{escape(head)}</p><ul>{notes}</ul>{table}{tail}</div>")
