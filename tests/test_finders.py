@@ -443,7 +443,8 @@ def test_the_magic_finds_a_batch_size_from_a_dataset(nb):
                      "loss = step_fn(batch)")
     assert finding is nb.user_ns["bs"] and finding.batch_size == 6
     assert [t.batch_size for t in finding.trials][:4] == [1, 2, 4, 8]  # a Dataset: from 1
-    assert nb.run("%amp_runs").findings[-1] is finding
+    table = nb.run("%amp_runs")
+    assert table.findings[-1] is finding and "find-batch-size" in table._repr_html_()
     html = nb.display_formatter.format(finding)[0]["text/html"]
     assert "out of memory" in html and "trials" in html
     with pytest.raises(UsageError, match="--max-memory goes with --find-batch-size"):

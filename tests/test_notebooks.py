@@ -32,6 +32,12 @@ EXPECTED = {
         ("--sweep", "<Sweep of 3 runs, best sweep[lr="),
         ("%amp_runs --plot fast slow", "data:image/svg+xml;base64,"),
         ("--compare fp32,bf16 --steps 20", "compare[bf16] finished: 20 steps"),
+        ("--find-lr 1e-4,3 --steps 60", "learning-rate range test, "),
+        ("--find-lr 1e-4,3 --steps 60", 'img class="amp-chart"'),
+        ("lr.apply()", "lr set to "),
+        ("--find-batch-size 1024", "batch-size finder: the largest batch"),
+        ("tuned_loader = bs.loader", "batch size 500, 3 batches per epoch"),
+        ("--name tuned", "tuned finished: 24 steps"),
         ("print(showdown)", "bf16: "),
     ],
     "03_memory_inspection": [
@@ -93,7 +99,8 @@ def test_demo_notebook_runs(path, tmp_path):
         if "raises-exception" in cell.metadata.get("tags", []):
             assert errors, f"a cell tagged raises-exception did not raise:\n{cell.source}"
         foreground = "--background" not in cell.source
-        if cell.source.startswith("%%amp_train") and foreground and not errors:
+        finder = "--find-" in cell.source  # its own result, in EXPECTED
+        if cell.source.startswith("%%amp_train") and foreground and not errors and not finder:
             # a foreground run ends with its summary line, with the steps it was asked for
             text = shown(cell)
             match = re.search(r"\S+ (finished|interrupted|failed): (\d+) steps", text)

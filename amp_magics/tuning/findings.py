@@ -219,6 +219,10 @@ class BatchSizeFinding:
     kind = "find-batch-size"
 
     @property
+    def precision(self) -> str:
+        return ", ".join(self.searches)
+
+    @property
     def batch_size(self) -> int | None:
         return next(iter(self.searches.values())).batch_size if self.searches else None
 
