@@ -12,13 +12,13 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "find_lr", "find_batch_size", "plot", "Run", "runs", "View",
+__all__ = ["train", "find_lr", "find_batch_size", "search", "plot", "Run", "runs", "View",
            "load_ipython_extension", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `python -m amp_magics status` never pays for importing torch.
-    if name in ("train", "find_lr", "find_batch_size"):
+    if name in ("train", "find_lr", "find_batch_size", "search"):
         from . import api
         return getattr(api, name)
     if name == "Run":

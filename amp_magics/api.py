@@ -8,12 +8,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import AmpUsageError
-from .training.options import TrainOptions, checked_output_path, option_specs
+from .training.options import TrainOptions, checked_output_path, option_specs, split_keywords
 from .training.run import Run
 from .training.view import View
 
 if TYPE_CHECKING:
-    from .tuning.findings import BatchSizeFinding, LrFinding
+    from .tuning.findings import BatchSizeFinding, LrFinding, Search
 
 
 def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequence[View] = (),
@@ -100,17 +100,47 @@ def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = No
     put back afterwards. The options are `amp_magics.train`'s that apply (dtype, accum, clip...).
     """
     __tracebackhide__ = True
-    from .tuning.batch_size import find_batch_size as search
+    from .tuning.batch_size import find_batch_size as run
 
     options = TrainOptions.from_keywords("find_batch_size", options)
     precisions = tuple(p.strip() for p in compare.split(",") if p.strip()) if compare else ()
     report = (lambda finding, trial: print(f"batch {trial.batch_size}: {trial.result}",
                                            flush=True)) if progress else None
-    finding = search(step_fn, options, max_size=max_size, max_memory=max_memory,
-                     precisions=precisions, on_trial=report)
+    finding = run(step_fn, options, max_size=max_size, max_memory=max_memory,
+                  precisions=precisions, on_trial=report)
     if progress:
         print(repr(finding))
     return finding
+
+
+def search(step_fn: Callable[..., Any], *, progress: bool = True,
+           observers: Sequence[View] = (), **keywords: Any) -> Search:
+    """Search `space` ({"lr": "log(1e-5,1e-1)", "weight_decay": [0, 1e-4]}, or --search's
+    text) with Optuna: `trials` finished trials, each from the same starting state and trained
+    as `--sweep` would with its values, pruned on the live curve, the study kept in
+    `study_dir/<study>.journal` with `study=` (a re-run continues it). Returns a Search:
+    `.best_params`, `.best_run`, `.trials`, `.study`, `.to_pandas()`. One line per trial and a
+    summary are printed with `progress`. Ctrl-C ends the search after the current step (that
+    trial FAIL, tried again first on resume); in a script the KeyboardInterrupt then goes on
+    with the Search as its `.search`. The remaining keywords are `amp_magics.train`'s.
+    """
+    __tracebackhide__ = True
+    from .tuning.plan import SearchPlan
+    from .tuning.search import search as run_search
+
+    plan, options = split_keywords("search", keywords, SearchPlan, TrainOptions)
+    plan, options = SearchPlan(**plan), TrainOptions(**options)
+    report = (lambda found, trial: print(trial.line(), flush=True)) if progress else None
+    found = run_search(step_fn, options, plan, list(observers), report)
+    if progress:
+        print(found.lines()[-1])
+    if found.status == "interrupted":
+        try:
+            _raise_if_interrupted(found.trials[-1].run, None, None)
+        except KeyboardInterrupt as stop:  # a script's Ctrl-C: it carries the search
+            stop.search = found
+            raise
+    return found
 
 
 def _views(progress: bool, observers: Sequence[View]) -> list[View]:
@@ -156,10 +186,18 @@ def _options_doc(specs: Sequence) -> str:
                      if spec.option.keyword)
 
 
-for _function in (train, find_lr, find_batch_size):
-    _function.__signature__ = _keyword_signature(_function, option_specs())
+def _plan_specs() -> list:
+    from .tuning.plan import SearchPlan
+
+    return option_specs(SearchPlan)
+
+
+for _function, _specs in ((train, option_specs()), (find_lr, option_specs()),
+                          (find_batch_size, option_specs()),
+                          (search, _plan_specs() + option_specs())):
+    _function.__signature__ = _keyword_signature(_function, _specs)
     if _function.__doc__:  # None under python -OO
-        _function.__doc__ += "\n    Options:\n" + _options_doc(option_specs()) + "\n"
+        _function.__doc__ += "\n    Options:\n" + _options_doc(_specs) + "\n"
 
 
 def _interrupt(run: Run, checkpoint: Optional[str], saved: Optional[str]) -> KeyboardInterrupt:

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Enum, Float
+from traitlets import Enum, Float, Unicode
 
 from ..formatting import format_bytes
 from ..training import registry
 from ..training.options import DIAGNOSIS, DISPLAY, Option, OptionSpec, option_specs
+from ..tuning.plan import SearchPlan
 from .args import generated_flags, parse
 from .notebook import CellStep, lookup, resolve_objects, usage_errors
 
@@ -53,10 +54,6 @@ MAGIC_FLAGS = [
           doc='one run per setting, all from the same starting state: `"lr=1e-4,3e-4,1e-3"`, '
               'a grid with `;` (`"lr=1e-3,1e-2; weight_decay=0,0.01"`); keys: any numeric '
               "optimizer hyperparameter, `accum`, `clip`, `init_scale`, `dtype`"),
-    _flag("keep", "start", choices=("start", "best"), group=DIAGNOSIS,
-          help="after --sweep: restore the start (default) or keep the best run's weights",
-          doc="after a sweep, restore the starting state (default) or keep the best run's "
-              "weights (best by val loss with `--val`, else final train loss)"),
     _flag("compare", metavar="PRECISIONS", group=DIAGNOSIS,
           help="time each precision from the same start, e.g. fp32,bf16,fp16 (with --steps)",
           doc="precision showdown, e.g. `fp32,bf16,fp16` with `--steps 50`: median step time, "
@@ -95,7 +92,7 @@ MAGIC_FLAGS = [
 
 def amp_train_flags() -> list[OptionSpec]:
     """Every flag of %%amp_train, in the parser's order (the README's table is made of it)."""
-    return option_specs() + MAGIC_FLAGS
+    return option_specs() + MAGIC_FLAGS + option_specs(SearchPlan)
 
 
 @magics_class
@@ -103,6 +100,7 @@ class AmpMagics(Magics):
     """Mixed-precision training magics. Settings: `%config AmpMagics.refresh_seconds = 1.0`."""
 
     refresh_seconds = Float(0.5, help="Seconds between dashboard refreshes.").tag(config=True)
+    study_dir = Unicode("amp_studies", help="Folder of --study's journal files.").tag(config=True)
     view = Enum(["auto", "dashboard", "text"], default_value="auto",
                 help="auto: the live dashboard in a Jupyter kernel, a text line in a terminal."
                 ).tag(config=True)
@@ -113,7 +111,8 @@ class AmpMagics(Magics):
             shell.configurables.append(self)
 
     # -- %%amp_train ------------------------------------------------------------------
-    @generated_flags((option_specs(), True), (MAGIC_FLAGS, False))
+    @generated_flags((option_specs(), True), (MAGIC_FLAGS, False),
+                     (option_specs(SearchPlan), True))
     @cell_magic
     def amp_train(self, line: str, cell: str) -> Run | Sweep | Showdown | None:
         """Run the cell body as ONE training step, for every batch, with automatic mixed precision.
@@ -135,6 +134,8 @@ class AmpMagics(Magics):
             return self._find_lr(args, step, options)
         if args.find_batch_size is not None:
             return self._find_batch_size(args, step, options)
+        if hasattr(args, "space"):
+            return self._search(args, step, options)
         if args.sweep or args.compare:
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
@@ -197,7 +198,7 @@ class AmpMagics(Magics):
                 if args.sweep:
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
                     result = sweep.sweep(step, settings, options, [view],
-                                         keep_best=args.keep == "best")
+                                         keep_best=getattr(args, "keep", "start") == "best")
                 else:
                     precisions = showdown.parse_compare(args.compare, model_device(options.model))
                     result = showdown.showdown(step, precisions, options, [view])
@@ -239,7 +240,7 @@ class AmpMagics(Magics):
             else None
         precisions = tuple(p.strip() for p in (args.compare or "").split(",") if p.strip())
         live = None if isinstance(self._view(args, options.model), ConsoleReporter) else \
-            _LiveTrials()
+            _LivePanel()
         try:
             with usage_errors():
                 finding = find_batch_size(
@@ -252,6 +253,34 @@ class AmpMagics(Magics):
         if args.output:
             self.shell.user_ns[args.output] = finding
         return finding
+
+    def _search(self, args, step, options):
+        """--search: trials drawn as they train, a trials panel above; the model ends as
+        --keep says."""
+        __tracebackhide__ = True
+        import dataclasses
+
+        from ..tuning.search import search
+        from ..views.reporter import ConsoleReporter
+
+        plan = SearchPlan(**{s.name: getattr(args, s.name) for s in option_specs(SearchPlan)
+                             if hasattr(args, s.name)}, study_dir=self.study_dir)
+        view = self._view(args, options.model, several=True)
+        text = isinstance(view, ConsoleReporter)
+        panel = None if text else _LivePanel("<p>search: the first trial is training...</p>")
+        options = dataclasses.replace(options, name=options.name or plan.study or "search")
+        try:
+            with usage_errors():
+                found = search(step, options, plan, [] if text else [view],
+                               _print_trial if text else panel)
+        finally:
+            if panel is not None:
+                panel.close()
+                view.finish()
+        registry.add_finding(found)
+        if args.output:
+            self.shell.user_ns[args.output] = found
+        return found
 
     def _train_quietly(self, training, step):
         # The view shows a failure; the exception has nowhere better to go from a thread.
@@ -375,10 +404,16 @@ def _check_modes(args) -> None:
     finds_batch_size = args.find_batch_size is not None
     if args.max_memory is not None and not finds_batch_size:
         raise UsageError("--max-memory goes with --find-batch-size: add it, or drop --max-memory")
+    searches = hasattr(args, "space")
+    plan_flags = [s.flag for s in option_specs(SearchPlan)
+                  if hasattr(args, s.name) and s.name not in ("space", "keep")]
+    if plan_flags and not searches:
+        raise UsageError(f"{', '.join(plan_flags)} go{'es' * (len(plan_flags) == 1)} with "
+                         "--search: add it, or drop them")
     modes = [flag for flag, given in (("--find-batch-size", finds_batch_size),
                                       ("--sweep", args.sweep),
                                       ("--compare", args.compare and not finds_batch_size),
-                                      ("--find-lr", args.find_lr)) if given]
+                                      ("--find-lr", args.find_lr), ("--search", searches)) if given]
     if not modes:
         return
     conflicts = [flag for flag, given in (("--background", args.background),
@@ -403,20 +438,30 @@ def _count(text: str, flag: str) -> int:
 
 
 def _print_trial(finding, trial) -> None:
+    """A finder's or a search's trial, in a line (the terminal's form)."""
+    if hasattr(trial, "line"):
+        print(trial.line(), flush=True)
+        return
     peak = f", peak {format_bytes(trial.peak)}" if trial.peak is not None else ""
     print(f"batch {trial.batch_size}: {trial.result}{peak}", flush=True)
 
 
-class _LiveTrials:
-    """The batch-size finder's trials as a live table in the cell, updated after each."""
+class _LivePanel:
+    """A finder's or a search's results so far, a live HTML panel in the cell, redrawn after
+    each trial (in the notebook's thread: trials run in the foreground)."""
 
-    def __init__(self):
+    def __init__(self, first: str | None = None):
         self.live = None
+        if first is not None:  # shown at once, above what the trials draw
+            from ..views.dashboard import LiveHtml
 
-    def __call__(self, finding, trial) -> None:
+            self.live = LiveHtml(first)
+
+    def __call__(self, found, trial) -> None:
         from ..views.finder import batch_finding_html
+        from ..views.trials import search_html
 
-        html = batch_finding_html(finding, live=True)
+        html = (search_html if found.kind == "search" else batch_finding_html)(found, live=True)
         if self.live is None:
             from ..views.dashboard import LiveHtml
 

@@ -75,7 +75,6 @@ def checked_views(views: Sequence[View]) -> list[View]:
 def new_run(o: TrainOptions, *, device: str, precision: str, reason: str = "",
             scaler: Any = None, **config: Any) -> Run:
     """The Run these options start (not registered yet): one way for every launcher."""
-    per_epoch = _steps_per_epoch(o.data, o.accum)
     return Run(
         o.name or next_name(),
         config={"epochs": o.epoch_limit, "steps": o.steps, "seed": o.seed,
@@ -84,7 +83,7 @@ def new_run(o: TrainOptions, *, device: str, precision: str, reason: str = "",
                 "settings": o.settings(), **config, **o.config},
         device=device, precision=precision, precision_reason=reason,
         scaler_settings=scalers.describe(scaler),
-        total_steps=_total_steps(o.epoch_limit, o.steps, per_epoch), steps_per_epoch=per_epoch,
+        total_steps=o.total_steps, steps_per_epoch=o.steps_per_epoch,
         model_label=type(o.model).__name__, model=o.model)
 
 
@@ -399,20 +398,6 @@ def held_objects(objects: TrainingObjects) -> str:
     held += [name for name, part in (("scaler", objects.scaler), ("scheduler", objects.scheduler))
              if part is not None]
     return f"{', '.join(held[:-1])} and {held[-1]} are"
-
-
-# -- helpers -----------------------------------------------------------------------------
-def _steps_per_epoch(data, accum: int) -> int | None:
-    try:
-        return math.ceil(len(data) / accum)
-    except TypeError:
-        return None
-
-
-def _total_steps(epochs: int | None, steps: int | None, per_epoch: int | None) -> int | None:
-    by_epochs = epochs * per_epoch if epochs is not None and per_epoch is not None else None
-    candidates = [n for n in (steps, by_epochs) if n is not None]
-    return min(candidates) if candidates else None
 
 
 @contextlib.contextmanager

@@ -248,19 +248,27 @@ class TrainOptions:
     @classmethod
     def from_keywords(cls, caller: str, given: Mapping[str, Any], **fixed: Any) -> TrainOptions:
         """The options from keyword arguments, an unknown keyword named with its fix."""
-        known = {f.name for f in fields(cls) if f.metadata["option"].keyword}
-        for key in given:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f": did you mean {close[0]}?" if close else ""
-                raise AmpUsageError(f"{caller}() has no option {key!r}{hint} (its options: "
-                                    f"{', '.join(sorted(known))})")
-        return cls(**given, **fixed)
+        (options,) = split_keywords(caller, given, cls)
+        return cls(**options, **fixed)
 
     @property
     def epoch_limit(self) -> int | None:
         """Passes over the data: `epochs`, else 1, or unlimited when only `steps` is given."""
         return 1 if self.epochs is None and self.steps is None else self.epochs
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps in a pass over the data (None for a stream)."""
+        length = data_length(self.data)
+        return None if length is None else math.ceil(length / self.accum)
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps the run is asked for (None when only a stream's end tells)."""
+        per_epoch, epochs = self.steps_per_epoch, self.epoch_limit
+        by_epochs = epochs * per_epoch if epochs is not None and per_epoch is not None else None
+        candidates = [n for n in (self.steps, by_epochs) if n is not None]
+        return min(candidates) if candidates else None
 
     @property
     def optimizers(self) -> tuple:
@@ -421,10 +429,25 @@ class OptionSpec:
         return None if flag is None else flag or "--" + self.name.replace("_", "-")
 
 
-def option_specs() -> list[OptionSpec]:
-    """Every TrainOptions field with its Option, in declaration order."""
+def option_specs(cls: type = TrainOptions) -> list[OptionSpec]:
+    """Every field of `cls` (TrainOptions, or another dataclass of `option` fields) with its
+    Option, in declaration order."""
     return [OptionSpec(f.name, f.metadata["option"], _default(f), _value_type(f.type))
-            for f in fields(TrainOptions)]
+            for f in fields(cls)]
+
+
+def split_keywords(caller: str, given: Mapping[str, Any], *classes: type) -> list[dict]:
+    """`given` keyword arguments shared out among `classes` (dataclasses of `option` fields),
+    one dict each; a keyword none of them takes is refused with the nearest one that exists."""
+    known = [{s.name for s in option_specs(cls) if s.option.keyword} for cls in classes]
+    every = set().union(*known)
+    for key in given:
+        if key not in every:
+            close = difflib.get_close_matches(key, sorted(every), n=1)
+            hint = f": did you mean {close[0]}?" if close else ""
+            raise AmpUsageError(f"{caller}() has no option {key!r}{hint} (its options: "
+                                f"{', '.join(sorted(every))})")
+    return [{k: v for k, v in given.items() if k in names} for names in known]
 
 
 def tunable_types() -> dict[str, type]:

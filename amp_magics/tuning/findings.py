@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AmpUsageError
+from ..formatting import format_duration
 from ..training.options import MAX_COUNT
 from .hyperparameters import apply_hyperparameters
 
@@ -249,6 +250,107 @@ class BatchSizeFinding:
                        + (f"; {search.note()}" if search.note() else ""))
         out.append("the model, gradients, optimizers, scaler, scheduler, RNG and the data's "
                    "order are as before the finder ran")
+        return out
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+
+# -- searches and sweeps, trial by trial ---------------------------------------------------------
+@dataclass
+class TrialRecord:
+    """One trial of a search (or one setting of a sweep): what it tried and how it ended."""
+
+    number: int
+    params: dict
+    state: str  # COMPLETE, PRUNED, FAIL (or RUNNING while it trains)
+    value: float | None = None  # the objective
+    steps: int = 0
+    reason: str = ""  # why it was pruned or failed
+    reports: list = field(default_factory=list)  # (step, value) reported for pruning
+    run: Any = field(default=None, repr=False)
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in self.params.items())
+
+    def line(self) -> str:
+        value = f" {self.value:.4g}" if self.value is not None else ""
+        reason = f" ({self.reason})" if self.reason else ""
+        return f"trial {self.number} {self.label()}: {self.state}{value} after {self.steps} steps{reason}"
+
+
+@dataclass
+class Search:
+    """What a search (`--search`) found: its trials, the best, and the Optuna study (in its
+    journal file with --study: `optuna.load_study` reads it, and so does optuna-dashboard)."""
+
+    objective: str  # what was optimised, in words
+    direction: str  # "minimize" or "maximize"
+    target: int  # trials to finish (COMPLETE or PRUNED)
+    trials: list[TrialRecord] = field(default_factory=list)
+    status: str = "running"
+    stop_reason: str = ""
+    setup: str = ""  # sampler, pruner and their settings, in words
+    journal: str | None = None  # the study's file, with --study
+    study: Any = field(default=None, repr=False)
+
+    kind = "search"
+
+    @property
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state in ("COMPLETE", "PRUNED")]
+
+    @property
+    def best(self) -> TrialRecord | None:
+        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None
+                and math.isfinite(t.value)]
+        pick = min if self.direction == "minimize" else max
+        return pick(done, key=lambda t: t.value) if done else None
+
+    @property
+    def best_params(self) -> dict | None:
+        return self.best.params if self.best else None
+
+    @property
+    def best_run(self) -> Any:
+        return self.best.run if self.best else None
+
+    @property
+    def precision(self) -> str:
+        return ", ".join(dict.fromkeys(t.run.precision for t in self.trials if t.run))
+
+    @property
+    def answer(self) -> str:
+        best = self.best
+        return f"{best.value:.4g} ({best.label()})" if best else "none yet"
+
+    def progress(self) -> str:
+        """ "trial 7 of 20 · 3 pruned · best 0.412 (lr=3.2e-4) · ETA 2m" """
+        pruned = sum(t.state == "PRUNED" for t in self.trials)
+        timed = [t.run.wall_time for t in self.trials if t.run is not None and t.run.done]
+        left = self.target - len(self.finished)
+        eta = (f" · ETA {format_duration(sum(timed) / len(timed) * left)}"
+               if timed and left > 0 and self.status == "running" else "")
+        return (f"trial {len(self.finished)} of {self.target} · {pruned} pruned · best "
+                f"{self.answer}{eta}")
+
+    def rows(self) -> list[dict]:
+        return [{"trial": t.number, **t.params, "state": t.state, "objective": t.value,
+                 "steps": t.steps, "reason": t.reason} for t in self.trials]
+
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def lines(self) -> list[str]:
+        out = [f"search: {self.objective}, {self.direction}d; {self.setup}"]
+        if self.journal:
+            out.append(f"study kept in {self.journal}")
+        out += [f"  {t.line()}" for t in self.trials]
+        out.append(f"{self.progress()}; {self.status}"
+                   + (f": {self.stop_reason}" if self.stop_reason else ""))
         return out
 
     def __repr__(self) -> str:

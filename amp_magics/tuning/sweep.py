@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,7 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     try:
         for i, setting in enumerate(settings):
             start.restore()
-            run = _one_setting(step_fn, setting, options, views, claim, name)
+            run = train_setting(step_fn, setting, options, views, claim, name)
             result.runs.append(run)
             if run.status != "finished":
                 break
@@ -126,8 +126,11 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     return result
 
 
-def _one_setting(step_fn: StepFn, setting: dict, options: TrainOptions, views: Sequence[View],
-                 claim: Any, name: str) -> Run:
+def train_setting(step_fn: StepFn, setting: dict, options: TrainOptions, views: Sequence[View],
+                  claim: Any, name: str, watch: Callable[[Any], None] | None = None) -> Run:
+    """One run with `setting` applied, as a sweep (and a search) trains each: its optimizer
+    hyperparameters set on every group (ratios kept), its engine options passed, the run
+    named `name[key=value ...]`. `watch(training)` may hook into the prepared run."""
     __tracebackhide__ = True
     applied = apply_hyperparameters(setting, options.optimizers, options.scheduler)
     run_options = dataclasses.replace(
@@ -135,5 +138,7 @@ def _one_setting(step_fn: StepFn, setting: dict, options: TrainOptions, views: S
         config={**options.config, "sweep": setting, "set": applied}, **engine_options(setting))
     training = prepare(step_fn, run_options, views, claim)
     training.run.notes += ratio_notes(applied)
+    if watch is not None:
+        watch(training)
     training.execute()
     return training.run

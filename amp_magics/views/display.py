@@ -3,7 +3,8 @@ formatters when the extension loads, so data modules never import views.
 
 A running Run (what a `--background` cell returns) is shown with a display_id and rewritten
 when it ends; a GPU Status and an %amp_check Report render as HTML tables and as text, a
-learning-rate finding as its chart and suggestions, a batch-size finding as its trials.
+learning-rate finding as its chart and suggestions, a batch-size finding and a search as
+their trials.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 from ..system.doctor import Report
 from ..system.gpu import Status
 from ..training.run import Run
-from ..tuning.findings import BatchSizeFinding, LrFinding
+from ..tuning.findings import BatchSizeFinding, LrFinding, Search
 from .finder import batch_finding_html, finding_html
 from .status import checks_html, checks_text, status_html, status_text
+from .trials import search_html
 
 
 def _display_run(run: Run) -> None:
@@ -33,6 +35,7 @@ _RICH = {  # type -> (text/html, text/plain)
              _pretty(lambda report: checks_text(report.checks))),
     LrFinding: (finding_html, _pretty(repr)),
     BatchSizeFinding: (batch_finding_html, _pretty(repr)),
+    Search: (search_html, _pretty(repr)),
 }
 
 

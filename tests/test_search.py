@@ -1,0 +1,213 @@
+"""--search / amp_magics.search: Optuna's sampler and pruner over trials that each train as a
+--sweep run with the same values would, a study that resumes from its journal file, and
+nothing left RUNNING however a trial ends."""
+import math
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+
+import amp_magics
+from amp_magics.errors import AmpUsageError
+from recipes import assert_same_state, make_data, make_model
+
+optuna = pytest.importorskip("optuna")
+
+BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)\n"
+
+
+def objects():
+    model = make_model()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(n=8)
+
+
+def step_of(model):
+    def step(batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    return step
+
+
+def run_search(model, opt, data, **kwargs):
+    kwargs = {"dtype": "bf16", "epochs": 2, "seed": 0, "progress": False, **kwargs}
+    return amp_magics.search(step_of(model), model=model, optimizer=opt, data=data, **kwargs)
+
+
+@pytest.fixture
+def nb(ip, tmp_path):
+    model, opt, data = objects()
+    ip.user_ns.update(model=model, optimizer=opt, train_loader=data, F=F, torch=torch)
+    ip.run_line_magic("config", f"AmpMagics.study_dir = {str(tmp_path / 'studies')!r}")
+    return ip
+
+
+def test_a_trial_trains_exactly_as_a_sweep_run_with_its_values(nb):
+    start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    nb.run('%%amp_train --dtype fp16 --seed 1 --sweep "lr=0.05; momentum=0.9" -o swept\n'
+           + BODY)
+    assert_same_state(nb.user_ns["model"].state_dict(), start)  # a sweep puts it back
+    nb.run('%%amp_train --dtype fp16 --seed 1 --search "lr=0.05; momentum=0.9" --sampler grid '
+           f'--trials 1 --keep best -o found\n{BODY}')
+    found = nb.user_ns["found"]
+    trial, run = found.trials[0], nb.user_ns["swept"].runs[0]
+    assert trial.state == "COMPLETE" and trial.params == {"lr": 0.05, "momentum": 0.9}
+    for key in ("loss", "scale", "skipped", "lr"):
+        assert [r[key] for r in trial.run.history] == [r[key] for r in run.history], key
+    assert found.best_params == trial.params and found.best_run is trial.run
+    # --keep best: the model holds the trial's weights, not the start's
+    assert not all(torch.equal(v, start[k]) for k, v in nb.user_ns["model"].state_dict().items())
+
+
+def test_a_diverging_lr_is_pruned_with_its_reason_not_failed():
+    model, opt, data = objects()
+    found = run_search(model, opt, data, space={"lr": [1e4]}, trials=1, dtype="fp32")
+    (trial,) = found.trials
+    assert trial.state == "PRUNED" and found.status == "finished"
+    assert re.search(r"loss is (nan|inf)", trial.reason), trial.reason
+    assert "pruned by the search" in trial.run.notes[-1]
+
+
+def test_a_seeded_search_repeats_and_the_model_ends_where_it_started():
+    values = []
+    for _ in range(2):
+        model, opt, data = objects()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        found = run_search(model, opt, data, space="lr=log(1e-3,1); momentum=0,0.5,0.9",
+                           trials=4, seed=11)
+        values.append([t.params for t in found.trials])
+        assert_same_state(model.state_dict(), start) and opt.param_groups[0]["lr"] == 0.1
+    assert values[0] == values[1] and len({str(v) for v in values[0]}) > 1
+
+
+def test_pruning_reports_come_every_n_steps_and_never_from_a_skipped_one():
+    model, opt, _ = objects()
+    data = make_data(n=8, overflow_at=(3,))  # fp16: step 3 is skipped
+    found = run_search(model, opt, data, space={"lr": [0.05]}, trials=1, dtype="fp16",
+                       report_every=2, epochs=1, prune="none")
+    (trial,) = found.trials
+    skipped = {r["step"] for r in trial.run.history if r["skipped"]}
+    assert skipped == {3}
+    assert [step for step, _ in trial.reports] == [1, 4, 5, 7]  # 3 was due, reported at 4
+    assert math.isfinite(trial.value) and trial.value == pytest.approx(trial.reports[-1][1])
+
+
+def test_interrupted_then_resumed_nothing_left_running_and_the_values_tried_again(tmp_path):
+    model, opt, data = objects()
+    steps = {"n": 0}
+
+    def step(batch):
+        steps["n"] += 1
+        if steps["n"] == 30:  # in the second trial: the notebook's second Ctrl-C
+            raise KeyboardInterrupt
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    kwargs = dict(model=model, optimizer=opt, data=data, dtype="bf16", epochs=2, seed=5,
+                  study="resumed", study_dir=str(tmp_path), progress=False,
+                  space="lr=log(1e-3,1e-1)")
+    with pytest.raises(KeyboardInterrupt) as stopped:  # outside IPython, Ctrl-C goes on
+        amp_magics.search(step, trials=4, **kwargs)
+    first = stopped.value.search
+    assert first.status == "interrupted" and [t.state for t in first.trials] == [
+        "COMPLETE", "FAIL"]
+    assert "interrupted" in first.trials[1].reason
+    # a kernel that died in a trial leaves it RUNNING: as a second process would see it
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(first.journal))
+    orphan = optuna.load_study(study_name="resumed", storage=journal).ask(
+        {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+
+    second = amp_magics.search(step, trials=4, **kwargs)
+    states = [t.state for t in second.study.get_trials(deepcopy=False)]
+    assert "RUNNING" not in {s.name for s in states}
+    by_number = {t.number: t for t in second.trials}
+    assert by_number[orphan.number].state == "FAIL"
+    retries = [t for t in second.study.get_trials(deepcopy=False)
+               if "retry_of" in t.user_attrs]
+    assert {t.user_attrs["retry_of"] for t in retries} == {1, orphan.number}
+    assert retries[0].params == first.trials[1].params  # the interrupted values first
+    assert len(second.finished) == 4 and second.status == "finished"
+
+
+def test_the_journal_opens_in_another_process(tmp_path):
+    model, opt, data = objects()
+    found = run_search(model, opt, data, space="lr=0.01,0.1", trials=2, study="shared",
+                       study_dir=str(tmp_path))
+    code = textwrap.dedent(f"""
+        import optuna
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend({found.journal!r}))
+        study = optuna.load_study(study_name="shared", storage=storage)
+        print(len(study.trials), sorted(t.params["lr"] for t in study.trials))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(maxsplit=1)[0] == "2" and "0.01" in done.stdout
+
+
+def test_without_optuna_the_message_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    model, opt, data = objects()
+    with pytest.raises(AmpUsageError, match=r'pip install "amp_magics\[search\]"'):
+        run_search(model, opt, data, space="lr=0.1,0.2")
+
+
+def test_objective_a_logged_scalar_maximised(nb):
+    nb.run('%%amp_train --dtype bf16 --epochs 1 --log acc --search "lr=0.01,0.5" '
+           '--sampler grid --trials 2 --objective acc --direction maximize -o found\n'
+           "x, y = batch\nlogits = model(x)\nacc = (logits.argmax(1) == y).float().mean()\n"
+           "loss = F.cross_entropy(logits, y)")
+    found = nb.user_ns["found"]
+    assert found.direction == "maximize" and "smoothed train acc" in found.objective
+    assert found.best.value == max(t.value for t in found.trials)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("lr=log(1e-3)", "log\\(\\) takes two bounds"),
+    ("lr=log(0,1)", "positive low bound"),
+    ("lr=uniform(1,0.1)", "low bound must be below"),
+    ("frobs=1,2", "cannot set 'frobs'"),
+    ("dtype=uniform(1,2)", "takes a list of choices"),
+    ("accum=uniform(1,4)", "takes whole numbers"),
+    ("lr", "is not KEY=VALUES"),
+    ("lr=0.1; lr=0.2", "names 'lr' twice"),
+])
+def test_bad_specs_name_the_part_that_is_wrong(nb, spec, message):
+    with pytest.raises(UsageError, match=message):
+        nb.run(f'%%amp_train --search "{spec}"\n{BODY}')
+
+
+@pytest.mark.parametrize("line, message", [
+    ('--search "lr=log(1e-3,1)" --sampler grid', "grid needs a list"),
+    ("--trials 3", "--trials goes with --search"),
+    ('--search "lr=0.1" --sweep "lr=0.2"', "cannot be combined with --search"),
+    ('--search "lr=0.1" --background', "cannot be combined with --background"),
+    ('--search "lr=0.1" --objective acc', "add --log acc"),
+    ('--search "lr=0.1" --study "no good"', "a name of letters"),
+])
+def test_the_magic_refuses_clearly(nb, line, message):
+    with pytest.raises(UsageError, match=message):
+        nb.run(f"%%amp_train {line}\n{BODY}")
+
+
+def test_the_magic_keeps_the_study_lists_it_and_draws_the_trials(nb, tmp_path):
+    nb.run('%%amp_train --dtype bf16 --epochs 2 --seed 2 --search "lr=log(1e-3,1)" '
+           f'--trials 3 --study magic -o found\n{BODY}')
+    found = nb.user_ns["found"]
+    assert found.journal == str(tmp_path / "studies" / "magic.journal")
+    assert len(found.finished) == 3 and nb.run("%amp_runs").findings[-1] is found
+    html = nb.display_formatter.format(found)[0]["text/html"]
+    assert 'img class="amp-chart"' in html and "<svg" not in html
+    assert "trial 3 of 3" in html and "optuna-dashboard" in html
+    nb.run(f'%%amp_train --dtype bf16 --epochs 2 --seed 2 --search "lr=log(1e-3,1)" '
+           f'--trials 5 --study magic -o more\n{BODY}')
+    more = nb.user_ns["more"]
+    assert len(more.finished) == 5 and [t.number for t in more.trials][:3] == [0, 1, 2]
+    assert {str(t.params) for t in more.trials[3:]}.isdisjoint(
+        {str(t.params) for t in found.trials})  # the resumed sampler never replays
+
