@@ -38,6 +38,9 @@ EXPECTED = {
         ("--find-batch-size 1024", "batch-size finder: the largest batch"),
         ("tuned_loader = bs.loader", "batch size 500, 3 batches per epoch"),
         ("--name tuned", "tuned finished: 24 steps"),
+        ("--study digits --trials 8", "trial 8 of 8"),
+        ("--study digits --trials 12", "trial 12 of 12"),
+        ("print(study.progress())", "trial 12 of 12"),
         ("print(showdown)", "bf16: "),
     ],
     "03_memory_inspection": [
@@ -99,7 +102,7 @@ def test_demo_notebook_runs(path, tmp_path):
         if "raises-exception" in cell.metadata.get("tags", []):
             assert errors, f"a cell tagged raises-exception did not raise:\n{cell.source}"
         foreground = "--background" not in cell.source
-        finder = "--find-" in cell.source  # its own result, in EXPECTED
+        finder = "--find-" in cell.source or "--search" in cell.source  # results: EXPECTED
         if cell.source.startswith("%%amp_train") and foreground and not errors and not finder:
             # a foreground run ends with its summary line, with the steps it was asked for
             text = shown(cell)
