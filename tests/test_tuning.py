@@ -192,3 +192,13 @@ def test_a_sweep_refuses_ratios_it_cannot_keep(nb):
     nb.user_ns["optimizer"] = opt
     with pytest.raises(UsageError, match="ratios cannot be kept"):
         nb.run(f'%%amp_train --dtype bf16 --sweep "weight_decay=0.1" -o sw\n{BODY}')
+
+
+def test_a_sweep_says_where_it_stands_after_each_setting(nb, capsys):
+    nb.run('%%amp_train --dtype fp32 --sweep "lr=0.001,0.01,0.1" -o sw\n' + BODY)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("setting ")]
+    assert [ln.split(" · ")[0] for ln in lines] == [f"setting {i} of 3" for i in (1, 2, 3)]
+    assert "ETA" in lines[0] and "ETA" not in lines[-1]
+    best = nb.user_ns["sw"].settings[nb.user_ns["sw"].best]
+    assert f"(lr={best['lr']:g})" in lines[-1]

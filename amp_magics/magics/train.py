@@ -193,16 +193,21 @@ class AmpMagics(Magics):
         view = self._view(args, options.model, several=True)
         options = dataclasses.replace(options, name=options.name or
                                       ("sweep" if args.sweep else "compare"))
+        panel = None
         try:
             with usage_errors():
                 if args.sweep:
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
+                    panel = _SweepProgress(view, len(settings))
                     result = sweep.sweep(step, settings, options, [view],
-                                         keep_best=getattr(args, "keep", "start") == "best")
+                                         keep_best=getattr(args, "keep", "start") == "best",
+                                         on_run=panel)
                 else:
                     precisions = showdown.parse_compare(args.compare, model_device(options.model))
                     result = showdown.showdown(step, precisions, options, [view])
         finally:
+            if panel is not None:
+                panel.close()
             view.finish()
         if args.output:
             self.shell.user_ns[args.output] = result
@@ -472,6 +477,31 @@ class _LivePanel:
     def close(self) -> None:
         if self.live is not None:
             self.live.close()
+
+
+class _SweepProgress:
+    """A sweep's "setting 2 of 6 · best ... · ETA" and its table so far: a line after each
+    setting in the terminal, a live panel above the dashboard in a notebook."""
+
+    def __init__(self, view, total: int):
+        from ..views.reporter import ConsoleReporter
+
+        self.text = isinstance(view, ConsoleReporter)
+        self.panel = None if self.text else _LivePanel(
+            f"<p>setting 0 of {total}: the first is training...</p>")
+
+    def __call__(self, found) -> None:
+        if self.text:
+            print(found.progress(), flush=True)
+        else:
+            from ..formatting import escape
+
+            self.panel.live.update(f"<p><b>{escape(found.progress())}</b></p>"
+                                   + found._repr_html_())
+
+    def close(self) -> None:
+        if self.panel is not None:
+            self.panel.close()
 
 
 def _lr_range(text: str) -> tuple[float, float]:
