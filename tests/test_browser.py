@@ -519,8 +519,9 @@ def _run_all(page, lab: Lab, cells, train):
                         page.locator(".jp-Cell .jp-InputPrompt, .jp-OutputArea").all_inner_texts()))
 
 
-# Heights of each sweep cell's live widget, recorded by the page itself at every layout change
-# (a poll from here could miss a run boundary between two reads).
+# Heights of each sweep cell's live dashboard widget, recorded by the page itself at every layout
+# change (a poll from here could miss a run boundary between two reads). The progress panel
+# above it grows by a row per setting, as a table should; the dashboard must not jump.
 WATCH_HEIGHTS = """(cells) => {
     window.__ampHeights = cells.map(() => []);
     cells.forEach((cell, i) => {
@@ -528,7 +529,7 @@ WATCH_HEIGHTS = """(cells) => {
         new ResizeObserver(() => {
             const live = area.querySelector('.jupyter-widgets .amp-dashboard');
             if (live) window.__ampHeights[i].push({
-                height: area.getBoundingClientRect().height,
+                height: live.closest('.jupyter-widgets').getBoundingClientRect().height,
                 alarms: live.querySelectorAll('.amp-alarm').length,
                 text: live.querySelector('.amp-header')?.textContent || ''});
         }).observe(area);
@@ -554,15 +555,18 @@ def _open_and_run(journey: Journey):
 
 
 def _check_sweeps(journey: Journey):
-    """The sweep cells kept their height from one run to the next (no summary table between
-    runs, a one-line legend): each size it took was recorded, and without an alarm (the
-    diverged run's adds its box) they differ by at most a line. `%amp_runs` lists four sweep
-    runs, every one under its own name."""
+    """The sweep cells' dashboards kept their height from one run to the next (no summary
+    table between runs, a one-line legend): each size it took was recorded, and without an
+    alarm (the diverged run's adds its box) they differ by at most a line. Above each, the
+    progress panel says where the sweep stands. `%amp_runs` lists four sweep runs, every one
+    under its own name."""
     page, cells = journey.page, journey.cells
     heights = page.evaluate("() => window.__ampHeights")
     for samples in heights:
         calm = [s["height"] for s in samples if s["alarms"] == 0]
         assert calm and max(calm) - min(calm) <= 24, samples
+    for i in SWEEP_CELLS:
+        assert "setting 2 of 2 · best" in cells.nth(i).inner_text()
     table = cells.nth(RUNS_CELL).locator(".jp-OutputArea-output table").inner_text()
     names = re.findall(r"(sweep\d*\[lr=[\d.]+\])", table)
     assert names == ["sweep[lr=0.05]", "sweep[lr=30]", "sweep2[lr=0.05]", "sweep2[lr=30]"], table

@@ -87,7 +87,8 @@ class Sweep:
         return f"setting {len(done)} of {len(self.settings)} · {best}{eta}"
 
     def _repr_html_(self) -> str:
-        return records_html(self.rows(), f"best by {self.criterion} highlighted", self.best)
+        return records_html(self.rows(), f"{self.progress()} (best by {self.criterion}, "
+                            "highlighted)", self.best)
 
     def __repr__(self) -> str:
         best = self.runs[self.best].name if self.best is not None else "-"
