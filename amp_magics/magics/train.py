@@ -69,7 +69,7 @@ MAGIC_FLAGS = [
               "scheduler, RNG and the data's order are as before, however it ends"),
     _flag("find_batch_size", metavar="MAX", bare="", group=DIAGNOSIS,
           help="the largest batch size (up to MAX) whose 3-step trial fits in memory with "
-               "10%% headroom; with --compare, per precision",
+               "10% headroom; with --compare, per precision",
           doc="the largest batch size (up to MAX) that trains with headroom: from `--data`'s "
               "own batch size (a DataLoader, or a Dataset from 1), halving while it does not "
               "fit, doubling while it fits, then bisecting; each trial trains 3 whole optimizer "
@@ -80,7 +80,7 @@ MAGIC_FLAGS = [
               "per precision. `-o` gives `.batch_size`, `.trials` and `.loader` (re-made with "
               "the answer); everything is put back afterwards"),
     _flag("max_memory", metavar="SIZE|PCT", group=DIAGNOSIS,
-          help="with --find-batch-size: the memory a trial may peak at, e.g. 6GiB or 80%% "
+          help="with --find-batch-size: the memory a trial may peak at, e.g. 6GiB or 80% "
                "(default: the device's memory; on the CPU the RAM available)",
           doc="with `--find-batch-size`: the memory limit, e.g. `6GiB`, `500MB` or `80%` of the "
               "device's (default: the GPU's memory; on the CPU, the RAM available at the "
