@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,21 +20,35 @@ from .errors import AmpUsageError
 StepFn = Callable[[Any, int, int], Any]
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples, lists, dicts) to `device`, non-blocking. Tensors
-    already there are returned as they are (what .to() would do, without its dispatch)."""
+def map_batch(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """The batch with `fn` applied to each tensor in it, also inside tuples (named too), lists
+    and any Mapping (dicts, Hugging Face's BatchEncoding), rebuilt as the same type. The one
+    walk over a batch's structure: moving, counting and finding tensors all go through it."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
+        return fn(obj)
     if type(obj) is tuple:  # the usual (x, y), without the named-tuple check
-        return tuple([to_device(o, device) for o in obj])
+        return tuple([map_batch(o, fn) for o in obj])
     if isinstance(obj, tuple):
-        moved = [to_device(o, device) for o in obj]
+        moved = [map_batch(o, fn) for o in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return [map_batch(o, fn) for o in obj]
+    if isinstance(obj, Mapping):
+        # one atomic copy of the items: another thread may be adding keys
+        mapped = {k: map_batch(v, fn) for k, v in list(obj.items())}
+        if type(obj) is dict:
+            return mapped
+        try:
+            return type(obj)(mapped)
+        except TypeError:  # a Mapping that cannot be made from a dict
+            return mapped
     return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors (see map_batch) to `device`, non-blocking. Tensors already there are
+    returned as they are (what .to() would do, without its dispatch)."""
+    return map_batch(obj, lambda t: t if t.device == device else t.to(device, non_blocking=True))
 
 
 def batch_placer(device: torch.device, move: bool = True
@@ -72,31 +86,18 @@ def batch_placer(device: torch.device, move: bool = True
 
 
 def batch_size(obj: Any) -> int:
-    """Samples in a batch: the leading dimension of its first tensor (0 if none)."""
+    """Samples in a batch: the leading dimension of its first tensor that has rows (0 if
+    none)."""
     if type(obj) is tuple and obj and type(obj[0]) is torch.Tensor and obj[0].ndim:
-        return obj[0].shape[0]  # the usual (x, y), without the recursion
-    if isinstance(obj, torch.Tensor):
-        return obj.shape[0] if obj.ndim else 1
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            n = batch_size(o)
-            if n:
-                return n
-    if isinstance(obj, dict):
-        return batch_size(list(obj.values()))
-    return 0
+        return obj[0].shape[0]  # the usual (x, y), without the walk
+    return next((n for n in (t.shape[0] if t.ndim else 1 for t in tensors_in(obj)) if n), 0)
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Tensors inside nested tuples, lists and dicts (and `obj` itself if it is one)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from tensors_in(o)
-    elif isinstance(obj, dict):
-        for o in list(obj.values()):  # one atomic copy: another thread may be adding keys
-            yield from tensors_in(o)
+    """Tensors inside a batch (see map_batch), and `obj` itself if it is one."""
+    found: list[torch.Tensor] = []
+    map_batch(obj, found.append)
+    return iter(found)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

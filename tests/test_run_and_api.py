@@ -282,3 +282,28 @@ def test_save_writes_the_run_however_it_ends(tmp_path):
     assert failed.status == "failed" and len(failed.history) == 2
     with pytest.raises(AmpUsageError, match="is a folder"):
         quick_run(dtype="fp32", save=tmp_path)
+
+
+def test_a_mapping_batch_that_is_not_a_dict_is_moved_and_counted():
+    """Hugging Face's BatchEncoding is a UserDict: its tensors count as a dict's do."""
+    from collections import UserDict
+
+    from amp_magics.tensors import batch_size, map_batch, tensors_in, to_device
+
+    batch = UserDict({"x": torch.randn(4, 8), "y": torch.randint(0, 3, (4,))})
+    assert batch_size(batch) == 4 and len(list(tensors_in(batch))) == 2
+    moved = to_device(batch, torch.device("cpu"))
+    assert type(moved) is UserDict and moved["x"] is batch["x"]
+    assert map_batch({"a": [torch.zeros(0, 2), torch.zeros(3, 2)]}, lambda t: t)["a"][1].shape[0] == 3
+    assert batch_size({"a": [torch.zeros(0, 2), torch.zeros(3, 2)]}) == 3  # rows, not 0
+
+    model = make_model()
+    seen = []
+
+    def step(b):
+        seen.append(type(b))
+        return F.cross_entropy(model(b["x"]), b["y"])
+    data = [UserDict({"x": x, "y": y}) for x, y in make_data(n=3)]
+    run = amp_magics.train(step, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                           data=data, dtype="fp32", progress=False)
+    assert seen == [UserDict] * 3 and [r["samples"] for r in run.history] == [4, 4, 4]
