@@ -398,3 +398,13 @@ def test_diagnose_names_the_overflowing_module(nb):
 def test_output_name_must_be_a_python_name(nb):
     with pytest.raises(UsageError, match="not a valid Python name"):
         nb.run(f"%%amp_train -o 1x\n{BODY}")
+
+
+def test_a_dataset_is_named_as_what_it_is_with_how_to_batch_it(nb):
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 8))
+    nb.user_ns.update(samples=dataset, loader=torch.utils.data.DataLoader(dataset))
+    with pytest.raises(UsageError) as e:
+        nb.run(f"%%amp_train --data samples\n{BODY}")
+    text = str(e.value)
+    assert "samples is a TensorDataset" in text and "DataLoader(samples, batch_size=" in text
+    assert "loader (DataLoader), samples (TensorDataset)" in text

@@ -5,6 +5,7 @@ torch loads only when a lookup needs it, so %load_ext stays cheap.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -83,21 +84,33 @@ def lookup(user_ns: Mapping[str, Any], name: str, flag: str, kind: Kind, what: s
         obj = getattr(obj, attr)
     if (kind is Iterable and isinstance(obj, (str, bytes))) or not isinstance(obj, kind):
         raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not {what}. "
-                         f"{candidates(user_ns, kind, what)}")
+                         f"{_dataset_hint(obj, name)}{candidates(user_ns, kind, what)}")
     return obj
 
 
+def _dataset_hint(obj: Any, name: str) -> str:
+    """A Dataset yields samples, not batches: say how to batch it."""
+    dataset = getattr(sys.modules.get("torch.utils.data"), "Dataset", None)
+    if dataset is not None and isinstance(obj, dataset):
+        return (f"A {type(obj).__name__} yields single samples: batch it, e.g. "
+                f"DataLoader({name}, batch_size=32, shuffle=True). ")
+    return ""
+
+
 def candidates(user_ns: Mapping[str, Any], kind: Kind, what: str) -> str:
-    """A sentence naming the notebook's objects of `kind` (DataLoaders for any iterable)."""
+    """A sentence naming the notebook's objects of `kind`, each with its type where the kind
+    is a family (any iterable of batches: DataLoaders, and Datasets to batch)."""
     label = what.split(" ", 1)[1]  # "an nn.Module" -> "nn.Module"
     if kind is Iterable:
         import torch
 
-        kind = (torch.utils.data.DataLoader, torch.utils.data.Dataset)
-        label = "DataLoader"
+        kind, label = (torch.utils.data.DataLoader, torch.utils.data.Dataset), "data"
     found = sorted(k for k, v in user_ns.items() if not k.startswith("_") and isinstance(v, kind))
-    return (f"{label} objects in the notebook: {', '.join(found)}."
-            if found else f"No {label} is defined in the notebook yet.")
+    if not found:
+        return f"No {label} object is defined in the notebook yet."
+    if isinstance(kind, tuple):
+        found = [f"{k} ({type(user_ns[k]).__name__})" for k in found]
+    return f"{label} objects in the notebook: {', '.join(found)}."
 
 
 def resolve_objects(user_ns: Mapping[str, Any], given: Mapping[str, Any],
