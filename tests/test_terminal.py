@@ -361,3 +361,25 @@ def test_compile_time_is_shown_apart_and_left_out_of_the_rate():
     assert "compiled in 14.0 s (not in steps/s)" in status_line(run, 0)
     run.status = "finished"
     assert end_lines(run)[0].endswith("compiled in 14s")
+
+
+def test_the_magic_writes_plain_lines_into_a_file(tmp_path):
+    """`ipython notebook.ipynb > log`: IPython's stdout is a file, so no "\r" redraws."""
+    import nbformat
+
+    cells = ["%load_ext amp_magics",
+             "import torch, torch.nn.functional as F\ntorch.manual_seed(0)\n"
+             "model = torch.nn.Linear(8, 3)\n"
+             "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+             "train_loader = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(30)]",
+             "%%amp_train --dtype fp32 --refresh 0.01 --name tofile\n"
+             "x, y = batch\nloss = F.cross_entropy(model(x), y)"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells]),
+                   tmp_path / "cells.ipynb")
+    with open(tmp_path / "cells.log", "wb") as log:
+        done = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "cells.ipynb"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                              timeout=120)
+    text = (tmp_path / "cells.log").read_bytes().decode()
+    assert done.returncode == 0, text
+    assert "tofile finished: 30 steps" in text and "\r" not in text, repr(text[-600:])

@@ -392,7 +392,8 @@ class AmpMagics(Magics):
 
         in_kernel = getattr(self.shell, "kernel", None) is not None
         if args.no_plot or self.view == "text" or (self.view == "auto" and not in_kernel):
-            return ConsoleReporter(stream=sys.stdout, inline=True)
+            # a notebook redraws the row at "\r"; a terminal is asked; a file gets plain lines
+            return ConsoleReporter(stream=sys.stdout, inline=True if in_kernel else None)
         from ..views.dashboard import Dashboard
 
         if several:
