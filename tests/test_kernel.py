@@ -147,3 +147,18 @@ def test_kernel_interrupt_stops_at_a_step_boundary():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_traceback_names_the_cell_by_its_own_number():
+    """The body's frames are the cell's own: `Cell In[3]` for the third cell, as its prompt."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in [
+        "%load_ext amp_magics", SETUP,
+        f"%%amp_train --dtype fp32 --no-plot\nx, y = batch\nraise ValueError('boom')\n{BODY}"]]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    cell = nb.cells[2]
+    (error,) = [o for o in cell.outputs if o.output_type == "error"]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
+    named = set(re.findall(r"Cell In\[(\d+)\]", text))
+    assert named == {str(cell.execution_count)}, text
+    assert "----> 3 raise ValueError('boom')" in text

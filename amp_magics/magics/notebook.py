@@ -35,7 +35,7 @@ class CellStep:
 
     def __init__(self, shell: InteractiveShell, cell: str, log_names: Iterable[str] = ()):
         source = "\n" + shell.transform_cell(cell)
-        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        filename = shell.compile.cache(source, cell_number(shell), raw_code="\n" + cell)
         self.code = shell.compile(source, filename, "exec")
         self.namespace = dict(shell.user_ns)
         # exec(code, namespace) without exec's per-call work: module code called as a
@@ -55,6 +55,14 @@ class CellStep:
         if not self.log_names:
             return ns["loss"]
         return {"loss": ns["loss"], **{n: ns[n] for n in self.log_names if n in ns}}
+
+
+def cell_number(shell: InteractiveShell) -> int:
+    """The number of the cell running now, as its prompt shows it (In[29]): the cell's input
+    is stored before it runs, whereas IPython 9 counts execution_count up before running it
+    and IPython 8 after."""
+    history = getattr(shell.history_manager, "input_hist_raw", None)
+    return len(history) - 1 if history else shell.execution_count
 
 
 @contextlib.contextmanager
