@@ -645,3 +645,33 @@ def test_torch_threads_are_counted_in_words():
     assert dict(_host_facts(host))["torch"] == "1 thread"
     assert dict(_host_facts(SimpleNamespace(**{**vars(host), "torch_threads": 4})))["torch"] \
         == "4 threads"
+
+
+def test_a_comparison_lists_runs_in_the_order_given_without_a_this_run():
+    from amp_magics.views.dashboard import overlay_html
+
+    a, b, c = finished_run("alpha"), finished_run("beta"), finished_run("gamma")
+    empty = finished_run("empty")
+    empty.history, empty.status = [], "failed"
+    page = overlay_html([a, b, empty, c])
+    legend = page.split('class="amp-runs"')[1].split("</div>")[0]
+    assert "(this run)" not in legend
+    assert legend.index("alpha") < legend.index("beta") < legend.index("gamma")
+    assert "empty" not in legend  # a run with no step is never overlaid
+    assert "empty" in repr(amp_magics.plot(a, empty)) and "not drawn" in repr(
+        amp_magics.plot(a, empty))
+
+
+def test_a_run_with_no_step_is_not_an_earlier_run_on_the_next_dashboard(nb):
+    from amp_magics.magics.args import parse as parse_flags
+
+    with pytest.raises(Exception):
+        nb.run("%%amp_train --dtype fp32 -o failed\nraise RuntimeError('at once')\n" + BODY)
+    assert nb.user_ns["failed"].history == []
+    magics = nb.magics_manager.registry["AmpMagics"]
+    magics.view = "dashboard"
+    try:
+        args = parse_flags(magics.amp_train, "")
+        assert nb.user_ns["failed"] not in magics._view(args, nb.user_ns["model"]).earlier_runs
+    finally:
+        magics.view = "text"

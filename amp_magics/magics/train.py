@@ -400,7 +400,7 @@ class AmpMagics(Magics):
             return Dashboard(several=True)
         # Earlier runs of this very model object, whatever it was called then: `--model net`
         # bound to another network is another model.
-        earlier = [r for r in registry.runs() if r.done and r.same_model(model)]
+        earlier = [r for r in registry.runs() if r.done and r.history and r.same_model(model)]
         return Dashboard(earlier_runs=earlier, stoppable=args.background)
 
 

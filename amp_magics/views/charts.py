@@ -696,6 +696,7 @@ class DashboardView:
     eta: float | None = None  # seconds
     alarms: list[str] = field(default_factory=list)
     summary: list[tuple[str, str]] | None = None  # the final summary rows; None while running
+    comparison: bool = False  # finished runs side by side (%amp_runs --plot): no "this run"
 
 
 def _run_colors(view: DashboardView) -> list[str]:
@@ -766,19 +767,21 @@ def _swatch(color: str) -> str:
 
 
 def _runs_legend(view: DashboardView, colors: Sequence[str]) -> str:
-    """One line: the current run, then the earlier runs (newest first) while they fit in about
-    LEGEND_CHARS characters; the rest collapse into "+N earlier runs" (their names and flags
-    in its tooltip)."""
+    """One line: the current run, then the earlier runs (newest first; in a comparison, in the
+    order given) while they fit in about LEGEND_CHARS characters; the rest collapse into
+    "+N earlier runs" (their names and flags in its tooltip)."""
     def item(run: RunTrace, color: str, faded: bool, note: str) -> str:
         flags = f' <span style="opacity:.75">{_e(run.flags)}</span>' if run.flags else ""
         fade = ' style="opacity:.75"' if faded else ""
         return (f'<span{fade}><span style="white-space:nowrap">{_swatch(color)}'
                 f'<b>{_e(run.name)}</b>{note}</span>{flags}</span>')
 
-    current = f"{view.current.name} (this run)"
-    items = [item(view.current, colors[0], False, " (this run)")]
-    used = len(current)
-    earlier = list(zip(view.earlier, colors[1:]))[::-1]  # newest first
+    note = "" if view.comparison else " (this run)"
+    items = [item(view.current, colors[0], False, note)]
+    used = len(view.current.name + note)
+    earlier = list(zip(view.earlier, colors[1:]))
+    if not view.comparison:
+        earlier.reverse()  # newest first
     shown = 0
     for run, color in earlier:
         width = len(run.name) + len(run.flags) + 4

@@ -168,17 +168,21 @@ def build_view(run: Run, columns: _Columns, earlier: list[charts.RunTrace],
 
 
 def overlay_html(runs: Sequence[Run]) -> str:
-    """A static picture of several runs: the first drawn bold (the axes follow it), the
-    others faded. Charts are SVG images: it reads in any saved notebook."""
+    """A static picture of several finished runs, in the order given: the first drawn bold
+    (the axes follow it), the others faded, runs without a step left out. Charts are SVG
+    images: it reads in any saved notebook."""
     first, *others = runs
     columns = _Columns(first).update()
-    earlier = [_Columns(r).update().trace(flags_that_differ(r, first)) for r in others]
-    return charts.dashboard_html(build_view(first, columns, earlier, final=True))
+    earlier = [_Columns(r).update().trace(flags_that_differ(r, first)) for r in others
+               if r.history]
+    view = build_view(first, columns, earlier, final=True)
+    view.comparison = True
+    return charts.dashboard_html(view)
 
 
 class Picture:
     """HTML that notebooks display as it is (untrusted too; nbconvert and GitHub show it):
-    what Run.plot() and `%amp_runs --plot` return. In a terminal, a few lines of text."""
+    what amp_magics.plot() and `%amp_runs --plot` return. In a terminal, a few lines of text."""
 
     def __init__(self, html_text: str, text: str = ""):
         self.html = html_text
@@ -192,13 +196,15 @@ class Picture:
 
 
 def overlay_picture(runs: Sequence[Run]) -> Picture:
-    """`overlay_html` as an object a notebook displays: what Run.plot() returns."""
+    """`overlay_html` as an object a notebook displays: what amp_magics.plot() and
+    `%amp_runs --plot` return."""
     first, *others = runs
     lines = [f"{len(runs)} run{'s' * (len(runs) != 1)} overlaid; the axes follow {first.name}:",
              f"  {first!r}"]
     for other in others:
         differs = flags_that_differ(other, first)
-        lines.append(f"  {other!r} (faded{': ' + differs if differs else ''})")
+        how = f"faded{': ' + differs if differs else ''}" if other.history else "no steps: not drawn"
+        lines.append(f"  {other!r} ({how})")
     return Picture(overlay_html(runs), "\n".join(lines))
 
 
@@ -259,7 +265,8 @@ class Dashboard(View):
             self.show(run)
         elif self._columns.run is not run:  # the next run of a sweep: the last one fades
             previous = self._columns.update()
-            self._earlier.append(previous.trace(flags_that_differ(previous.run, run)))
+            if previous.run.history:  # a run with no step has nothing to draw
+                self._earlier.append(previous.trace(flags_that_differ(previous.run, run)))
             self._columns = _Columns(run)
 
     def show(self, run: Run) -> None:
