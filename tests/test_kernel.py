@@ -162,3 +162,13 @@ def test_a_traceback_names_the_cell_by_its_own_number():
     named = set(re.findall(r"Cell In\[(\d+)\]", text))
     assert named == {str(cell.execution_count)}, text
     assert "----> 3 raise ValueError('boom')" in text
+
+
+def test_a_stopped_gpu_status_watch_leaves_a_static_snapshot():
+    nb, _ = execute(["%load_ext amp_magics", "watch = %gpu_status --watch 0.1",
+                     "import time; time.sleep(0.35); watch.stop(); print(watch)"])
+    (output,) = nb.cells[1].outputs  # what the saved notebook keeps
+    assert "application/vnd.jupyter.widget-view+json" not in output["data"]
+    assert "VBox(" not in str(output) and "watch stopped" in output["data"]["text/plain"]
+    assert output["data"]["text/html"].startswith('<div class="amp-gpu-status"')
+    assert "stopped; .stop() ends it" in nb.cells[2].outputs[0]["text"]

@@ -6,6 +6,7 @@ import html
 import json
 import os
 import threading
+import time
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
@@ -14,24 +15,37 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from ..system import doctor, environment
 from ..system import gpu
 from .args import parse
-from ..views.status import status_html
+from ..views.status import status_html, status_text
 
 
 class StatusWatch:
-    """A status view refreshed in place from a daemon thread until `stop()` or its Stop button."""
+    """A status view refreshed in place from a daemon thread until `stop()` or its Stop button;
+    then a static snapshot of the last status takes its place, so a saved notebook shows the
+    status, not a widget's repr."""
 
     def __init__(self, indices: list[int] | None, interval: float, first: gpu.Status):
         import ipywidgets as widgets
 
         self.interval = interval
         self._indices = indices
+        self.status = first
         self.html = widgets.HTML(status_html(first))
         self.button = widgets.Button(description="Stop", icon="stop", tooltip="stop refreshing")
         self.button.on_click(lambda _: self.stop())
         self.widget = widgets.VBox([self.button, self.html])
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="amp_magics-gpu-watch", daemon=True)
+        self._handle = None
+
+    def start(self) -> StatusWatch:
+        """Show the live view (from the cell's own thread) and start refreshing it."""
+        from IPython.display import display
+
+        bundle = self.widget._repr_mimebundle_()  # the widget, and a text form that reads
+        bundle["text/plain"] = status_text(self.status)  # where widgets cannot
+        self._handle = display(bundle, raw=True, display_id=True)
         self._thread.start()
+        return self
 
     @property
     def running(self) -> bool:
@@ -42,14 +56,28 @@ class StatusWatch:
         self._thread.join(timeout=10)  # bounded: a hung driver call must not hang the kernel
 
     def _run(self) -> None:
+        stopped = ""
         try:
             while not self._stopping.wait(self.interval):
-                self.html.value = status_html(gpu.probe(self._indices))
+                self.status = gpu.probe(self._indices)
+                self.html.value = status_html(self.status)
         except Exception as e:  # shown in the widget: a background thread has no cell to print to
-            self.html.value += f"<div>refresh stopped: {html.escape(f'{type(e).__name__}: {e}')}</div>"
+            stopped = f"refresh stopped: {type(e).__name__}: {e}"
+            self.html.value += f"<div>{html.escape(stopped)}</div>"
         finally:
             self.button.disabled = True
             self.button.description = "Stopped"
+            self._leave_snapshot(stopped)
+
+    def _leave_snapshot(self, stopped: str) -> None:
+        if self._handle is None:
+            return
+        taken = time.strftime("%H:%M:%S", time.localtime(self.status.taken_at))
+        note = stopped or f"watch stopped; the last refresh, at {taken}"
+        self._handle.update({"text/html": status_html(self.status)
+                             + f"<p style=\"opacity:.7\">{html.escape(note)}</p>",
+                             "text/plain": f"{status_text(self.status)}\n{note}"}, raw=True)
+        self.widget.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -93,10 +121,7 @@ class GpuMagics(Magics):
             watch = StatusWatch(indices, args.watch, status)
         except ImportError:
             raise UsageError("--watch needs ipywidgets in this kernel: pip install ipywidgets") from None
-        from IPython.display import display
-
-        display(watch.widget)
-        return watch
+        return watch.start()
 
     @magic_arguments()
     @argument("--export", metavar="PATH",
