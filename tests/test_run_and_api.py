@@ -307,3 +307,29 @@ def test_a_mapping_batch_that_is_not_a_dict_is_moved_and_counted():
     run = amp_magics.train(step, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
                            data=data, dtype="fp32", progress=False)
     assert seen == [UserDict] * 3 and [r["samples"] for r in run.history] == [4, 4, 4]
+
+
+def test_an_interrupt_inside_the_optimizer_step_gives_one_true_note():
+    """A second Ctrl-C can land inside optimizer.step(): one note says so, none contradicts it."""
+    model = make_model()
+
+    class HalfwaySGD(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure=None):
+            HalfwaySGD.calls += 1
+            if HalfwaySGD.calls == 3:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].add_(1.0)  # one tensor moved already
+                raise KeyboardInterrupt
+            return super().step(closure)
+
+    opt = HalfwaySGD(model.parameters(), lr=0.1)
+    with pytest.raises(KeyboardInterrupt):  # a script: the Ctrl-C goes on
+        amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                         optimizer=opt, data=make_data(), dtype="fp32", progress=False)
+    run = amp_magics.runs()[-1]
+    about_it = [n for n in run.notes if "interrupted" in n or "updated" in n]
+    assert len(about_it) == 1 and run.status == "interrupted"
+    assert "interrupted after 2 optimizer step(s) and during the next one, which may have " \
+           "updated some parameters" in about_it[0]

@@ -214,7 +214,7 @@ class Training:
         __tracebackhide__ = True
         reset_peak(self.amp.device)
         self.books.start()
-        error = None
+        error, partial = None, False
         try:
             self._train()
             status = "interrupted" if self.run.stop_requested else "finished"
@@ -224,15 +224,15 @@ class Training:
         except KeyboardInterrupt:
             status = "interrupted"
             self.run.stop_reason = "KeyboardInterrupt"  # mid-step: no checkpoint at the stop
-            self._abandon_step()
+            partial = self._abandon_step()
         except BaseException as e:  # the user's code or data failed: keep what was done
             status, error = "failed", e
-            self._abandon_step()
+            partial = self._abandon_step()
             if is_out_of_memory(e):
                 self.run.notes.append(release_memory(
                     e, self.amp.device, batch_size=self.amp.last_batch_size,
                     accum=self.options.accum, step=self.step, precision=self.run.precision))
-        self._finish(status, error)
+        self._finish(status, error, partial)
         if error is not None:
             raise error
 
@@ -371,14 +371,13 @@ class Training:
                         batches_in_epoch=batches, epoch_rng=epoch_rng,
                         history=self.run.history, val_history=self.run.val_history)
 
-    def _abandon_step(self) -> None:
+    def _abandon_step(self) -> bool:
+        """Drop the step an error or an interrupt cut short; True when that came inside the
+        optimizer step, which may have updated some parameters already."""
         with self.step_lock:
-            abandoned_update = self.amp.abandon()
-        if abandoned_update:
-            self.run.notes.append("the error came during the optimizer step: some parameters "
-                                  "may have been updated by it")
+            return self.amp.abandon()
 
-    def _finish(self, status: str, error: BaseException | None) -> None:
+    def _finish(self, status: str, error: BaseException | None, partial: bool) -> None:
         run = self.run
         if not self.options.keep_grads:  # a model's worth of memory nobody reads any more
             with self.step_lock:
@@ -387,9 +386,14 @@ class Training:
             self.books.refresh(self.step)
         except Exception as e:  # e.g. the device itself failed: keep the status honest
             run.notes.append(f"could not read the last steps back: {e!r}")
+        if partial and status == "failed":
+            run.notes.append("the error came during the optimizer step: some parameters may "
+                             "have been updated by it")
+        held = (f" and during the next one, which may have updated some parameters already: "
+                f"the {held_objects(self.objects)} otherwise as after the last completed step"
+                if partial else f": {held_objects(self.objects)} as after the last completed step")
         finish_run(run, status, None if error is None else f"{type(error).__name__}: {error}",
-                   self.views,
-                   f": {held_objects(self.objects)} as after the last completed step")
+                   self.views, held)
 
 
 def held_objects(objects: TrainingObjects) -> str:
