@@ -675,3 +675,13 @@ def test_a_run_with_no_step_is_not_an_earlier_run_on_the_next_dashboard(nb):
         assert nb.user_ns["failed"] not in magics._view(args, nb.user_ns["model"]).earlier_runs
     finally:
         magics.view = "text"
+
+
+def test_a_short_run_and_a_nan_run_still_draw_what_happened():
+    one = line_chart_svg("Memory", [Series("rss", [0.4], [2.0 ** 28], "#123456")],
+                         y_scale="bytes", x_scale="seconds")
+    assert len(by_class(parse(one), "series")) == 1 and "<circle" in one  # a visible dot
+    assert "no data yet" not in one
+    nan = line_chart_svg("Loss", [Series("loss", [0, 1], [math.nan, math.inf], "#123456")])
+    assert "no finite value (2 NaN/inf)" in nan and "no data yet" not in nan
+    assert len(by_class(parse(nan), "nonfinite")) == 2  # marked where they happened

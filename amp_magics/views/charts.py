@@ -438,9 +438,11 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "step
            _marks_svg(plot, box, nonfinite_columns, marks_label, x_label),
            _guides_svg(box, guides)]
     if note or not plot.has_data:
+        empty = (f"no finite value ({plot.nonfinite:,} NaN/inf)" if plot.nonfinite
+                 else "no data yet")
         out.append(f'<text x="{(box.left + box.right) / 2}" y="{(box.top + box.bottom) / 2}" '
                    f'text-anchor="middle" font-size="{_TITLE_FONT}">'
-                   f'{_e(note or "no data yet")}</text>')
+                   f'{_e(note or empty)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -582,7 +584,8 @@ def _lines_svg(plot: _Plot, box: _Box) -> tuple[str, dict]:
             continue
         out.append(f'<path class="series" data-series="{_e(s.label)}" d="{_path_d(px, py)}" '
                    f"{_stroke(s)}><title>{_e(s.label)}</title></path>")
-        if s.style == "markers" and len(x) <= 100:
+        few = int(np.isfinite(py).sum()) <= 2  # a line of one or two points hardly shows
+        if (s.style == "markers" and len(x) <= 100) or (few and s.style != "faint"):
             dots = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5"/>'
                            for a, b in zip(px.tolist(), py.tolist()) if math.isfinite(b))
             out.append(f'<g fill="{_e(s.color)}"{_fade(s.faded)}>{dots}</g>')
