@@ -685,3 +685,19 @@ def test_a_short_run_and_a_nan_run_still_draw_what_happened():
     nan = line_chart_svg("Loss", [Series("loss", [0, 1], [math.nan, math.inf], "#123456")])
     assert "no finite value (2 NaN/inf)" in nan and "no data yet" not in nan
     assert len(by_class(parse(nan), "nonfinite")) == 2  # marked where they happened
+
+
+def test_earlier_runs_share_the_axis_when_comparable_and_sit_at_the_edge_when_not():
+    steps = list(range(50))
+    current = Series("loss", steps, [2.0 - i / 50 for i in steps], "#111111")
+    near = Series("run1 loss", steps, [3.0 - i / 50 for i in steps], "#222222", faded=True)
+    far = Series("run2 loss", steps, [1e6] * 50, "#333333", faded=True)
+    svg = line_chart_svg("Loss", [near, far, current], ignore_outliers=True)
+    root = parse(svg)
+    ticks = [float(t.text) for t in by_class(root, "ytick")]
+    assert max(ticks) >= 2.9 and max(ticks) < 10  # the near run is on the plot, the far one not
+    assert "earlier run off scale, at the edge (1)" in svg
+    paths = {p.get("data-series"): p.get("d") for p in by_class(root, "series")}
+    ys = [float(v) for v in re.findall(r",(-?[\d.]+)", paths["run2 loss"])]
+    top = min(float(y.get("y")) for y in by_class(root, "ytick")) - 20
+    assert ys and min(ys) >= top  # drawn along the top edge, not far above it

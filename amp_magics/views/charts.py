@@ -473,6 +473,18 @@ class _Plot:
             self.x_axis = _x_axis(_finite([x for _, x, _, _ in faded_reduced] + [mark_xs]),
                                   x_scale)
             all_y = _finite([y for *_, y in faded_reduced])
+        # earlier runs of the same order of magnitude share the y axis; the others are drawn
+        # along its edge and counted in the legend, never silently cut away
+        self.off_faded = set()
+        if len(all_y) and reduced:
+            near = []
+            for s, _, _, y in faded_reduced:
+                values = y[np.isfinite(y)]
+                if len(values) and _comparable(values, all_y, ignore_outliers):
+                    near.append(values)
+                elif len(values):
+                    self.off_faded.add(id(s))
+            all_y = np.concatenate([all_y, *near])
         self.has_data = bool(len(all_y))
         self.y_axis = _y_axis(all_y, y_scale, ignore_outliers)
         self.reduced = faded_reduced + reduced  # drawn underneath
@@ -506,6 +518,9 @@ class _Plot:
             entries.append((f"NaN/inf ({self.nonfinite:,})", ALERT, "nonfinite"))
         if self.off_scale:
             entries.append((f"off scale ({self.off_scale:,})", INK, "off_scale"))
+        if self.off_faded:
+            entries.append((f"earlier run{'s' * (len(self.off_faded) != 1)} off scale, at the "
+                            f"edge ({len(self.off_faded)})", INK, "off_scale"))
         return entries
 
 
@@ -573,8 +588,10 @@ def _lines_svg(plot: _Plot, box: _Box) -> tuple[str, dict]:
     nonfinite_columns = {}  # pixel column -> (x, value, label): one mark per column
     for s, x, values, y in plot.reduced:
         px, py = box.sx(x), box.sy(y)
-        # far-off points are pulled in to just outside the plot: same look, short numbers
-        py = np.where(np.isfinite(py), np.clip(py, top - box.height, bottom + box.height), np.nan)
+        # far-off points are pulled in to just outside the plot: same look, short numbers; an
+        # earlier run off the scale runs along its edge instead
+        edge = (top, bottom) if id(s) in plot.off_faded else (top - box.height, bottom + box.height)
+        py = np.where(np.isfinite(py), np.clip(py, *edge), np.nan)
         if s.style == "hollow":
             rings = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3"/>'
                             for a, b in zip(px.tolist(), py.tolist()) if math.isfinite(b))
@@ -627,6 +644,18 @@ def _guides_svg(box: _Box, guides: Sequence[tuple[float, str]]) -> str:
                    f'<text class="guide" x="{px + dx:.1f}" y="{box.top + 11 + 12 * (i % 4)}" '
                    f'text-anchor="{anchor}">{_e(label)}</text>')
     return "".join(out)
+
+
+def _comparable(values: np.ndarray, current: np.ndarray, ignore_outliers: bool) -> bool:
+    """An earlier run's values (axis units) share the axis when the two together span at most
+    10x what the current run's span."""
+    def band(v: np.ndarray) -> tuple[float, float]:
+        return robust_band(v) if ignore_outliers else (float(v.min()), float(v.max()))
+
+    lo, hi = band(current)
+    other_lo, other_hi = band(values)
+    span = max(hi - lo, abs(hi) * 0.05, 1e-12)
+    return max(hi, other_hi) - min(lo, other_lo) <= 10 * span
 
 
 def _finite(columns: list[np.ndarray]) -> np.ndarray:
