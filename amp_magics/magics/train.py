@@ -109,6 +109,15 @@ class AmpMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
+        self._runs_file = None  # in a Jupyter kernel: its runs, for JupyterLab's status bar
+        if getattr(shell, "kernel", None) is not None:
+            from ..lab.runs_file import RunsFile, this_kernel_id
+
+            kernel_id = this_kernel_id()
+            self._runs_file = RunsFile(kernel_id) if kernel_id else None
+
+    def _with_runs_file(self, views: list) -> list:
+        return views + [self._runs_file] if self._runs_file is not None else views
 
     # -- %%amp_train ------------------------------------------------------------------
     @generated_flags((option_specs(), True), (MAGIC_FLAGS, False),
@@ -140,7 +149,7 @@ class AmpMagics(Magics):
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
         with usage_errors():  # from here on the run owns the model
-            training = _prepare_training(step, options, [view])
+            training = _prepare_training(step, options, self._with_runs_file([view]))
         if args.output:
             self.shell.user_ns[args.output] = training.run
         if args.background:
@@ -199,12 +208,13 @@ class AmpMagics(Magics):
                 if args.sweep:
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
                     panel = _SweepProgress(view, len(settings))
-                    result = sweep.sweep(step, settings, options, [view],
+                    result = sweep.sweep(step, settings, options, self._with_runs_file([view]),
                                          keep_best=getattr(args, "keep", "start") == "best",
                                          on_run=panel)
                 else:
                     precisions = showdown.parse_compare(args.compare, model_device(options.model))
-                    result = showdown.showdown(step, precisions, options, [view])
+                    result = showdown.showdown(step, precisions, options,
+                                               self._with_runs_file([view]))
         finally:
             if panel is not None:
                 panel.close()
@@ -229,7 +239,7 @@ class AmpMagics(Magics):
 
             view = FinderDashboard(finding)
         with usage_errors():
-            range_test(step, options, finding, [view])
+            range_test(step, options, finding, self._with_runs_file([view]))
         registry.add_finding(finding)
         if args.output:
             self.shell.user_ns[args.output] = finding
@@ -276,7 +286,7 @@ class AmpMagics(Magics):
         options = dataclasses.replace(options, name=options.name or plan.study or "search")
         try:
             with usage_errors():
-                found = search(step, options, plan, [] if text else [view],
+                found = search(step, options, plan, self._with_runs_file([] if text else [view]),
                                _print_trial if text else panel)
         finally:
             if panel is not None:
