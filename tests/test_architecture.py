@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -427,10 +428,19 @@ def test_every_third_party_import_is_declared():
     assert not undeclared, "imported but not declared in pyproject.toml:\n" + "\n".join(undeclared)
 
 
+def _source_version() -> str:
+    return ast.literal_eval(next(
+        n.value for n in ast.parse((SOURCE / "__init__.py").read_text()).body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "__version__"))
+
+
 def test_version_is_written_once():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "amp_magics.__version__"}
+    # the JupyterLab extension, source and prebuilt, carries the same version
+    for package in ("labextension/package.json", "amp_magics/lab/labextension/package.json"):
+        assert json.loads((ROOT / package).read_text())["version"] == _source_version(), package
+    assert project["tool"]["hatch"]["version"] == {"path": "amp_magics/__init__.py"}
 
 
 # --- the wheel ----------------------------------------------------------------------------------
@@ -443,12 +453,13 @@ WHEEL_MUST_HOLD = ["amp_magics/training/engine.py", "amp_magics/formatting.py",
 
 
 def test_wheel_contains_every_subpackage(tmp_path):
-    # Built from a copy of the sources: a build inside the repository would leave build/ behind,
-    # and setuptools packs stale files from an old build/lib (modules since deleted) into wheels.
+    # Built from a copy of the sources, so that nothing a build leaves behind reaches the repository.
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
+    for folder in ("jupyter-config", "labextension"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("node_modules"))
     shutil.copytree(SOURCE, src / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path / "dist"
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
@@ -462,9 +473,14 @@ def test_wheel_contains_every_subpackage(tmp_path):
     subpackages = {p.parent.relative_to(ROOT).as_posix() for p in SOURCE.rglob("__init__.py")}
     assert {f"{s}/__init__.py" for s in subpackages} <= names
     # the version comes from amp_magics/__init__.py, and the licence travels with the wheel
-    version = ast.literal_eval(next(
-        n.value for n in ast.parse((SOURCE / "__init__.py").read_text()).body
-        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "__version__"))
+    version = _source_version()
     assert wheel.name.startswith(f"amp_magics-{version}-")
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")
                for n in names), sorted(names)
+    # the JupyterLab half lands where Jupyter looks: the prebuilt extension and the server setting
+    data = f"amp_magics-{version}.data/data/"
+    assert {data + "share/jupyter/labextensions/amp-magics/package.json",
+            data + "share/jupyter/labextensions/amp-magics/install.json",
+            data + "etc/jupyter/jupyter_server_config.d/amp_magics.json"} <= names, sorted(names)
+    assert any(n.startswith(data + "share/jupyter/labextensions/amp-magics/static/remoteEntry.")
+               for n in names)

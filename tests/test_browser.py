@@ -418,6 +418,11 @@ def test_nothing_is_cut_off_at_370px_while_live(journey):
         _assert_nothing_cut_off(journey.page, "live")
 
 
+def test_the_status_bar_shows_the_host_and_the_run_as_it_trains(journey):
+    with journey.scenario("status bar", needs="live"):
+        _check_status_bar(journey)
+
+
 def test_stop_leaves_a_static_snapshot_and_the_notice_says_how_it_ended(journey):
     with journey.scenario("stopped", needs="live"):
         _check_stopped(journey)
@@ -611,6 +616,34 @@ def _check_live(journey: Journey):
     earlier = [s for s in second["loss_series"] if s.startswith("sweep")]
     assert len(earlier) >= 4, second["loss_series"]
     _assert_axes_follow_the_current_run(second)
+
+
+def _check_status_bar(journey: Journey):
+    """The JupyterLab half: the status bar item reads the server extension (no GPU here: the
+    host's RAM) and counts the background run, its tooltip names it; a click opens a panel
+    with %gpu_status's table and the run's step, which advances with the next polls."""
+    page = journey.page
+    item = page.locator(".amp-magics-status")
+    item.wait_for(timeout=15_000)
+    page.wait_for_function(
+        "() => /· 1 AMP run$/.test(document.querySelector('.amp-magics-status').textContent)",
+        timeout=15_000)
+    text, tooltip = item.inner_text(), item.get_attribute("title")
+    assert re.fullmatch(r"(no GPU · RAM [\d.]+/[\d.]+ GiB|GPUs? .+ GiB) · 1 AMP run", text), text
+    assert re.search(r"run\d+: step \d+/\d+, loss [\d.]+ \(running\)", tooltip), tooltip
+    item.click()
+    panel = page.locator(".amp-magics-panel")
+    panel.wait_for(timeout=10_000)
+    # the table is the server's %gpu_status HTML: one table, escaped there, no inline SVG
+    assert panel.locator("table").count() >= 1 and panel.locator("svg").count() == 0
+    step_in = r"/run\d+: step (\d+)/.exec(document.querySelector('.amp-magics-panel').innerText)"
+    first = int(page.evaluate(f"() => {step_in}[1]"))
+    page.wait_for_function(f"() => parseInt({step_in}[1]) > {first}", timeout=15_000)
+    assert "(running) · kernel " + journey.session["kernel"]["id"][:8] in panel.inner_text()
+    page.locator(".lm-TabBar-tab", has_text="GPU status").locator(
+        ".lm-TabBar-tabCloseIcon").click()
+    panel.wait_for(state="detached", timeout=10_000)
+    journey.train.scroll_into_view_if_needed()
 
 
 def _check_stopped(journey: Journey):

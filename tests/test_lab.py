@@ -111,6 +111,23 @@ def test_a_kernel_writes_its_runs_as_they_train(tmp_path):
     assert read_runs(str(tmp_path), {"someone-else"}) == {}
 
 
+def test_a_diverged_run_is_written_as_strict_json(tmp_path):
+    # A browser's JSON.parse refuses NaN: a diverged run's loss travels as the string "nan".
+    model = make_model()
+    data = make_data(n=3)
+    data[1] = (data[1][0] * float("nan"), data[1][1])
+    amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data=data,
+                     dtype="fp32", name="diverged", observers=[RunsFile("abc", str(tmp_path))])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "kernel-abc.json").read_text(), parse_constant=refuse)
+    (diverged,) = [r for r in written["runs"] if r["name"] == "diverged"]
+    assert diverged["loss"] == "nan" and diverged["step"] == 3
+
+
 def test_the_server_extension_never_imports_torch():
     import subprocess
     import sys

@@ -18,7 +18,8 @@ class StatusHandler(APIHandler):
     async def get(self) -> None:
         cache: StatusCache = self.settings["amp_magics_status"]
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(await cache.get(self.kernel_manager.list_kernel_ids())))
+        answer = await cache.get(self.kernel_manager.list_kernel_ids())
+        self.finish(json.dumps(answer, allow_nan=False))  # browsers parse strict JSON only
 
 
 def setup_handlers(web_app, ttl: float = 1.0) -> None:

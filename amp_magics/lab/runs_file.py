@@ -8,6 +8,7 @@ second while it refreshes, and when it ends. The server lists the files of the k
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -42,8 +43,11 @@ def this_kernel_id() -> str | None:
 
 def run_entry(run: Any) -> dict:
     last = run.history[-1] if run.history else {}
+    loss = last.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        loss = str(loss)  # "nan", "inf": strict JSON, which a browser's JSON.parse insists on
     return {"name": run.name, "status": run.status, "step": len(run.history),
-            "total_steps": run.total_steps, "loss": last.get("loss"),
+            "total_steps": run.total_steps, "loss": loss,
             "precision": run.precision, "device": run.device, "started": run.started}
 
 
@@ -71,7 +75,7 @@ class RunsFile(View):
         payload = {"kernel_id": self.kernel_id, "pid": os.getpid(), "updated": time.time(),
                    "runs": [run_entry(r) for r in shown]}
         self.written = time.monotonic()
-        atomic_write(self.path, lambda f: json.dump(payload, f, default=str),
+        atomic_write(self.path, lambda f: json.dump(payload, f, default=str, allow_nan=False),
                      prefix=".amp_runs_")
 
 
