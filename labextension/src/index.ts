@@ -2,8 +2,8 @@
  * amp_magics in JupyterLab's status bar: "GPU 43% · 12.1/80 GiB" (or "no GPU" and the CPU's
  * memory), a tooltip with every GPU and the running AMP runs, and a click that opens a panel
  * with %gpu_status's table and each kernel's runs. It polls the server extension's
- * `api/amp_magics/v1/status` (the amp_magics.lab Python package), slower when the page is
- * hidden or the server does not answer.
+ * `api/amp_magics/v1/status` (the amp_magics.lab Python package): not while the page is
+ * hidden, and less often while the server does not answer.
  */
 import {
   JupyterFrontEnd,
