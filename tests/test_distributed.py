@@ -2,6 +2,7 @@
 under torchrun, bit-identical to a hand-written DDP AMP loop."""
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,14 @@ def test_two_processes_equal_a_hand_written_ddp_loop(nb, tmp_path, dtype):
         from amp_magics.training.scaler import scaler_for
         assert scaler_for(nb.user_ns["optimizer"]).state_dict() == ref["scaler"]
     assert all(r["samples"] == 8 for r in run.history)  # 4 per rank, summed
+    # peak memory is per process, as labelled: the highest rank's, each rank named; the sum
+    # only under its own name
+    ranks = run.rank_peaks("rss")
+    assert sorted(ranks) == [0, 1] and run.summary["peak_memory"] == max(ranks.values())
+    assert re.search(r"the highest of 2 ranks: rank 0 [\d.]+ MiB, rank 1 [\d.]+ MiB",
+                     run.peak_memory_source())
+    last = run.memory[-1]
+    assert last["rss all ranks"] == last["rss rank0"] + last["rss rank1"] > last["rss"]
     assert no_children_left()
 
 

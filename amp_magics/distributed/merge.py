@@ -52,12 +52,15 @@ class RecordMerger:
         return ready
 
     def sample_memory(self) -> dict:
-        """Each rank's memory, plus the usual keys: resident memory summed over the ranks (one
-        host), device counters the highest of any rank (one GPU each)."""
+        """Each rank's memory ("rss rank1"), plus the usual keys as the highest of any rank:
+        every rank is one process (on a GPU of its own), and "rss" and "peak" read per process
+        everywhere. "rss all ranks" is the sum, named as one."""
         sample = dict(self.memory)
         for key in ("allocated", "reserved", "peak", "device_used", "rss"):
             values = [v for k, v in self.memory.items()
                       if k.rpartition(" rank")[0] == key and v is not None]
             if values:
-                sample[key] = sum(values) if key == "rss" else max(values)
+                sample[key] = max(values)
+                if key == "rss":
+                    sample["rss all ranks"] = sum(values)
         return sample

@@ -224,10 +224,24 @@ class Run:
         return rows
 
     def peak_memory_source(self) -> str:
-        """What `summary["peak_memory"]` measured."""
-        if any(m.get("peak") is not None for m in self.memory):
-            return "CUDA allocator peak"
-        return "process RSS, highest sample"
+        """What `summary["peak_memory"]` measured; in a --nproc run, each rank's too."""
+        key = "peak" if any(m.get("peak") is not None for m in self.memory) else "rss"
+        source = "CUDA allocator peak" if key == "peak" else "process RSS, highest sample"
+        ranks = self.rank_peaks(key)
+        if len(ranks) < 2:
+            return source
+        each = ", ".join(f"rank {r} {format_bytes(v)}" for r, v in ranks.items())
+        return f"{source}, the highest of {len(ranks)} ranks: {each}"
+
+    def rank_peaks(self, key: str) -> dict[int, int]:
+        """rank -> the highest of its `key` samples ("rss rank1"), for a --nproc run."""
+        peaks: dict[int, int] = {}
+        for sample in self.memory:
+            for name, value in sample.items():
+                base, _, rank = name.rpartition(" rank")
+                if base == key and rank.isdigit() and value is not None:
+                    peaks[int(rank)] = max(peaks.get(int(rank), 0), value)
+        return dict(sorted(peaks.items()))
 
     def __repr__(self) -> str:
         s = self.summary
