@@ -40,6 +40,7 @@ class Claim:
         self.step_lock = threading.RLock()
         self.run: Any = None  # the Run training now, for progress in messages
         self.paused_for: str | None = None  # what holds the lock from outside, if anything
+        self.held = threading.Event()  # set while that outside holder has the lock
         self.released = False
 
     def describe(self) -> str:
@@ -60,11 +61,16 @@ class Claim:
 
     @contextlib.contextmanager
     def paused(self, reason: str) -> Iterator[None]:
-        """Hold the step lock from outside: the run waits at its next step boundary."""
+        """Hold the step lock from outside: the run waits at its next step boundary (it sees
+        `paused_for` and lets this take the lock first, so a busy run cannot starve it)."""
         self.paused_for = reason
         try:
             with self.step_lock:
-                yield
+                self.held.set()
+                try:
+                    yield
+                finally:
+                    self.held.clear()
         finally:
             self.paused_for = None
 

@@ -278,7 +278,8 @@ class Training:
             batch = next(it, _END)
             if batch is _END:
                 return self.batches_in_epoch, True
-            if not lock.acquire(False):  # uncontended: taken without waiting
+            # uncontended: taken without waiting; a waiting measurement goes first
+            if self.claim.paused_for is not None or not lock.acquire(False):
                 self._wait_at_boundary()
             try:
                 while True:
@@ -326,8 +327,12 @@ class Training:
 
     def _wait_at_boundary(self) -> None:
         """A measurement holds the step lock: show why the run pauses, then wait for it."""
-        self.run.paused_for = self.claim.paused_for or "a measurement"
+        claim = self.claim
+        self.run.paused_for = claim.paused_for or "a measurement"
         self.books.refresh(self.step)
+        # let it take the lock before this thread asks again (a lock is not fair)
+        while claim.paused_for is not None and not claim.held.wait(0.05):
+            pass
         self.step_lock.acquire()
         self.run.paused_for = None
 
