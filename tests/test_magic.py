@@ -159,6 +159,11 @@ def test_readme_values_mean_what_the_readme_says():
     assert args.init_scale == 2.0**14 and args.sweep == "lr=1e-3; clip=1"
     assert args.optimizer == "a,b" and args.output == "run" and args.move is False
     assert parse(AmpMagics.amp_train, "--log a,b,").log == ("a", "b")  # names, not text
+    # IPython leaves quotes on: they come off before a flag's value is parsed
+    assert parse(AmpMagics.amp_train, '--log "acc, top5"').log == ("acc", "top5")
+    assert parse(AmpMagics.amp_train, "--dtype 'fp16' --clip '1.5'").dtype == "fp16"
+    with pytest.raises(UsageError, match="invalid int value: 'x'"):
+        parse(AmpMagics.amp_train, "--accum x")
     assert parse(AmpMagics.amp_runs, "--plot first second").plot == ["first", "second"]
 
 

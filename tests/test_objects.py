@@ -146,3 +146,41 @@ def test_order_generators_finds_each_once():
     data = torch.utils.data.DataLoader(dataset, sampler=sampler, generator=shared)
     assert order_generators(data) == [shared]
     assert order_generators([1, 2]) == [] and order_generators(None) == []
+
+
+def test_a_parameter_only_the_optimizer_holds_is_put_back():
+    """A learnable temperature handed to the optimizer beside the model: its value too."""
+    model = torch.nn.Linear(4, 2)
+    temperature = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.5)
+    objects = TrainingObjects(model, (opt,))
+    snapshot = objects.snapshot()
+    (model(torch.randn(3, 4)).sum() * temperature).backward()
+    opt.step()
+    assert temperature.item() != 1.0
+    snapshot.restore()
+    assert temperature.item() == 1.0 and temperature.grad is None
+    assert all(t.device.type == "cpu" for t in snapshot.weights.values())  # host copies
+
+
+def test_a_loan_lets_go_however_it_ends(monkeypatch):
+    objects = make_objects()
+    weight = objects.model[0].weight.detach().clone()
+    with pytest.raises(ZeroDivisionError):
+        with objects.borrowed("tool", loader()):
+            with torch.no_grad():
+                objects.model[0].weight.add_(1.0)
+            1 / 0
+    assert torch.equal(objects.model[0].weight, weight)  # put back
+    objects.claim("free again").release()
+    # the snapshot itself fails (out of memory, say): the claim is let go all the same
+    from amp_magics.training import objects as objects_module
+
+    def no_memory(*args):
+        raise MemoryError("no room for the snapshot")
+
+    monkeypatch.setattr(objects_module.Snapshot, "__init__", no_memory)
+    with pytest.raises(MemoryError):
+        with objects.borrowed("tool"):
+            pass
+    objects.claim("free again").release()

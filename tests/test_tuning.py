@@ -97,6 +97,21 @@ def test_bad_compare_specs(nb, spec, message):
         nb.run(f"%%amp_train --compare fp32,bf16\n{BODY}")
 
 
+def test_a_seeded_shuffling_loader_gives_every_setting_the_same_batches(nb):
+    """The loader draws its order from its own generator: each sweep run and each precision
+    of --compare starts from the same order, so identical settings train identically."""
+    dataset = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    nb.user_ns["train_loader"] = torch.utils.data.DataLoader(
+        dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
+    nb.run(f'%%amp_train --dtype fp32 --sweep "lr=0.05,0.05" -o sw\n{BODY}')
+    first, second = ([r["loss"] for r in run.history] for run in nb.user_ns["sw"].runs)
+    assert first == second
+    nb.run(f"%%amp_train --compare fp32,bf16 --steps 6 --log seen -o cmp\n{BODY}"
+           "seen = x[0, 0]\n")
+    fp32, bf16 = ([r["seen"] for r in run.history] for run in nb.user_ns["cmp"].runs.values())
+    assert fp32 == bf16 and len(set(fp32)) == 6  # the same six batches, in the same order
+
+
 def test_compare_reports_each_precision_and_restores_the_model(nb):
     start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
     nb.run(f"%%amp_train --compare fp32,bf16,fp16 --steps 8 -o cmp\n{BODY}")

@@ -77,10 +77,19 @@ def _add(group: Any, spec: OptionSpec, given_only: bool) -> None:
         kwargs["action"] = "store_false" if spec.default else "store_true"
     else:
         kwargs.update(metavar=None if o.choices else o.metavar, choices=o.choices,
-                      type=o.parse or (spec.kind if spec.kind is not object else str))
+                      type=_unquoting(o.parse or (spec.kind if spec.kind is not object else str)))
         if o.bare is not None:
             kwargs.update(nargs="?", const=o.bare)
     group.add_argument(*filter(None, (o.short, spec.flag)), **kwargs)
+
+
+def _unquoting(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`convert` after the quotes IPython leaves on (`--log "acc,top5"`); argparse names it
+    in errors ("invalid int value")."""
+    def parse(text: str) -> Any:
+        return convert(_unquote(text))
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def flag_usage(spec: OptionSpec) -> str:

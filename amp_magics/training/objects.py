@@ -9,9 +9,10 @@ DataLoader and its sampler draw their order from.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,22 +78,52 @@ class TrainingObjects:
         """Everything training can change, copied now; `data`'s order generators too."""
         return Snapshot(self, data)
 
-    def restore(self, snapshot: Snapshot) -> None:
-        snapshot.restore()
+    @contextlib.contextmanager
+    def borrowed(self, label: str, data: Iterable | None = None) -> Iterator[Loan]:
+        """Own these objects as `label` with a snapshot of them (and of `data`'s order) for a
+        tool that trains them and must leave them as it found them: however the block ends,
+        `loan.returned` (the snapshot, unless the tool keeps another) is put back and the
+        claim let go, also when the snapshot itself could not be taken."""
+        claim = self.claim(label)
+        try:
+            loan = Loan(claim, self.snapshot(data))
+            try:
+                yield loan
+            finally:
+                loan.returned.restore()
+        finally:
+            claim.release()
+
+
+@dataclass
+class Loan:
+    claim: ownership.Claim
+    start: Snapshot
+    returned: Snapshot = None  # type: ignore[assignment]  # the start, unless replaced
+
+    def __post_init__(self) -> None:
+        if self.returned is None:
+            self.returned = self.start
 
 
 class Snapshot:
     """TrainingObjects as they were when it was taken; `restore()` puts them back, as often
-    as needed (each restore copies again, so a later one starts from the same state)."""
+    as needed (each restore copies again, so a later one starts from the same state).
+
+    The copies live in host memory: on a GPU they would take memory from the runs trained
+    from them and count in the peaks those runs measure."""
 
     def __init__(self, objects: TrainingObjects, data: Iterable | None = None):
         self.objects = objects
         model = objects.model
-        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.weights = {k: _host_copy(v) for k, v in model.state_dict().items()}
         self.modes = [(m, m.training) for m in model.modules()]
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone())
-                      for p in _parameters(objects)]
-        self.optimizers = [copy.deepcopy(opt.state_dict()) for opt in objects.optimizers]
+        params = _parameters(objects)
+        self.grads = [(p, None if p.grad is None else _host_copy(p.grad)) for p in params]
+        in_model = {id(p) for p in model.parameters()}
+        # parameters only an optimizer holds (a learnable temperature): their values too
+        self.extras = [(p, _host_copy(p)) for p in params if id(p) not in in_model]
+        self.optimizers = [_host_tree(opt.state_dict()) for opt in objects.optimizers]
         self.scheduler = (copy.deepcopy(objects.scheduler.state_dict())
                           if objects.scheduler is not None else None)
         # The scaler kept per optimizer (made by the first fp16 run) and the user's own
@@ -107,10 +138,13 @@ class Snapshot:
         o.model.load_state_dict(self.weights)
         for module, mode in self.modes:
             module.training = mode
+        with torch.no_grad():
+            for p, value in self.extras:
+                p.copy_(value)
         for opt, state in zip(o.optimizers, self.optimizers):
-            opt.load_state_dict(copy.deepcopy(state))
+            opt.load_state_dict(copy.deepcopy(state))  # onto each parameter's device
         for p, grad in self.grads:  # after load_state_dict, which leaves .grad alone
-            p.grad = None if grad is None else grad.clone()
+            p.grad = None if grad is None else grad.to(p.device, copy=True)
         if o.scheduler is not None:
             o.scheduler.load_state_dict(copy.deepcopy(self.scheduler))
         scalers.restore(o.optimizers[0], self.persistent_scaler)
@@ -119,6 +153,21 @@ class Snapshot:
         restore_rng(self.rng)
         for generator, state in self.generators:
             generator.set_state(state)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _host_tree(state: Any) -> Any:
+    """An optimizer's state_dict with every tensor copied to host memory."""
+    if isinstance(state, torch.Tensor):
+        return _host_copy(state)
+    if isinstance(state, dict):
+        return {k: _host_tree(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_host_tree(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def _parameters(objects: TrainingObjects) -> list[torch.nn.Parameter]:

@@ -28,7 +28,7 @@ from ..precision import CHOICES, resolve
 from ..system.host import host_info
 from ..tensors import StepFn, as_step, model_device
 from ..training.engine import prepare
-from ..training.objects import TrainingObjects
+from ..training.objects import Loan, TrainingObjects
 from ..training.options import TrainOptions
 from .findings import (FITS, HEADROOM_ONLY, OUT_OF_MEMORY, OVER_CAP, PREDICTED,
                        BatchSizeFinding, BatchSizeSearch, Trial)
@@ -221,31 +221,33 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
     limit, source = memory_limit(max_memory, device)
     finding = BatchSizeFinding(limit, source, HEADROOM, "", loader.batch_size)
     objects = TrainingObjects.of(options)
-    claim = objects.claim("find-batch-size")
-    snapshot = objects.snapshot(loader)
     try:
-        for precision in precisions:
-            trials = _Trials(step_fn, options, loader, snapshot, claim, finding, precision)
-            finding.memory_method = ("CUDA allocator peak" if trials.cuda else
-                                     "tensor bytes: model, gradients, optimizer state and what a "
-                                     "step keeps for backward")
-            found = finding.searches[precision] = BatchSizeSearch(precision)
-
-            def record(t: Trial, found: BatchSizeSearch = found) -> None:
-                found.trials.append(t)
-                if on_trial is not None:
-                    on_trial(finding, t)
-            found.batch_size = search(trials, loader.batch_size, largest, record)
-            found.faster = _faster(found)
+        with objects.borrowed("find-batch-size", loader) as loan:
+            _search_each(step_fn, options, loader, loan, finding, precisions, largest, on_trial)
         finding.status = "finished"
     except KeyboardInterrupt:
         finding.status, finding.stop_reason = "interrupted", "interrupted by the user"
-    finally:
-        snapshot.restore()
-        claim.release()
     if finding.batch_size is not None:
         finding.loader = with_batch_size(loader, finding.batch_size)
     return finding
+
+
+def _search_each(step_fn: StepFn, options: TrainOptions, loader: Any, loan: Loan,
+                 finding: BatchSizeFinding, precisions: tuple, largest: int | None,
+                 on_trial: Callable[[BatchSizeFinding, Trial], None] | None) -> None:
+    for precision in precisions:
+        trials = _Trials(step_fn, options, loader, loan.start, loan.claim, finding, precision)
+        finding.memory_method = ("CUDA allocator peak" if trials.cuda else
+                                 "tensor bytes: model, gradients, optimizer state and what a "
+                                 "step keeps for backward")
+        found = finding.searches[precision] = BatchSizeSearch(precision)
+
+        def record(t: Trial, found: BatchSizeSearch = found) -> None:
+            found.trials.append(t)
+            if on_trial is not None:
+                on_trial(finding, t)
+        found.batch_size = search(trials, loader.batch_size, largest, record)
+        found.faster = _faster(found)
 
 
 FASTER = 1.05  # a smaller batch is called faster from 5% more samples per second on

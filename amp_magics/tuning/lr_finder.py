@@ -111,16 +111,14 @@ def range_test(step_fn: StepFn, options: TrainOptions, finding: LrFinding,
     __tracebackhide__ = True
     check_finder_options(options)
     objects = finding.objects = TrainingObjects.of(options)
-    claim = objects.claim("find-lr")
-    snapshot = objects.snapshot(options.data)
-    try:
+    with objects.borrowed("find-lr", options.data) as loan:
         finder = _Finder(finding, objects)
         # the lr is the finder's to set: a scheduler is kept (and restored) for apply(), not
         # stepped
         run_options = dataclasses.replace(options, steps=None, epochs=MAX_COUNT, scheduler=None,
                                           skip_aware_scheduler=False,
                                           name=options.name or "find-lr")
-        training = prepare(step_fn, run_options, views, claim, listed=False)
+        training = prepare(step_fn, run_options, views, loan.claim, listed=False)
         finding.run = training.run
         training.run.total_steps = finding.steps
         finding.precision = training.run.precision
@@ -132,9 +130,6 @@ def range_test(step_fn: StepFn, options: TrainOptions, finding: LrFinding,
             training.execute()
         finally:
             _ended(finding, training.run)
-    finally:
-        snapshot.restore()
-        claim.release()
     trained = [r for r in finding.records if r["smoothed"] is not None]
     finding.suggestions = suggestions([r["lr"] for r in trained], [r["smoothed"] for r in trained])
     return finding

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import AmpUsageError
 from ..tensors import StepFn
-from ..training.objects import TrainingObjects
+from ..training.objects import Loan, TrainingObjects
 from ..training.options import TrainOptions
 from ..training.registry import unique_group
 from ..training.view import View
@@ -98,39 +98,32 @@ def search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan, views: Sequ
         result.target = min(plan.trials, len(result.finished) + _queue_grid(optuna, study, space))
     objects = TrainingObjects.of(options)
     name = unique_group(options.name or (plan.study or "search"))
-    claim = objects.claim(name)
-    start = objects.snapshot(options.data)
-    best = None
-    try:
+    with objects.borrowed(name, options.data) as loan:
         result.setup = _describe(study, plan, options, every)
         while len(result.finished) < result.target and result.status == "running":
             record = _one_trial(optuna, study, step_fn, options, plan, space, every, views,
-                                claim, name, start, result)
+                                loan, name, result)
             if plan.keep == "best" and record is result.best:
-                best = objects.snapshot(options.data)
+                loan.returned = objects.snapshot(options.data)
             if on_trial is not None:
                 on_trial(result, record)
         if result.status == "running":
             result.status = "finished"
-    finally:
-        (best or start).restore()
-        claim.release()
     return result
 
 
 def _one_trial(optuna: Any, study: Any, step_fn: StepFn, options: TrainOptions,
                plan: SearchPlan, space: dict[str, Dimension], every: int,
-               views: Sequence[View], claim: Any, name: str, start: Any,
-               result: Search) -> TrialRecord:
+               views: Sequence[View], loan: Loan, name: str, result: Search) -> TrialRecord:
     __tracebackhide__ = True
     trial = study.ask()
     setting = {key: dimension.suggest(trial) for key, dimension in space.items()}
     record = TrialRecord(trial.number, setting, "RUNNING")
     result.trials.append(record)
-    start.restore()
+    loan.start.restore()
     watch = TrialWatch(trial, record, plan, options, every)
     try:
-        record.run = train_setting(step_fn, setting, options, [*views, watch], claim, name,
+        record.run = train_setting(step_fn, setting, options, [*views, watch], loan.claim, name,
                                    watch.attach)
     except BaseException as e:  # the user's step failed: the trial, and the search, end
         _tell(optuna, study, trial, record, "FAIL", f"{type(e).__name__}: {e}")

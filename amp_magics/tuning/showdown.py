@@ -151,24 +151,22 @@ def showdown(step_fn: StepFn, precisions: list[str], options: TrainOptions,
         raise AmpUsageError("a precision comparison needs a number of steps, e.g. --steps 50")
     name = unique_group(options.name or "compare")
     objects = TrainingObjects.of(options)
-    claim = objects.claim(name)
-    start = objects.snapshot()
     result = Showdown({}, warmup=min(5, max(steps // 5, 1)))
     device = model_device(model)
     cuda = device.type == "cuda" and torch.cuda.is_available()
     result.peak_method = ("CUDA allocator peak above the start, exact" if cuda else
                           "memory one step keeps for backward, first batch, exact")
-    try:
+    with objects.borrowed(name, options.data) as loan:
         if not cuda:
             batch = next(iter(options.data))
             for precision in precisions:
                 report = step_activation_memory(step_fn, model, batch, precision)
                 result.peaks[precision] = report.steps[-1].saved
         for precision in precisions:
-            start.restore()
+            loan.start.restore()
             run_options = dataclasses.replace(options, dtype=precision, epochs=None,
                                               name=f"{name}[{precision}]", sync_timing=True)
-            training = prepare(step_fn, run_options, views, claim)
+            training = prepare(step_fn, run_options, views, loan.claim)
             result.runs[precision] = training.run
             if cuda:
                 meter = PeakMemory(device).start()
@@ -178,7 +176,4 @@ def showdown(step_fn: StepFn, precisions: list[str], options: TrainOptions,
                 training.execute()
             if training.run.status != "finished":
                 break
-    finally:
-        start.restore()
-        claim.release()
     return result

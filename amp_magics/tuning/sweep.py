@@ -116,27 +116,21 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     __tracebackhide__ = True
     objects = TrainingObjects.of(options)
     name = unique_group(options.name or "sweep")  # a second sweep's runs: sweep2[...]
-    claim = objects.claim(name)
-    start = objects.snapshot()
     result = Sweep(settings, criterion="validation loss" if options.val is not None
                    else "final train loss")
-    best = None
-    try:
+    with objects.borrowed(name, options.data) as loan:
         for i, setting in enumerate(settings):
-            start.restore()
-            run = train_setting(step_fn, setting, options, views, claim, name)
+            loan.start.restore()
+            run = train_setting(step_fn, setting, options, views, loan.claim, name)
             result.runs.append(run)
             if run.status != "finished":
                 break
             if result.best is None or score(run) < score(result.runs[result.best]):
                 result.best = i
                 if keep_best:
-                    best = objects.snapshot()
+                    loan.returned = objects.snapshot(options.data)
             if on_run is not None:
                 on_run(result)
-    finally:
-        (best or start).restore()
-        claim.release()
     return result
 
 
