@@ -133,6 +133,31 @@ def test_interrupted_then_resumed_nothing_left_running_and_the_values_tried_agai
     assert len(second.finished) == 4 and second.status == "finished"
 
 
+def test_a_resumed_grid_runs_each_setting_once(tmp_path):
+    """Interrupted in its second setting, a grid search resumed runs that setting again and
+    the third once: no setting twice, nothing queued left over."""
+    model, opt, data = objects()
+    steps = {"n": 0}
+
+    def step(batch):
+        steps["n"] += 1
+        if steps["n"] == 12:  # in the second setting
+            raise KeyboardInterrupt
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+    kwargs = dict(model=model, optimizer=opt, data=data, dtype="fp32", sampler="grid",
+                  space="lr=0.1,0.2,0.3", trials=10, study="grid", study_dir=str(tmp_path),
+                  progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        amp_magics.search(step, **kwargs)
+    for _ in range(2):  # resumed, then resumed once more with nothing left to do
+        found = amp_magics.search(step, **kwargs)
+        done = [(t.params["lr"], t.state.name) for t in found.study.get_trials(deepcopy=False)]
+        assert sorted(done) == [(0.1, "COMPLETE"), (0.2, "COMPLETE"), (0.2, "FAIL"),
+                                (0.3, "COMPLETE")], done
+        assert found.status == "finished" and all(t.state != "WAITING" for t in found.trials)
+
+
 def test_the_journal_opens_in_another_process(tmp_path):
     model, opt, data = objects()
     found = run_search(model, opt, data, space="lr=0.01,0.1", trials=2, study="shared",

@@ -308,20 +308,28 @@ def _objective_words(plan: SearchPlan, options: TrainOptions) -> str:
 
 
 def _queue_grid(optuna: Any, study: Any, space: dict[str, Dimension]) -> int:
-    """Queue every setting of the grid that no trial has finished or is queued for; return
-    how many are left to run."""
+    """Queue every setting of the grid that no trial has finished or is queued for (a failed
+    setting's retry included); return how many are queued."""
     states = optuna.trial.TrialState
-    done = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
-            if t.state in (states.COMPLETE, states.PRUNED, states.WAITING)}
+    taken = {_key(_params(optuna, t)) for t in study.get_trials(deepcopy=False)
+             if t.state in (states.COMPLETE, states.PRUNED, states.WAITING)}
     keys = list(space)
-    left = 0
     for values in itertools.product(*(space[k].choices for k in keys)):
         params = dict(zip(keys, values))
-        if tuple(sorted(params.items())) not in done:
+        if _key(params) not in taken:
             study.enqueue_trial(params)
-            left += 1
-    return left + sum(t.state == states.WAITING for t in study.get_trials(deepcopy=False)
-                      if tuple(sorted(t.params.items())) in done)
+    return len(study.get_trials(deepcopy=False, states=(states.WAITING,)))
+
+
+def _params(optuna: Any, trial: Any) -> dict:
+    """A trial's values; a queued trial has none yet, only those it was queued with."""
+    if trial.state == optuna.trial.TrialState.WAITING:
+        return trial.system_attrs.get("fixed_params", {})
+    return trial.params
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
 
 
 LEFT_RUNNING = "left running by a kernel that stopped"
@@ -338,6 +346,7 @@ def _recover(optuna: Any, study: Any) -> list[TrialRecord]:
     for t in trials:
         if t.state == states.FAIL and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    trials = [t for t in trials if t.state != states.WAITING]  # queued: not run yet
     return [TrialRecord(t.number, dict(t.params), t.state.name, t.value,
                         t.user_attrs.get("steps", 0),
                         t.user_attrs.get("reason", LEFT_RUNNING if t.state == states.FAIL
