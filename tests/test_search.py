@@ -201,6 +201,8 @@ def test_objective_a_logged_scalar_maximised(nb):
     ("accum=uniform(1,4)", "takes whole numbers"),
     ("lr", "is not KEY=VALUES"),
     ("lr=0.1; lr=0.2", "names 'lr' twice"),
+    ("clip=uniform(-1,1)", "clip=-1.0: --clip"),
+    ("accum=1,0", "accum=0: --accum"),
 ])
 def test_bad_specs_name_the_part_that_is_wrong(nb, spec, message):
     with pytest.raises(UsageError, match=message):

@@ -6,6 +6,8 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+
+import amp_magics
 from IPython.core.error import UsageError
 
 from recipes import assert_same_state, make_data, make_model
@@ -77,12 +79,16 @@ def test_sweep_table_and_keep_best(nb):
     ("lr", "is not KEY=V1,V2"),
     ("lr=1; lr=2", "names 'lr' twice"),
     (";", "--sweep is empty"),
+    ("clip=1,-1", "clip=-1.0: --clip"),  # refused before clip=1 trains
+    ("accum=2,0", "accum=0: --accum"),
 ])
 def test_bad_sweep_specs(nb, spec, message):
     start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    runs = len(amp_magics.runs())
     with pytest.raises(UsageError, match=message):
         nb.run(f'%%amp_train --sweep "{spec}"\n{BODY}')
     assert_same_state(nb.user_ns["model"].state_dict(), start)
+    assert len(amp_magics.runs()) == runs  # nothing trained
 
 
 @pytest.mark.parametrize("spec, message", [

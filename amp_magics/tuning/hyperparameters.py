@@ -2,6 +2,7 @@
 ratios) and the engine options marked tunable (`accum`, `clip`, `init_scale`, `dtype`)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,6 +87,17 @@ def apply_hyperparameters(setting: dict, optimizers: Sequence[torch.optim.Optimi
         if key == "lr" and scheduler is not None and hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [g["lr"] for g in scheduler.optimizer.param_groups]
     return applied
+
+
+def check_engine_values(flag: str, options: Any, values: dict[str, Sequence]) -> None:
+    """Every engine value a sweep or search may give a run is one the run accepts: `clip=-1`
+    is refused before anything trains, not after the settings before it have."""
+    for key, candidates in values.items():
+        for value in candidates if key in ENGINE_KEYS else ():
+            try:
+                dataclasses.replace(options, **{key: value})
+            except AmpUsageError as e:
+                raise AmpUsageError(f"{flag} {key}={value}: {e}") from None
 
 
 def engine_options(setting: dict) -> dict:

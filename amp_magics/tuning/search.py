@@ -26,6 +26,7 @@ from ..training.options import TrainOptions
 from ..training.registry import unique_group
 from ..training.view import View
 from .findings import SMOOTHING, Search, TrialRecord
+from .hyperparameters import check_engine_values
 from .plan import PRUNERS, SAMPLERS, SearchPlan
 from .space import Dimension, parse_space
 from .sweep import train_setting
@@ -89,6 +90,8 @@ def search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan, views: Sequ
     space = parse_space(plan.space, options.optimizers)
     checked_plan(plan, space)
     check_search_options(options, plan)
+    check_engine_values("--search", options, {
+        key: d.choices if d.kind == "choice" else (d.low, d.high) for key, d in space.items()})
     every = plan.report_every or _a_tenth_of_a_trial(options)
     study, journal = _study(optuna, plan, space, options, every)
     result = Search(_objective_words(plan, options), plan.direction, plan.trials,
