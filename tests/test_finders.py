@@ -250,6 +250,16 @@ def test_bad_input_is_refused_before_anything_changes(kwargs, message):
     assert opt.param_groups[0]["lr"] == 0.1
 
 
+def test_a_frozen_first_group_is_refused_not_trained():
+    """lr 0 in the first group and not in the others: ratios to it cannot be kept."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], lr=0.1)
+    with pytest.raises(AmpUsageError, match="the first is 0"):
+        find(model, opt, make_data())
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.1]
+
+
 @pytest.fixture
 def nb(ip):
     model = make_model()
@@ -427,6 +437,8 @@ def test_each_precision_answers_side_by_side():
     ({"max_memory": "lots"}, "give a size such as 6GiB"),
     ({"compare": "fp8"}, "choose from"),
     ({"nproc": 2}, "runs in this process"),
+    ({"steps": 50}, "does not take --steps: it runs 3 steps per trial"),
+    ({"epochs": 2}, "does not take --epochs: it runs 3 steps per trial"),
 ])
 def test_the_batch_size_finder_refuses_clearly(kwargs, message):
     model, opt, loader = batch_setup()

@@ -212,6 +212,7 @@ def test_bad_specs_name_the_part_that_is_wrong(nb, spec, message):
 @pytest.mark.parametrize("line, message", [
     ('--search "lr=log(1e-3,1)" --sampler grid', "grid needs a list"),
     ("--trials 3", "--trials goes with --search"),
+    ("--keep best", "--keep goes with --sweep or --search"),
     ('--search "lr=0.1" --sweep "lr=0.2"', "cannot be combined with --search"),
     ('--search "lr=0.1" --background', "cannot be combined with --background"),
     ('--search "lr=0.1" --objective acc', "add --log acc"),

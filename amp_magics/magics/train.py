@@ -421,6 +421,8 @@ def _check_modes(args) -> None:
     if args.max_memory is not None and not finds_batch_size:
         raise UsageError("--max-memory goes with --find-batch-size: add it, or drop --max-memory")
     searches = hasattr(args, "space")
+    if getattr(args, "keep", "start") != "start" and not (searches or args.sweep):
+        raise UsageError("--keep goes with --sweep or --search: add one, or drop --keep")
     plan_flags = [s.flag for s in option_specs(SearchPlan)
                   if hasattr(args, s.name) and s.name not in ("space", "keep")]
     if plan_flags and not searches:

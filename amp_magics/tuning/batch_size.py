@@ -203,7 +203,8 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
     """Search each precision (default: the options' dtype) from the same starting state; put
     everything back; the finding's `.loader` is the loader re-made with the first answer."""
     __tracebackhide__ = True
-    check_finder_options(options, "--find-batch-size")
+    check_finder_options(options, "--find-batch-size", f"{STEPS_PER_TRIAL} steps per trial",
+                         ("epochs", "steps"))
     loader = checked_loader(options.data)
     options = dataclasses.replace(options, data=loader)
     largest = len(loader.dataset) // (STEPS_PER_TRIAL * options.accum)

@@ -25,13 +25,17 @@ from ..training.telemetry import FOUND_INF, LOSS_SUM, MICRO
 from ..training.view import View
 from .findings import (DIVERGED, MAX_NONFINITE_IN_A_ROW, MAX_SKIPS_IN_A_ROW, SMOOTHING,
                        LrFinding, lr_schedule, suggestions)
+from .hyperparameters import check_ratios
 
-def check_finder_options(options: TrainOptions, flag: str = "--find-lr") -> None:
-    """Refuse what a finder cannot honour, before anything changes."""
+def check_finder_options(options: TrainOptions, flag: str = "--find-lr",
+                         length: str = "--steps N steps, cycling the data",
+                         lengths: tuple[str, ...] = ("epochs",)) -> None:
+    """Refuse what a finder cannot honour, before anything changes (`lengths`: the options
+    that would say how long it trains, which the finder decides: it runs `length`)."""
     refused = [(name, why) for name, why in (
         ("val", "it trains only"),
         ("checkpoint", "it leaves nothing to checkpoint"), ("resume", "it starts from now"),
-        ("diagnose", "it trains only"), ("epochs", "it runs --steps N steps, cycling the data"))
+        ("diagnose", "it trains only"), *((name, f"it runs {length}") for name in lengths))
         if getattr(options, name) not in (None, False)]
     if refused:
         name, why = refused[0]
@@ -110,6 +114,7 @@ def range_test(step_fn: StepFn, options: TrainOptions, finding: LrFinding,
     (views may draw it live), and put the objects back as they were."""
     __tracebackhide__ = True
     check_finder_options(options)
+    check_ratios("--find-lr", "lr", options.optimizers)  # the groups keep their lr ratios
     objects = finding.objects = TrainingObjects.of(options)
     with objects.borrowed("find-lr", options.data) as loan:
         finder = _Finder(finding, objects)
