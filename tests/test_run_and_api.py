@@ -158,6 +158,10 @@ def test_api_usage_errors():
         amp_magics.train(lambda b: b, model="net", optimizer=None, data=[1], progress=False)
     with pytest.raises(AmpUsageError, match="either your own scaler"):
         quick_run(dtype="fp16", scaler=torch.amp.GradScaler("cpu"), init_scale=4.0)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"^train\(\) missing keyword argument\(s\) data=: .*"
+                                        "data=train_loader"):
+        amp_magics.train(lambda b: b, model=model, optimizer=torch.optim.SGD(model.parameters()))
 
 
 def test_bf16_refused_on_a_gpu_without_it(monkeypatch):

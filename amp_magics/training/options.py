@@ -247,8 +247,15 @@ class TrainOptions:
 
     @classmethod
     def from_keywords(cls, caller: str, given: Mapping[str, Any], **fixed: Any) -> TrainOptions:
-        """The options from keyword arguments, an unknown keyword named with its fix."""
+        """The options from keyword arguments, an unknown or missing keyword named with its
+        fix."""
         (options,) = split_keywords(caller, given, cls)
+        missing = [f"{f.name}=" for f in fields(cls) if f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in {**options, **fixed}]
+        if missing:  # as Python says it for a function's own keywords, and what goes there
+            raise TypeError(f"{caller}() missing keyword argument(s) {', '.join(missing)}: "
+                            "the model, its optimizer(s) and the batches, e.g. "
+                            "model=net, optimizer=opt, data=train_loader")
         return cls(**options, **fixed)
 
     @property
