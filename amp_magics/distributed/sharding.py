@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..loaders import remade
 from ..tensors import tensors_in
 
 if TYPE_CHECKING:
@@ -61,13 +62,7 @@ def shard(data: Iterable, ctx: RankContext, start_epoch: int = 0) -> Iterable:
         sampler = torch.utils.data.distributed.DistributedSampler(
             data.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
             drop_last=data.drop_last)
-        remade = loader(data.dataset, batch_size=data.batch_size, sampler=sampler,
-                        num_workers=data.num_workers, collate_fn=data.collate_fn,
-                        pin_memory=data.pin_memory, drop_last=data.drop_last,
-                        timeout=data.timeout, worker_init_fn=data.worker_init_fn,
-                        persistent_workers=data.persistent_workers,
-                        prefetch_factor=data.prefetch_factor if data.num_workers else None)
-        return EpochSampled(remade, sampler, start_epoch)
+        return EpochSampled(remade(data, sampler=sampler), sampler, start_epoch)
     return Strided(data, ctx.rank, ctx.world_size)
 
 

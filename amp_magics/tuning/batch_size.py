@@ -24,6 +24,7 @@ import torch
 from ..diagnostics.memory import SavedForBackward, model_memory
 from ..errors import AmpUsageError
 from ..formatting import format_bytes, number
+from ..loaders import remade
 from ..precision import CHOICES, resolve
 from ..system.host import host_info
 from ..tensors import StepFn, as_step, model_device
@@ -42,16 +43,9 @@ OUT_OF_MEMORY_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None
 
 def with_batch_size(loader: torch.utils.data.DataLoader, batch_size: int
                     ) -> torch.utils.data.DataLoader:
-    """The same loader with another batch size: its sampler (so shuffle and its generator),
-    collate_fn, workers, pin_memory, drop_last, generator and the rest kept."""
-    workers = loader.num_workers
-    return torch.utils.data.DataLoader(
-        loader.dataset, batch_size=batch_size, sampler=loader.sampler,
-        num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context if workers else None,
-        generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None,
-        persistent_workers=loader.persistent_workers if workers else False)
+    """The same loader with another batch size: its sampler (so shuffle and its generator)
+    and the rest kept."""
+    return remade(loader, batch_size=batch_size)
 
 
 def checked_loader(data: Any) -> torch.utils.data.DataLoader:
