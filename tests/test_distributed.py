@@ -1,5 +1,6 @@
 """--nproc N: DistributedDataParallel from the notebook (forked ranks, gloo on the CPU) and
 under torchrun, bit-identical to a hand-written DDP AMP loop."""
+import contextlib
 import multiprocessing
 import os
 import re
@@ -15,13 +16,30 @@ import torch.nn.functional as F
 from IPython.core.error import UsageError
 from torch.multiprocessing import start_processes
 
+import amp_magics
+from amp_magics.distributed.launcher import RankFailed
 from recipes import assert_same_state, make_data, make_model, plain
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _reference_rank(rank, meeting, dtype, data, epochs, path, loader_args):
+def ddp_accumulation(ddp, opt, data, scaler, k):
+    """The DDP docs' accumulation recipe: no_sync() over all but each window's last micro-batch
+    (the epoch's last batch closes a shorter window)."""
+    for i, (x, y) in enumerate(data):
+        closes = (i + 1) % k == 0 or i + 1 == len(data)
+        with contextlib.nullcontext() if closes else ddp.no_sync():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(ddp(x), y) / k
+            scaler.scale(loss).backward()
+        if closes:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+
+def _reference_rank(rank, meeting, dtype, data, epochs, path, loader_args, accum=1):
     """The hand-written DDP AMP loop, one rank: the same fork, gloo, DDP with defaults (met
     through a file: no port to pick)."""
     torch.set_num_threads(1)
@@ -40,7 +58,10 @@ def _reference_rank(rank, meeting, dtype, data, epochs, path, loader_args):
     for epoch in range(epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        plain(ddp, opt, batches, dtype=dtype, scaler=scaler)
+        if accum > 1:
+            ddp_accumulation(ddp, opt, batches, scaler, accum)
+        else:
+            plain(ddp, opt, batches, dtype=dtype, scaler=scaler)
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None}, path)
@@ -48,10 +69,10 @@ def _reference_rank(rank, meeting, dtype, data, epochs, path, loader_args):
     dist.destroy_process_group()
 
 
-def reference(tmp_path, dtype, data=None, epochs=1, loader_args=None):
+def reference(tmp_path, dtype, data=None, epochs=1, loader_args=None, accum=1):
     path = str(tmp_path / "reference.pt")
     start_processes(_reference_rank, args=(tmp_path / "meeting", dtype, data, epochs, path,
-                                           loader_args),
+                                           loader_args, accum),
                     nprocs=2, start_method="fork")
     return torch.load(path, weights_only=False)
 
@@ -95,6 +116,54 @@ def test_two_processes_equal_a_hand_written_ddp_loop(nb, tmp_path, dtype):
                      run.peak_memory_source())
     last = run.memory[-1]
     assert last["rss all ranks"] == last["rss rank0"] + last["rss rank1"] > last["rss"]
+    assert no_children_left()
+
+
+def test_accumulation_all_reduces_once_per_window_as_the_ddp_recipe(nb, tmp_path, monkeypatch):
+    """--accum 5 over 24 batches per rank: windows of 5, 5, 5, 5 and 4, all-reduced only at
+    their last micro-batch (DDP's no_sync recipe: 19 deferred micro-batches per rank),
+    bit-identical to that recipe, fp16 overflow included."""
+    data = make_data(n=48, batch=16, overflow_at=(4,))
+    ref = reference(tmp_path, torch.float16, data, accum=5)
+    deferred = tmp_path / "deferred"
+    no_sync = torch.nn.parallel.DistributedDataParallel.no_sync
+
+    def counted(ddp):  # in the forked ranks: one line per micro-batch kept local
+        with open(deferred, "a") as f:
+            f.write(f"{dist.get_rank()}\n")
+        return no_sync(ddp)
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "no_sync", counted)
+    nb.user_ns["train_loader"] = data
+    nb.run(f"%%amp_train --dtype fp16 --nproc 2 --accum 5 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.status == "finished" and len(run.history) == 5
+    assert sorted(deferred.read_text().split()) == ["0"] * 19 + ["1"] * 19
+    assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
+    assert_same_state(nb.user_ns["optimizer"].state_dict(), ref["opt"])
+    assert no_children_left()
+
+
+class Shorter:
+    """Batches whose len() promises more than they hold."""
+
+    def __init__(self, batches, promised):
+        self.batches, self.promised = batches, promised
+
+    def __len__(self):
+        return self.promised
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_data_shorter_than_its_len_fails_clearly_rather_than_diverge(nb):
+    # 8 batches said to be 10: each rank expects 5 and gets 4, the last window's gradients
+    # kept local; stepping then would leave the ranks' weights apart
+    nb.user_ns["train_loader"] = Shorter(make_data(n=8), 10)
+    with pytest.raises(RankFailed, match=r"(?s)rank \d of 2 failed.*the data ended before its "
+                                         r"len\(\) said.*drop --accum"):
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --accum 3 -o run\n{BODY}")
+    assert amp_magics.runs()[-1].wall_time < 60  # timed from its start, not the clock's zero
     assert no_children_left()
 
 

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, open_epoch, save_checkpoint
 from .compiling import compile_for_run
 from .failures import release_memory
 from .objects import TrainingObjects
-from .options import TrainOptions
+from .options import TrainOptions, data_length
 from .registry import next_name, register
 from .run import Run
 from .step import AmpStep, untrained_parameters
@@ -274,6 +274,9 @@ class Training:
         resumed, self.resumed = self.resumed, None
         it, self.epoch_rng, self.batches_in_epoch = open_epoch(
             self.options.data, resumed, keep_rng=bool(self.options.checkpoint))
+        # the epoch's last batch closes a window too (unknown for a stream: every batch is
+        # then treated as one that may, which under DDP only costs an all-reduce)
+        last = data_length(self.options.data) if amp.no_sync is not None else None
         while not self._should_stop():
             batch = next(it, _END)
             if batch is _END:
@@ -284,7 +287,8 @@ class Training:
             try:
                 while True:
                     self.batches_in_epoch += 1
-                    amp.micro_step(batch, self.step, epoch)
+                    amp.micro_step(batch, self.step, epoch, amp.micro + 1 == accum
+                                   or last is None or self.batches_in_epoch == last)
                     if amp.micro == accum:
                         break
                     batch = next(it, _END)

@@ -45,6 +45,12 @@ def _routing_class(original: type) -> type:
     return routed
 
 
+def routed_to(model: torch.nn.Module) -> Callable[..., Any] | None:
+    """The wrapper `model`'s calls go through now (DDP, a compiled module), or None."""
+    route = model.__dict__.get(_ROUTE)
+    return None if route is None else route.wrapper
+
+
 def route_through(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
     """Make `model(...)` run through `wrapper` until the returned function is called, which
     puts the class back and drops the wrapper (DDP's Reducer must be freed while its process

@@ -14,6 +14,7 @@ from .. import _torch_compat as private
 from ..errors import AmpUsageError
 from ..precision import Precision
 from ..tensors import StepFn, batch_only, batch_placer, to_device, unpack_loss
+from .routing import routed_to
 from .scaler import RealSteps, StepReading
 from .telemetry import COMPACT_STEPS, StepRecorder
 
@@ -59,6 +60,10 @@ class AmpStep:
         # One autocast object reused for every micro-batch.
         self.autocast = chosen.autocast()
         self.window_batches: list = []
+        # DDP's recipe for accumulation: no gradient all-reduce until a window's last
+        # micro-batch (its no_sync() must cover the forward too)
+        self.no_sync = getattr(routed_to(model), "no_sync", None) if accum > 1 else None
+        self.deferred = False  # the last micro-batch's gradients were not all-reduced
         self.micro = 0  # micro-batches in the current accumulation window
         self.in_update = False  # between unscale_/step and update: an exception here is costly
         self.loss_sum = None
@@ -66,7 +71,18 @@ class AmpStep:
         self.samples = 0
         self.last_batch_size = 0
 
-    def micro_step(self, batch: Any, step: int, epoch: int) -> None:
+    def micro_step(self, batch: Any, step: int, epoch: int, closes_window: bool = True) -> None:
+        """One micro-batch: forward and backward; `closes_window` when an optimizer step
+        follows it (under DDP, only then are the gradients all-reduced)."""
+        __tracebackhide__ = True
+        self.deferred = self.no_sync is not None and not closes_window
+        if self.deferred:
+            with self.no_sync():
+                self._micro_step(batch, step, epoch)
+        else:
+            self._micro_step(batch, step, epoch)
+
+    def _micro_step(self, batch: Any, step: int, epoch: int) -> None:
         __tracebackhide__ = True
         if self.micro == 0:
             for opt in self.optimizers:
@@ -109,6 +125,11 @@ class AmpStep:
     def optimizer_step(self, step: int, epoch: int, t0: float) -> tuple[Any, Any, float]:
         """Step every optimizer (through the scaler) and record the step. Returns (scale,
         found_inf, the time it ended). The scheduler steps after, in `step_scheduler`."""
+        if self.deferred:  # the data ended before the len() it gave: the ranks would diverge
+            raise AmpUsageError(
+                "the data ended before its len() said, in the middle of an accumulation window "
+                "whose gradients were not yet all-reduced: give data whose len() is exact, or "
+                "drop --accum")
         scaler = self.scaler
         self.in_update = True
         grad_norm = None

@@ -186,7 +186,9 @@ class RunBooks:
         self.sample_memory = sample_memory or (lambda: memory_snapshot(device))
         self.views = views
         self.refresh_seconds = refresh_seconds
-        self.t0 = 0.0
+        # set again by start(); a run that fails before it (a rank that fails while the others
+        # start) is timed from here, not from the clock's zero
+        self.t0 = time.perf_counter()
         self.next_refresh = 0.0
         self.raised_alarms: set = set()
         self.alarms = alarms.Alarms(device.type)
