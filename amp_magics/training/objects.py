@@ -13,7 +13,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,13 +97,14 @@ class TrainingObjects:
 
 @dataclass
 class Loan:
+    """A tool's hold on the objects: the claim its runs train under, the state they start
+    from, and what is put back at the end (the start, unless the tool keeps a better one)."""
     claim: ownership.Claim
     start: Snapshot
-    returned: Snapshot = None  # type: ignore[assignment]  # the start, unless replaced
+    returned: Snapshot = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.returned is None:
-            self.returned = self.start
+        self.returned = self.start
 
 
 class Snapshot:

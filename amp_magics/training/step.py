@@ -75,15 +75,12 @@ class AmpStep:
         """One micro-batch: forward and backward; `closes_window` when an optimizer step
         follows it (under DDP, only then are the gradients all-reduced)."""
         __tracebackhide__ = True
-        self.deferred = self.no_sync is not None and not closes_window
-        if self.deferred:
+        if not closes_window and self.no_sync is not None:
             with self.no_sync():
-                self._micro_step(batch, step, epoch)
-        else:
-            self._micro_step(batch, step, epoch)
-
-    def _micro_step(self, batch: Any, step: int, epoch: int) -> None:
-        __tracebackhide__ = True
+                self.micro_step(batch, step, epoch)
+            self.deferred = True
+            return
+        self.deferred = False
         if self.micro == 0:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)

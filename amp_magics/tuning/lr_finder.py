@@ -27,6 +27,7 @@ from .findings import (DIVERGED, MAX_NONFINITE_IN_A_ROW, MAX_SKIPS_IN_A_ROW, SMO
                        LrFinding, lr_schedule, suggestions)
 from .hyperparameters import check_ratios
 
+
 def check_finder_options(options: TrainOptions, flag: str = "--find-lr",
                          length: str = "--steps N steps, cycling the data",
                          lengths: tuple[str, ...] = ("epochs",)) -> None:
