@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import AmpUsageError
 from .training.options import TrainOptions, checked_output_path, option_specs, split_keywords
 from .training.run import Run
 from .training.view import View
@@ -38,19 +37,21 @@ def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequ
     """
     __tracebackhide__ = True
     from .distributed import prepare_training
-    from .distributed.torchrun import torchrun_context, train_under_torchrun
+    from .distributed.torchrun import RankTraining, torchrun_context
 
     options = TrainOptions.from_keywords("train", options)
     save = checked_output_path(save, "save", "run.json") if save is not None else None
     views = _views(progress, observers)
     ranked = torchrun_context()
-    if ranked is not None:  # started by torchrun: this process trains its rank
-        return train_under_torchrun(step_fn, options, views, ranked)
-    training = prepare_training(step_fn, options, views)
+    if ranked is not None:  # started by torchrun: this process trains its rank, rank 0 saves
+        training = RankTraining(step_fn, options, views, ranked)
+        save = save if ranked.rank == 0 else None
+    else:
+        training = prepare_training(step_fn, options, views)
     try:
         training.execute()
     except BaseException:
-        if save is not None:
+        if save is not None and training.run is not None:
             _save_quietly(training.run, save)  # the error that ended the run is what the caller sees
         raise
     return _finished(training.run, save, options.checkpoint)

@@ -254,7 +254,7 @@ SCRIPT = textwrap.dedent("""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
                            optimizer=opt, data=make_data(n=16), dtype="bf16",
-                           checkpoint={ckpt!r})
+                           checkpoint={ckpt!r}, save={saved!r})
     if int(os.environ["RANK"]) == 0:
         torch.save(model.state_dict(), {out!r})
 """)
@@ -262,15 +262,16 @@ SCRIPT = textwrap.dedent("""
 
 def test_the_same_call_runs_under_torchrun(tmp_path):
     script = tmp_path / "train.py"
-    out, ckpt = tmp_path / "model.pt", tmp_path / "ckpt.pt"
+    out, ckpt, saved = tmp_path / "model.pt", tmp_path / "ckpt.pt", tmp_path / "run.json"
     script.write_text(SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(out),
-                                    ckpt=str(ckpt)))
+                                    ckpt=str(ckpt), saved=str(saved)))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", str(script)], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout + done.stderr).count("finished: 8 steps") == 1  # only rank 0 reports
     assert ckpt.exists()
+    assert len(amp_magics.Run.load(str(saved)).history) == 8  # save=: rank 0 writes the run
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16))
     assert_same_state(torch.load(out), ref["model"])
 

@@ -46,18 +46,27 @@ def joined_process_group(ctx: RankContext) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def train_under_torchrun(step_fn: StepFn, options: TrainOptions, views: Sequence[View],
-                         ctx: RankContext) -> Run:
-    """Each torchrun process trains its rank; rank 0 reports and saves."""
-    __tracebackhide__ = True
-    if options.compile:
-        raise AmpUsageError("compile=True under torchrun is not supported yet: compile the "
-                            "model in the script (torch.compile) and pass that")
-    with joined_process_group(ctx):
-        rank_options, release = setup_rank(options, ctx)
-        try:
-            training = prepare(step_fn, rank_options, list(views) if ctx.rank == 0 else [])
-            training.execute()
-        finally:
-            release()
-    return training.run
+class RankTraining:
+    """One torchrun process's rank, trained as `execute()` is called: it joins the process
+    group, trains its shard through DDP and leaves the group; rank 0 reports (its `views`).
+    `run` is the Run once training has been prepared (None if it failed before)."""
+
+    def __init__(self, step_fn: StepFn, options: TrainOptions, views: Sequence[View],
+                 ctx: RankContext):
+        if options.compile:
+            raise AmpUsageError("compile=True under torchrun is not supported yet: compile "
+                                "the model in the script (torch.compile) and pass that")
+        self.step_fn, self.options, self.ctx = step_fn, options, ctx
+        self.views = list(views) if ctx.rank == 0 else []
+        self.run: Run | None = None
+
+    def execute(self) -> None:
+        __tracebackhide__ = True
+        with joined_process_group(self.ctx):
+            rank_options, release = setup_rank(self.options, self.ctx)
+            try:
+                training = prepare(self.step_fn, rank_options, self.views)
+                self.run = training.run
+                training.execute()
+            finally:
+                release()

@@ -11,7 +11,6 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from ..system import gpu
 from ..views.status import status_html

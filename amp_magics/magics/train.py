@@ -22,7 +22,7 @@ from ..training import registry
 from ..training.options import DIAGNOSIS, DISPLAY, Option, OptionSpec, option_specs
 from ..tuning.plan import SearchPlan
 from .args import generated_flags, parse
-from .notebook import CellStep, lookup, resolve_objects, usage_errors
+from .notebook import CellStep, resolve_objects, usage_errors
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
