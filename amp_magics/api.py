@@ -37,17 +37,14 @@ def train(step_fn: Callable[..., Any], *, progress: bool = True, observers: Sequ
     """
     __tracebackhide__ = True
     from .distributed import prepare_training
-    from .distributed.torchrun import RankTraining, torchrun_context
+    from .distributed.torchrun import torchrun_context
 
     options = TrainOptions.from_keywords("train", options)
     save = checked_output_path(save, "save", "run.json") if save is not None else None
-    views = _views(progress, observers)
+    training = prepare_training(step_fn, options, _views(progress, observers))
     ranked = torchrun_context()
-    if ranked is not None:  # started by torchrun: this process trains its rank, rank 0 saves
-        training = RankTraining(step_fn, options, views, ranked)
-        save = save if ranked.rank == 0 else None
-    else:
-        training = prepare_training(step_fn, options, views)
+    if ranked is not None and ranked.rank != 0:
+        save = None  # under torchrun, rank 0 saves
     try:
         training.execute()
     except BaseException:

@@ -15,11 +15,16 @@ from ..training.engine import prepare
 from ..training.options import TrainOptions
 from ..training.view import View
 from .launcher import prepare_distributed, world_size
+from .torchrun import RankTraining, torchrun_context
 
 
 def prepare_training(step_fn: StepFn, options: TrainOptions, views: Sequence[View] = ()) -> Any:
-    """The training for these options: one process (engine.Training), or --nproc N > 1
-    (launcher.DistributedTraining). Both have `.run`, `.execute()` and `.release()`."""
+    """The training for these options: one process (engine.Training), --nproc N > 1
+    (launcher.DistributedTraining), or this process's rank when torchrun started it
+    (torchrun.RankTraining). Each has `.run`, `.execute()` and `.release()`."""
+    ranked = torchrun_context()
+    if ranked is not None:
+        return RankTraining(step_fn, options, views, ranked)
     world = world_size(options.nproc)
     if world == 1:
         return prepare(step_fn, options, views)

@@ -60,6 +60,9 @@ class RankTraining:
         self.views = list(views) if ctx.rank == 0 else []
         self.run: Run | None = None
 
+    def release(self) -> None:
+        """Nothing to let go: the rank claims the model only inside execute()."""
+
     def execute(self) -> None:
         __tracebackhide__ = True
         with joined_process_group(self.ctx):
