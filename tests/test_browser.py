@@ -628,6 +628,12 @@ def _check_status_bar(journey: Journey):
     page.wait_for_function(
         "() => /· 1 AMP run$/.test(document.querySelector('.amp-magics-status').textContent)",
         timeout=15_000)
+    # the kernel's file says step 0 and no loss until its first rewrite after the run's first
+    # steps (at most once a second), read at the next poll
+    with contextlib.suppress(Exception):  # the assertion below says what was there instead
+        page.wait_for_function(
+            r"() => /run\d+: step \d+\/\d+, loss [\d.]+ \(running\)/"
+            ".test(document.querySelector('.amp-magics-status').title)", timeout=15_000)
     text, tooltip = item.inner_text(), item.get_attribute("title")
     assert re.fullmatch(r"(no GPU · RAM [\d.]+/[\d.]+ GiB|GPUs? .+ GiB) · 1 AMP run", text), text
     assert re.search(r"run\d+: step \d+/\d+, loss [\d.]+ \(running\)", tooltip), tooltip
