@@ -213,15 +213,79 @@ def test_an_exception_in_one_rank_fails_the_run_with_its_traceback(nb, capsys):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # rank 0's state is back
 
 
-def test_a_rank_killed_by_a_signal_is_a_clear_failure(nb):
-    nb.user_ns["train_loader"] = make_data(n=16)
-    with pytest.raises(Exception, match="rank 1 was killed by SIGKILL"):
-        nb.run(f"%%amp_train --dtype bf16 --nproc 2 -o run\n"
-               f"if step == 2 and int(os.environ['RANK']) == 1:\n"
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_rank_killed_by_a_signal_is_a_clear_failure_and_the_work_is_kept(nb, tmp_path,
+                                                                           killed):
+    """Killed at step 3 (before its gradient exchange): the other rank fails there too, and
+    the notebook holds the weights after steps 0-2, from rank 0 or, when rank 0 was killed,
+    from rank 1; the history has exactly those 3 steps."""
+    nb.user_ns["train_loader"] = data = make_data(n=16)
+    with pytest.raises(Exception, match=f"rank {killed} was killed by SIGKILL"):
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --refresh 0.01 -o run\n"
+               f"if step == 3 and int(os.environ['RANK']) == {killed}:\n"
                f"    os.kill(os.getpid(), 9)\n{BODY}")
-    assert nb.user_ns["run"].status == "failed"
+    run = nb.user_ns["run"]
+    assert run.status == "failed"
     assert no_children_left()
+    ref = reference(tmp_path, torch.bfloat16, data[:6])  # 3 steps on each rank
+    assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
+    assert_same_state(nb.user_ns["optimizer"].state_dict(), ref["opt"])
+    assert [r["step"] for r in run.history] == [0, 1, 2]
+    copied = [n for n in run.notes if "rank 0 ended without a consistent state" in n]
+    assert len(copied) == (killed == 0) and (killed == 1 or "rank 1's, after step 2" in copied[0])
     nb.run(f"%%amp_train --dtype bf16 --steps 1 -o again\n{BODY}")  # the kernel is fine
+
+
+def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_path):
+    nb.user_ns["train_loader"] = data = make_data(n=16)
+    started = time.monotonic()
+    with pytest.raises(RankFailed) as failed:
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 -o run\n"
+               f"if step == 2 and int(os.environ['RANK']) == 1:\n"
+               f"    time.sleep(600)\n{BODY}")
+    took = time.monotonic() - started
+    text = str(failed.value)
+    assert "rank 1 did not arrive at step 2's gradient exchange within --timeout 3 s " \
+           "(rank 0 waited there for it)" in text, text
+    assert re.search(r"Where rank 1 was:\n.*line 3", text), text  # the cell's time.sleep
+    assert 3 <= took < 30
+    assert no_children_left()
+    run = nb.user_ns["run"]
+    assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
+    ref = reference(tmp_path, torch.bfloat16, data[:4])  # steps 0 and 1 completed
+    assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
+    assert [r["step"] for r in run.history] == [0, 1]
+
+
+class Branchy(torch.nn.Module):
+    """A model whose second head is used only when asked: its parameters get no gradient in
+    a step that leaves it out, which plain DDP refuses at the next step."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.spare = make_model(), torch.nn.Linear(3, 3)
+
+    def forward(self, x, spare=False):
+        out = self.body(x)
+        return self.spare(out) if spare else out
+
+
+def test_ddp_options_find_unused_parameters_and_static_graph(nb):
+    for flags in ("--find-unused-parameters", "--static-graph",
+                  "--find-unused-parameters --static-graph"):
+        model = Branchy()
+        nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          train_loader=make_data(n=8))
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 {flags} -o run\n{BODY}")
+        assert nb.user_ns["run"].status == "finished" and len(nb.user_ns["run"].history) == 4
+    model = Branchy()
+    nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RankFailed, match="find_unused_parameters=True"):  # DDP's own advice
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 -o run\n{BODY}")
+    with pytest.raises(UsageError, match="--static-graph: DistributedDataParallel's option, "
+                                         "for several processes: add --nproc N"):
+        nb.run(f"%%amp_train --static-graph\n{BODY}")
+    assert no_children_left()
 
 
 def test_cuda_already_initialised_is_refused_before_forking(nb, monkeypatch):

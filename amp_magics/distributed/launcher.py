@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import faulthandler
+import glob
 import multiprocessing
 import os
 import signal
@@ -21,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +43,7 @@ from ..training.scaler import persistent_scaler
 from ..training.telemetry import RunBooks
 from ..training.view import View
 from . import protocol
+from .arrivals import ArrivalBoard, Stall
 from .merge import RecordMerger
 from .rank import RankContext, setup_rank
 from .sharding import same_stream_on_every_rank
@@ -135,13 +139,64 @@ class StopAgreement:
             return step >= self.stop_at.value
 
 
+class RankFiles:
+    """Files the ranks leave for the notebook process, named from one temporary path: each
+    rank's state after its last completed step (`state.RANK.STEP`) and where a hung rank
+    was (`stack.RANK`)."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def state(self, rank: int, step: int) -> str:
+        return f"{self.base}.state.{rank}.{step}"
+
+    def stack(self, rank: int) -> str:
+        return f"{self.base}.stack.{rank}"
+
+    def best_state(self) -> tuple[str, int, int] | None:
+        """(path, rank, steps) of the state with the most steps, the lowest rank's of those."""
+        found = []
+        for path in glob.glob(glob.escape(self.base) + ".state.*"):
+            rank, step = path.rsplit(".", 2)[-2:]
+            found.append((-int(step), int(rank), path))
+        if not found:
+            return None
+        step, rank, path = min(found)
+        return path, rank, -step
+
+    def remove(self) -> None:
+        for path in glob.glob(glob.escape(self.base) + ".*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+@dataclass
+class Shared:
+    """What the notebook process and every rank share: the message channel, the stop
+    request, the gradient-exchange marks and the files ranks leave."""
+
+    channel: Any
+    requested: Any
+    stop_at: Any
+    board: ArrivalBoard
+    files: RankFiles
+
+    @classmethod
+    def made(cls, world: int, mp: Any, base: str) -> Shared:
+        return cls(mp.Queue(), mp.Value("b", 0), mp.Value("q", -1), ArrivalBoard(world, mp),
+                   RankFiles(base))
+
+
 @contextlib.contextmanager
-def _rank_process(rank: int, world: int, port: int, channel: Any):
+def _rank_process(rank: int, world: int, port: int, shared: Shared):
     """The forked process made a rank: its own signals, threads and output, its env."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the notebook process decides when to stop
     with contextlib.suppress(Exception):  # Linux only; elsewhere the parent cleans up
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    stack = open(shared.files.stack(rank), "w")  # noqa: SIM115 (open while the rank lives)
+    faulthandler.register(signal.SIGUSR1, file=stack, all_threads=True)  # where a hung rank is
     torch.set_num_threads(max(1, torch.get_num_threads() // world))  # share the cores
+    channel = shared.channel
     sys.stdout = protocol.ChannelWriter(channel, rank)
     sys.stderr = protocol.ChannelWriter(channel, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -155,35 +210,48 @@ def _rank_process(rank: int, world: int, port: int, channel: Any):
         channel.join_thread()
 
 
-def _worker(rank: int, world: int, port: int, device_type: str, channel: Any, requested: Any,
-            stop_at: Any, state_path: str, step_fn: StepFn, options: TrainOptions,
-            claim: ownership.Claim) -> None:
+def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
+            step_fn: StepFn, options: TrainOptions, claim: ownership.Claim) -> None:
     claim.step_lock = threading.RLock()  # the parent's may have been held by another thread
     ctx = RankContext.on(rank, world, rank, device_type == "cuda")
-    with _rank_process(rank, world, port, channel):
-        timeout = datetime.timedelta(seconds=STARTUP_TIMEOUT)
+    with _rank_process(rank, world, port, shared):
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
-                              timeout=timeout)
+                              timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT))
+        # the notebook process names a rank that keeps the others waiting after --timeout;
+        # gloo's own timeout comes later, for a wait it cannot see
         dist.init_process_group(ctx.backend, store=store, rank=rank, world_size=world,
-                                timeout=timeout)
-        training, release = None, None
+                                timeout=datetime.timedelta(
+                                    seconds=options.timeout + RANK_GRACE_SECONDS))
+        training, release, failed = None, None, False
         try:
             rank_options, release = setup_rank(options, ctx)
-            training = prepare(step_fn, rank_options, [protocol.RankRelay(channel, rank)], claim)
-            training.stop_check = StopAgreement(requested, stop_at)
+            training = prepare(step_fn, rank_options, [protocol.RankRelay(shared.channel, rank)],
+                               claim)
+            training.stop_check = StopAgreement(shared.requested, shared.stop_at)
+            training.amp.arrive = shared.board.marker(rank)
             _note_unsharded_stream(training, rank_options.data, ctx)
             training.execute()
         except BaseException as e:
-            channel.put(protocol.Failure(rank, protocol.user_traceback(e)))
+            failed = True
+            shared.channel.put(protocol.Failure(rank, protocol.user_traceback(e)))
             traceback.clear_frames(e.__traceback__)  # they hold DDP, freed before the group
             raise
         finally:
-            if rank == 0 and training is not None and not training.amp.in_update:
-                torch.save(training.objects.state_dict(), state_path)  # after its last step
+            # rank 0's state goes back to the notebook; when the run failed, every rank's
+            # (the lowest live rank's is used if rank 0 died)
+            if training is not None and not training.amp.in_update and (rank == 0 or failed):
+                _save_state(training, shared.files, rank)
             if release is not None:
                 release()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def _save_state(training: Any, files: RankFiles, rank: int) -> None:
+    """Written whole or not at all: the notebook process may end the rank any moment."""
+    writing = f"{files.base}.writing.{rank}"
+    torch.save(training.objects.state_dict(), writing)
+    os.replace(writing, files.state(rank, training.step))
 
 
 def _note_unsharded_stream(training: Any, data: Any, ctx: RankContext) -> None:
@@ -192,6 +260,30 @@ def _note_unsharded_stream(training: Any, data: Any, ctx: RankContext) -> None:
             "every rank read the same first batch: this IterableDataset does not shard "
             "itself, so each rank trains on the same items. Split the stream by "
             "torch.distributed.get_rank() and get_world_size() in its __iter__.")
+
+
+def _cell_frames(stack_file: str) -> str:
+    """From a rank's faulthandler dump: the frames the training thread was in below our step
+    that are the user's (not torch's or the standard library's), most recent last."""
+    try:
+        with open(stack_file) as f:
+            dump = f.read()
+    except OSError:
+        return ""
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skipped = (ours, os.path.dirname(torch.__file__), os.path.dirname(os.__file__))
+    for block in dump.split("\n\n"):
+        if f"{os.sep}training{os.sep}engine.py" not in block:
+            continue  # not the thread that trains
+        kept = []
+        for line in block.splitlines():  # most recent first, down to our step's frame
+            path = line.strip()[len('File "'):]
+            if path.startswith(ours):
+                break
+            if line.strip().startswith("File") and not path.startswith(skipped):
+                kept.append(line.strip())
+        return "\n".join(f"  {frame}" for frame in reversed(kept))
+    return ""
 
 
 # -- the notebook's side -------------------------------------------------------------------
@@ -225,42 +317,37 @@ class DistributedTraining:
     def _execute(self) -> None:
         __tracebackhide__ = True
         mp = multiprocessing.get_context("fork")
-        channel = mp.Queue()
-        requested, stop_at = mp.Value("b", 0), mp.Value("q", -1)
-        fd, state_path = tempfile.mkstemp(prefix=".amp_nproc_", suffix=".pt")
-        os.close(fd)
-        os.unlink(state_path)  # rank 0 writes it only when it has a consistent state
-        store = rendezvous(self.world)  # held until the ranks have ended
-        processes = torch.multiprocessing.start_processes(
-            _worker, args=(self.world, store.port, self.device_type, channel, requested,
-                           stop_at, state_path, self.step_fn, self.options, self.claim),
-            nprocs=self.world, join=False, start_method="fork")
-        try:
-            status, error = self._watch(processes, channel, requested)
-        finally:
-            for p in processes.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-            self._receive(channel)
-            channel.close()
-            del store
+        with tempfile.TemporaryDirectory(prefix="amp_nproc_") as folder:
+            shared = Shared.made(self.world, mp, os.path.join(folder, "rank"))
+            store = rendezvous(self.world)  # held until the ranks have ended
+            processes = torch.multiprocessing.start_processes(
+                _worker, args=(self.world, store.port, self.device_type, shared, self.step_fn,
+                               self.options, self.claim),
+                nprocs=self.world, join=False, start_method="fork")
+            try:
+                status, error = self._watch(processes, shared)
+            finally:
+                for p in processes.processes:
+                    if p.is_alive():
+                        p.kill()
+                    p.join()
+                self._receive(shared.channel)
+                shared.channel.close()
+                del store
+            held = self._load_state(shared.files)
         if status == "finished" and self.run.stop_requested:
             status = "interrupted"
-        self._load_state(state_path)
         with contextlib.suppress(Exception):
             self.books.refresh(self.merger.done_step)
-        finish_run(self.run, status, None if error is None else error.summary, self.views,
-                   " on every rank: the notebook's objects hold rank 0's state after its last "
-                   "completed step")
+        finish_run(self.run, status, None if error is None else error.summary, self.views, held)
         if error is not None:
             raise error
 
-    def _watch(self, processes: Any, channel: Any, requested: Any
-               ) -> tuple[str, BaseException | None]:
+    def _watch(self, processes: Any, shared: Shared) -> tuple[str, BaseException | None]:
         """Until every rank has ended: (status, the error that ended the run)."""
         from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
+        channel, board, timeout = shared.channel, shared.board, self.options.timeout
         try:
             # The first Ctrl-C (the notebook's interrupt) stops every rank at one boundary; a
             # second one ends the wait, and the caller ends the ranks.
@@ -270,10 +357,14 @@ class DistributedTraining:
                 while True:
                     self._receive(channel)
                     if self.run.stop_requested:
-                        requested.value = 1
+                        shared.requested.value = 1
                     if processes.join(timeout=0.05, grace_period=RANK_GRACE_SECONDS):
                         return "finished", None
-                    if time.perf_counter() >= self.books.next_refresh:
+                    now = time.perf_counter()
+                    stall = board.stall(now, timeout)
+                    if stall is not None:
+                        return "failed", self._stalled(stall, processes, shared)
+                    if now >= self.books.next_refresh:
                         self.books.refresh(self.merger.done_step)
         except KeyboardInterrupt:
             return "interrupted", None
@@ -281,6 +372,30 @@ class DistributedTraining:
             return "failed", e
         except (ProcessRaisedException, ProcessExitedException) as e:
             return "failed", self._rank_failure(e, channel)
+
+    def _stalled(self, stall: Stall, processes: Any, shared: Shared) -> RankFailed:
+        """End the ranks that did not arrive, first asking where they were; the ranks that
+        waited for them then fail at once and leave their state (copied back)."""
+        late = stall.late
+        for rank in late:
+            os.kill(processes.processes[rank].pid, signal.SIGUSR1)
+        time.sleep(0.2)  # faulthandler writes the stacks from a signal handler
+        where = {rank: _cell_frames(shared.files.stack(rank)) for rank in late}
+        for rank in late:
+            processes.processes[rank].kill()
+        deadline = time.perf_counter() + RANK_GRACE_SECONDS
+        for p in processes.processes:
+            p.join(max(0.0, deadline - time.perf_counter()))
+        names = " and ".join(f"rank {r}" for r in late)
+        waiting = " and ".join(f"rank {r}" for r in stall.waiting)
+        lines = [f"{names} did not arrive at step {stall.step}'s gradient exchange within "
+                 f"--timeout {self.options.timeout:g} s ({waiting} waited there for it), so "
+                 f"{'it was' if len(late) == 1 else 'they were'} ended, and with "
+                 f"{'it' if len(late) == 1 else 'them'} the run."]
+        for rank in late:
+            if where[rank]:
+                lines.append(f"Where rank {rank} was:\n{where[rank]}")
+        return RankFailed("\n".join(lines), f"{names} did not arrive (timeout)")
 
     def _rank_failure(self, e: Exception, channel: Any) -> RankFailed:
         """The error of the first rank that failed (the others fail because it left)."""
@@ -335,23 +450,41 @@ class DistributedTraining:
                                  f"{STARTUP_TIMEOUT:.0f} s (process group on 127.0.0.1); "
                                  "nothing was trained", "the ranks did not start")
 
-    def _load_state(self, path: str) -> None:
-        """Rank 0's final state into the notebook's objects; without one (rank 0 died inside
-        an optimizer step) they stay as before the run, and the run says so."""
-        if not os.path.exists(path):
-            self.run.notes.append("rank 0 left no consistent state: the notebook's model, "
+    def _load_state(self, files: RankFiles) -> str:
+        """The final state of rank 0 (or, when it died, of the lowest rank that went
+        furthest) into the notebook's objects, and the history settled to match it; without
+        one they stay as before the run. Returns where the objects stand, for the notes."""
+        best = files.best_state()
+        if best is None:
+            self.run.notes.append("no rank left a consistent state: the notebook's model, "
                                   "optimizers and scaler are as before this run")
-            return
-        try:  # a file rank 0 wrote a moment ago: trusted, and it holds the RNG's tuples
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        finally:
-            os.unlink(path)
+            return " on every rank: the notebook's objects are as before the run"
+        path, rank, steps = best
+        # a file a rank wrote a moment ago: trusted, and it holds the RNG's tuples
+        state = torch.load(path, map_location="cpu", weights_only=False)
         o = self.options
         scaler = o.scaler
         if state["scaler"] is not None and scaler is None:
             scaler = persistent_scaler(o.optimizers[0], self.device_type,
                                        {**SCALER_DEFAULTS, **o.scaler_settings})
         TrainingObjects.of(o).with_scaler(scaler).load_state_dict(state)
+        if rank != 0:
+            self.run.notes.append(f"rank 0 ended without a consistent state: the notebook's "
+                                  f"objects hold rank {rank}'s, after step {steps - 1} (DDP "
+                                  "keeps every rank's weights the same)")
+        self._settle_history(steps)
+        return (f" on every rank: the notebook's objects hold rank {rank}'s state after its "
+                "last completed step")
+
+    def _settle_history(self, steps: int) -> None:
+        """The history up to the copied state's step: steps not every rank reported (one
+        died before sending them) merged from those that did."""
+        partial = self.merger.settle(steps)
+        if partial:
+            span = f"{partial[0]}" if len(partial) == 1 else f"{partial[0]}-{partial[-1]}"
+            self.run.notes.append(
+                f"step(s) {span}: not every rank reported them before the run ended; their "
+                "loss is averaged over the ranks that did, their samples summed over those")
 
 
 def prepare_distributed(step_fn: StepFn, options: TrainOptions, views: Sequence[View],

@@ -37,14 +37,27 @@ class RecordMerger:
             complete.append(merged)
         return complete
 
+    def settle(self, steps: int) -> list[int]:
+        """At the end, when the weights kept are those after `steps` steps: merge the steps
+        before it that only some ranks reported (the others ended first) from those ranks;
+        what ranks reported beyond it is not in those weights and is dropped. Returns the
+        steps merged from fewer than every rank."""
+        partial = []
+        while self.done_step < steps and self.pending.get(self.done_step):
+            self.ready.append(self._merged(self.pending.pop(self.done_step)))
+            partial.append(self.done_step)
+            self.done_step += 1
+        self.pending.clear()
+        return partial
+
     def _merged(self, by_rank: dict[int, dict]) -> dict:
-        merged = dict(by_rank[0])
-        merged["loss"] = sum(r["loss"] for r in by_rank.values()) / self.world
+        merged = dict(by_rank[min(by_rank)])
+        merged["loss"] = sum(r["loss"] for r in by_rank.values()) / len(by_rank)
         merged["samples"] = sum(r["samples"] for r in by_rank.values())
         for name in self.log_names:
             values = [r.get(name) for r in by_rank.values()]
             if all(v is not None for v in values):
-                merged[name] = sum(values) / self.world
+                merged[name] = sum(values) / len(values)
         return merged
 
     def drain(self) -> list[dict]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .._torch_compat import plain_module
 from ..training.checkpoint import read_checkpoint
@@ -37,16 +38,12 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
     """The options this rank trains with: the model on its device and called through DDP, the
     optimizers' state on that device, its shard of the data, checkpoints only on rank 0.
     Returns them and the function that undoes the routing and frees DDP (call it before the
-    process group is destroyed)."""
-    model = plain_module(options.model)
-    if ctx.cuda:
-        torch.cuda.set_device(ctx.device)
-    model.to(ctx.device)  # parameters keep their identity: the optimizers still hold them
-    for opt in options.optimizers:
-        opt.load_state_dict(opt.state_dict())  # casts the state onto the parameters' device
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.local_rank] if ctx.cuda else None)
-    release = route_through(model, ddp)
+    process group is destroyed). A model that is already DDP (a torchrun script's own) is
+    used as it is."""
+    if isinstance(options.model, DDP):
+        release = _nothing_to_undo
+    else:
+        release = _route_through_ddp(options, ctx)
     first = ctx.rank == 0
     # a shuffled shard resumes with the checkpoint's epoch order
     start_epoch = read_checkpoint(options.resume)["epoch"] if options.resume is not None else 0
@@ -55,3 +52,20 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         val=shard(options.val, ctx) if options.val is not None else None,
         checkpoint=options.checkpoint if first else None,
         every=options.every if first else None), release
+
+
+def _route_through_ddp(options: TrainOptions, ctx: RankContext) -> Callable[[], None]:
+    model = plain_module(options.model)
+    if ctx.cuda:
+        torch.cuda.set_device(ctx.device)
+    model.to(ctx.device)  # parameters keep their identity: the optimizers still hold them
+    for opt in options.optimizers:
+        opt.load_state_dict(opt.state_dict())  # casts the state onto the parameters' device
+    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None,
+              find_unused_parameters=options.find_unused_parameters,
+              static_graph=options.static_graph)
+    return route_through(model, ddp)
+
+
+def _nothing_to_undo() -> None:
+    """The script built its DDP and destroys it."""

@@ -3,6 +3,7 @@ its rank directly, and only rank 0 reports and saves."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 
@@ -32,11 +33,12 @@ def torchrun_context() -> RankContext | None:
 
 
 @contextlib.contextmanager
-def joined_process_group(ctx: RankContext) -> Iterator[None]:
-    """Join torchrun's process group, initialising it when the script has not."""
+def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[None]:
+    """Join torchrun's process group, initialising it when the script has not (its
+    collectives then give up after `timeout` seconds)."""
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group(ctx.backend)
+        dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield
         if started:  # no rank closes its connections while another still uses them
@@ -65,7 +67,7 @@ class RankTraining:
 
     def execute(self) -> None:
         __tracebackhide__ = True
-        with joined_process_group(self.ctx):
+        with joined_process_group(self.ctx, self.options.timeout):
             rank_options, release = setup_rank(self.options, self.ctx)
             try:
                 training = prepare(self.step_fn, rank_options, self.views)

@@ -211,6 +211,23 @@ class TrainOptions:
         metavar="N|auto", parse=lambda text: _processes(text),
         doc="train on N processes with `DistributedDataParallel` (default 1); `auto` = one "
             "per visible GPU. See \"Several processes\" below")
+    timeout: float = option(
+        300.0, help="seconds the ranks wait for each other at a collective before the run "
+                    "fails, naming the rank that did not arrive (default 300)",
+        group=PROCESSES, metavar="S", parse=number, legend=False,
+        doc="seconds the ranks wait for each other at a gradient exchange (or any collective) "
+            "before the run fails naming the rank that did not arrive and its step, every "
+            "process ended (default 300; joining the process group has its own 120 s)")
+    find_unused_parameters: bool = option(
+        False, help="DDP's find_unused_parameters: for a model whose forward leaves some "
+                    "parameters out of the loss", group=PROCESSES,
+        doc="`DistributedDataParallel(find_unused_parameters=True)`: for a model whose "
+            "forward leaves some parameters out of the loss (costs a graph walk per step)")
+    static_graph: bool = option(
+        False, help="DDP's static_graph: the same parameters are used in every step",
+        group=PROCESSES,
+        doc="`DistributedDataParallel(static_graph=True)`: the graph (used and unused "
+            "parameters) is the same in every step")
     name: Optional[str] = option(
         None, help="name of this run (default run1, run2, ...)", group=DISPLAY,
         metavar="NAME", legend=False,
@@ -376,6 +393,9 @@ class TrainOptions:
                                          1 <= self.nproc <= 1024)):
             raise AmpUsageError(f"--nproc must be a number of processes (1 to 1024) or auto, "
                                 f"got {self.nproc!r}")
+        if not 0 < self.timeout < math.inf:
+            raise AmpUsageError(f"--timeout must be a positive number of seconds, got "
+                                f"{self.timeout!r}")
         if not self.refresh_seconds > 0:
             raise AmpUsageError(f"refresh interval must be positive, got {self.refresh_seconds!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):

@@ -5,7 +5,7 @@ update, scheduler. Each step is recorded without a host-device sync.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -62,8 +62,13 @@ class AmpStep:
         self.window_batches: list = []
         # DDP's recipe for accumulation: no gradient all-reduce until a window's last
         # micro-batch (its no_sync() must cover the forward too)
-        self.no_sync = getattr(routed_to(model), "no_sync", None) if accum > 1 else None
+        ddp = routed_to(model) or model  # the route's, or a torchrun script's own DDP
+        distributed = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        self.no_sync = ddp.no_sync if distributed and accum > 1 else None
         self.deferred = False  # the last micro-batch's gradients were not all-reduced
+        # Several processes: called with the step before each backward, where DDP's
+        # all-reduce makes a rank wait for the others (the launcher's watch on hung ranks)
+        self.arrive: Callable[[int], None] | None = None
         self.micro = 0  # micro-batches in the current accumulation window
         self.in_update = False  # between unscale_/step and update: an exception here is costly
         self.loss_sum = None
@@ -98,6 +103,8 @@ class AmpStep:
             else:
                 loss, logs = self.unpack(out, training=True)
             scaled = loss / self.accum if self.accum > 1 else loss
+        if self.arrive is not None:
+            self.arrive(step)
         try:
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
