@@ -308,6 +308,36 @@ def test_what_nproc_cannot_combine_with(nb):
         nb.run(f"%%amp_train --nproc two\n{BODY}")
 
 
+class UnevenStream(torch.utils.data.IterableDataset):
+    """A stream that shards itself by rank, unevenly: rank r yields `counts[r]` of its
+    batches r, r+2, r+4, ..."""
+
+    def __init__(self, batches, counts):
+        self.batches, self.counts = batches, counts
+
+    def __iter__(self):
+        rank = dist.get_rank()
+        return iter(self.batches[rank::2][:self.counts[rank]])
+
+
+def test_an_uneven_stream_stops_every_rank_with_the_shortest(nb, tmp_path):
+    data = make_data(n=16)
+    nb.user_ns["train_loader"] = torch.utils.data.DataLoader(UnevenStream(data, (5, 3)),
+                                                             batch_size=None)
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 30 -o run\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.status == "finished" and len(run.history) == 3
+    assert any("the stream of rank 1 ended after 3 batches while rank 0 still had some" in n
+               for n in run.notes), run.notes
+    ref = reference(tmp_path, torch.bfloat16, data[:6])
+    assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
+    # a list of 7 batches: whole rounds of 2, the 7th left out, and said
+    nb.user_ns["train_loader"] = data[:7]
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 -o run\n{BODY}")
+    assert "the last 1 batch(es) of the epoch went to no rank" in nb.user_ns["run"].notes[-1]
+    assert no_children_left()
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.nn.functional as F
     sys.path.insert(0, {tests!r})

@@ -45,8 +45,8 @@ from ..training.view import View
 from . import protocol
 from .arrivals import ArrivalBoard, Stall
 from .merge import RecordMerger
-from .rank import RankContext, setup_rank
-from .sharding import same_stream_on_every_rank
+from .rank import RankContext, note_to, setup_rank
+from .sharding import EvenStream, same_stream_on_every_rank
 from .torchrun import torchrun_command
 
 RANK_GRACE_SECONDS = 10.0  # after a rank fails: time for the others to stop on their own
@@ -229,6 +229,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
                                claim)
             training.stop_check = StopAgreement(shared.requested, shared.stop_at)
             training.amp.arrive = shared.board.marker(rank)
+            note_to(training, rank_options.data)
             _note_unsharded_stream(training, rank_options.data, ctx)
             training.execute()
         except BaseException as e:
@@ -255,7 +256,7 @@ def _save_state(training: Any, files: RankFiles, rank: int) -> None:
 
 
 def _note_unsharded_stream(training: Any, data: Any, ctx: RankContext) -> None:
-    if isinstance(data, torch.utils.data.DataLoader) and same_stream_on_every_rank(data, ctx):
+    if isinstance(data, EvenStream) and same_stream_on_every_rank(data, ctx):
         training.run.notes.append(
             "every rank read the same first batch: this IterableDataset does not shard "
             "itself, so each rank trains on the same items. Split the stream by "

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -12,7 +13,7 @@ from .._torch_compat import plain_module
 from ..training.checkpoint import read_checkpoint
 from ..training.options import TrainOptions
 from ..training.routing import route_through
-from .sharding import shard
+from .sharding import EvenStream, Strided, shard
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,15 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
     start_epoch = read_checkpoint(options.resume)["epoch"] if options.resume is not None else 0
     return dataclasses.replace(
         options, data=shard(options.data, ctx, start_epoch), nproc=1,
-        val=shard(options.val, ctx) if options.val is not None else None,
+        val=shard(options.val, ctx, training=False) if options.val is not None else None,
         checkpoint=options.checkpoint if first else None,
         every=options.every if first else None), release
+
+
+def note_to(training: Any, data: Iterable) -> None:
+    """The run's notes get what the rank's data has to say (batches left out)."""
+    if isinstance(data, (EvenStream, Strided)):
+        data.notes = training.run.notes
 
 
 def _route_through_ddp(options: TrainOptions, ctx: RankContext) -> Callable[[], None]:
