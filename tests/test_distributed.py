@@ -342,31 +342,81 @@ SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.nn.functional as F
     sys.path.insert(0, {tests!r})
     import amp_magics
+    from amp_magics.training import checkpoint
     from recipes import make_data, make_model
     torch.set_num_threads(1)
+    writes = []
+    save = checkpoint.save_checkpoint
+    checkpoint.save_checkpoint = lambda *a, **k: (writes.append(k["step"]), save(*a, **k))
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
-                           optimizer=opt, data=make_data(n=16), dtype="bf16",
+                           optimizer=opt, data=make_data(n=16), dtype="bf16", epochs=2,
                            checkpoint={ckpt!r}, save={saved!r})
     if int(os.environ["RANK"]) == 0:
         torch.save(model.state_dict(), {out!r})
+        print("checkpoints written at steps", writes)
 """)
 
 
-def test_the_same_call_runs_under_torchrun(tmp_path):
+def torchrun(script, world=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(world), str(script)], capture_output=True,
+                          text=True, timeout=180, cwd=ROOT)
+
+
+def test_the_same_call_runs_under_torchrun_with_the_losses_of_nproc(nb, tmp_path):
     script = tmp_path / "train.py"
     out, ckpt, saved = tmp_path / "model.pt", tmp_path / "ckpt.pt", tmp_path / "run.json"
     script.write_text(SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(out),
                                     ckpt=str(ckpt), saved=str(saved)))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(script)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    done = torchrun(script)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (done.stdout + done.stderr).count("finished: 8 steps") == 1  # only rank 0 reports
-    assert ckpt.exists()
-    assert len(amp_magics.Run.load(str(saved)).history) == 8  # save=: rank 0 writes the run
-    ref = reference(tmp_path, torch.bfloat16, make_data(n=16))
+    text = done.stdout + done.stderr
+    assert text.count("finished: 16 steps") == 1  # only rank 0 reports
+    assert "checkpoints written at steps [8, 16]" in text  # each epoch's end, the last once
+    ref = reference(tmp_path, torch.bfloat16, make_data(n=16), epochs=2)
+    assert_same_state(torch.load(out), ref["model"])
+    # the losses are those of --nproc 2: averaged over ranks, in the Run saved=, the
+    # checkpoint and the final line alike
+    nb.user_ns["train_loader"] = make_data(n=16)
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 2 -o run\n{BODY}")
+    losses = [r["loss"] for r in nb.user_ns["run"].history]
+    assert [r["loss"] for r in amp_magics.Run.load(str(saved)).history] == losses
+    assert [r["loss"] for r in torch.load(ckpt, weights_only=False)["history"]] == losses
+    assert f"final loss {losses[-1]:.4g}" in text
+
+
+UNEVEN_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist, torch.nn.functional as F
+    sys.path.insert(0, {tests!r})
+    import amp_magics
+    from recipes import make_data, make_model
+    from test_distributed import UnevenStream
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # the script's own DDP
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = torch.utils.data.DataLoader(UnevenStream(make_data(n=16), (5, 3)), batch_size=None)
+    run = amp_magics.train(lambda b: F.cross_entropy(ddp(b[0]), b[1]), model=ddp,
+                           optimizer=opt, data=data, dtype="bf16")
+    if dist.get_rank() == 0:
+        torch.save(model.state_dict(), {out!r})
+        print("\\n".join(run.notes))
+    del ddp
+    dist.destroy_process_group()
+""")
+
+
+def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
+    script, out = tmp_path / "uneven.py", tmp_path / "model.pt"
+    script.write_text(UNEVEN_SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(out)))
+    done = torchrun(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the stream of rank 1 ended after 3 batches while rank 0 still had some" in \
+        done.stdout, done.stdout[-2000:]
+    ref = reference(tmp_path, torch.bfloat16, make_data(n=16)[:6])
     assert_same_state(torch.load(out), ref["model"])
 
 

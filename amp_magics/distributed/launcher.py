@@ -45,7 +45,7 @@ from ..training.view import View
 from . import protocol
 from .arrivals import ArrivalBoard, Stall
 from .merge import RecordMerger
-from .rank import RankContext, note_to, setup_rank
+from .rank import RankContext, attach_rank, setup_rank
 from .sharding import EvenStream, same_stream_on_every_rank
 from .torchrun import torchrun_command
 
@@ -229,7 +229,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
                                claim)
             training.stop_check = StopAgreement(shared.requested, shared.stop_at)
             training.amp.arrive = shared.board.marker(rank)
-            note_to(training, rank_options.data)
+            attach_rank(training, rank_options, ctx)
             _note_unsharded_stream(training, rank_options.data, ctx)
             training.execute()
         except BaseException as e:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.distributed as dist
+
 
 class RecordMerger:
     """Ranks' records, step by step: once every rank has sent step s, one record with the loss
@@ -77,3 +79,17 @@ class RecordMerger:
                 if key == "rss":
                     sample["rss all ranks"] = sum(values)
         return sample
+
+
+def merged_over_ranks(world: int, log_names: Sequence[str]):
+    """`merge(history, val_history)` for a rank's Training: every rank's records gathered
+    (one collective, at the end) and merged as the notebook process merges them."""
+    def merge(history: list, val_history: list) -> tuple[list, list]:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (history, val_history))
+        merger = RecordMerger(world, log_names)
+        val = []
+        for rank, (records, val_records) in enumerate(gathered):
+            val += merger.add(rank, records, val_records, {})
+        return merger.drain(), val
+    return merge

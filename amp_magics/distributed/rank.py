@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from .._torch_compat import plain_module
 from ..training.checkpoint import read_checkpoint
 from ..training.options import TrainOptions
 from ..training.routing import route_through
+from .merge import merged_over_ranks
 from .sharding import EvenStream, Strided, shard
 
 
@@ -55,10 +56,12 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         every=options.every if first else None), release
 
 
-def note_to(training: Any, data: Iterable) -> None:
-    """The run's notes get what the rank's data has to say (batches left out)."""
-    if isinstance(data, (EvenStream, Strided)):
-        data.notes = training.run.notes
+def attach_rank(training: Any, rank_options: TrainOptions, ctx: RankContext) -> None:
+    """Make a prepared Training one rank of several: what its data has to say (batches left
+    out) goes into the run's notes, and its history ends merged over every rank."""
+    if isinstance(rank_options.data, (EvenStream, Strided)):
+        rank_options.data.notes = training.run.notes
+    training.merge_ranks = merged_over_ranks(ctx.world_size, rank_options.log)
 
 
 def _route_through_ddp(options: TrainOptions, ctx: RankContext) -> Callable[[], None]:

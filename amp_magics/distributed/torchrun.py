@@ -16,7 +16,7 @@ from ..training.engine import prepare
 from ..training.options import TrainOptions
 from ..training.run import Run
 from ..training.view import View
-from .rank import RankContext, note_to, setup_rank
+from .rank import RankContext, attach_rank, setup_rank
 
 
 def torchrun_command(script: str, world: int) -> str:
@@ -72,7 +72,7 @@ class RankTraining:
             try:
                 training = prepare(self.step_fn, rank_options, self.views)
                 self.run = training.run
-                note_to(training, rank_options.data)
+                attach_rank(training, rank_options, self.ctx)
                 training.execute()
             finally:
                 release()

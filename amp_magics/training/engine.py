@@ -177,6 +177,10 @@ class Training:
         self.books = RunBooks(run, amp.recorder, amp.device, views, options.refresh_seconds)
         # Several processes stop at one step boundary they agree on (distributed.py).
         self.stop_check: Callable[[int], bool] | None = None
+        # Several processes: (history, val_history) merged over every rank, a collective
+        # that each rank calls at the same point, once all of them ended training together
+        self.merge_ranks: Callable[[list, list], tuple[list, list]] | None = None
+        self.saved_at: int | None = None  # the step of the last checkpoint written
 
     # -- driver --------------------------------------------------------------------------
     def execute(self) -> None:
@@ -218,7 +222,9 @@ class Training:
         try:
             self._train()
             status = "interrupted" if self.run.stop_requested else "finished"
-            if self.options.checkpoint:
+            if self.merge_ranks is not None and (status == "finished" or self.stop_check):
+                self._adopt_merged_history()
+            if self.options.checkpoint and self.saved_at != self.step:
                 with self.step_lock:
                     self._save_checkpoint()
         except KeyboardInterrupt:
@@ -261,7 +267,8 @@ class Training:
                                             else self._epoch_loss(epoch))
                 epoch += 1
                 self.position = (epoch, 0, None)
-                if self.options.checkpoint and self.options.every is None:
+                last = epochs is not None and epoch == epochs  # saved once, after training
+                if self.options.checkpoint and self.options.every is None and not last:
                     self._save_checkpoint()
             self.books.refresh(self.step)
 
@@ -379,6 +386,16 @@ class Training:
         save_checkpoint(self.options.checkpoint, self.objects, step=self.step, epoch=epoch,
                         batches_in_epoch=batches, epoch_rng=epoch_rng,
                         history=self.run.history, val_history=self.run.val_history)
+        self.saved_at = self.step
+
+    def _adopt_merged_history(self) -> None:
+        """Every rank ended training at the same step: from here on (the final checkpoint,
+        the views' end) the history is the one merged over ranks. The views first get this
+        rank's own last records (a parent process merges those itself)."""
+        self.books.refresh(self.step)
+        run = self.run
+        run.history, run.val_history = self.merge_ranks(run.history, run.val_history)
+        self.saved_at = None  # a checkpoint at this step holds this rank's own: written again
 
     def _abandon_step(self) -> bool:
         """Drop the step an error or an interrupt cut short; True when that came inside the
