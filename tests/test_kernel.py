@@ -172,3 +172,37 @@ def test_a_stopped_gpu_status_watch_leaves_a_static_snapshot():
     assert "VBox(" not in str(output) and "watch stopped" in output["data"]["text/plain"]
     assert output["data"]["text/html"].startswith('<div class="amp-gpu-status"')
     assert "stopped; .stop() ends it" in nb.cells[2].outputs[0]["text"]
+
+
+HAND_DDP = """\
+import os, tempfile, torch.distributed as dist
+from torch.multiprocessing import start_processes
+
+def rank_loop(rank, init_method):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 3))
+    for x, y in train_loader[rank::2][:5]:
+        F.cross_entropy(net(x), y).backward()
+    del net
+    dist.destroy_process_group()
+
+folder = tempfile.mkdtemp()
+for init_method in (f"file://{folder}/meeting", "tcp://127.0.0.1:{port}"):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    start_processes(rank_loop, args=(init_method.format(port=port),), nprocs=2,
+                    start_method="fork")
+    print("hand-written DDP done:", init_method.split(":")[0])
+"""
+
+
+def test_a_hand_written_fork_ddp_loop_after_nproc_does_not_hang():
+    """A user's own fork-DDP code after `--nproc 2` in the same kernel: nothing our run left
+    behind (signal handlers, threads, a store, the frozen gc) stops it from starting."""
+    nb, _ = execute(["%load_ext amp_magics", SETUP,
+                     f"%%amp_train --dtype bf16 --nproc 2 --steps 5 -o run\n{BODY}",
+                     HAND_DDP])
+    text = "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert "hand-written DDP done: file" in text and "hand-written DDP done: tcp" in text

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import datetime
 import faulthandler
+import gc
 import glob
 import multiprocessing
 import os
@@ -321,10 +322,16 @@ class DistributedTraining:
         with tempfile.TemporaryDirectory(prefix="amp_nproc_") as folder:
             shared = Shared.made(self.world, mp, os.path.join(folder, "rank"))
             store = rendezvous(self.world)  # held until the ranks have ended
-            processes = torch.multiprocessing.start_processes(
-                _worker, args=(self.world, store.port, self.device_type, shared, self.step_fn,
-                               self.options, self.claim),
-                nprocs=self.world, join=False, start_method="fork")
+            # the notebook's objects out of the ranks' garbage collections: walking them
+            # would copy their pages into every rank (copy-on-write)
+            gc.freeze()
+            try:
+                processes = torch.multiprocessing.start_processes(
+                    _worker, args=(self.world, store.port, self.device_type, shared,
+                                   self.step_fn, self.options, self.claim),
+                    nprocs=self.world, join=False, start_method="fork")
+            finally:
+                gc.unfreeze()
             try:
                 status, error = self._watch(processes, shared)
             finally:
