@@ -4,6 +4,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -418,6 +419,65 @@ def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
         done.stdout, done.stdout[-2000:]
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16)[:6])
     assert_same_state(torch.load(out), ref["model"])
+
+
+INTERRUPTED_SCRIPT = textwrap.dedent("""
+    import os, sys, time, torch, torch.nn.functional as F
+    sys.path.insert(0, {tests!r})
+    import amp_magics
+    from recipes import make_data, make_model
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(batch, step, epoch):
+        if step == 20 and rank == 0:
+            open({marker!r}, "w").close()
+        time.sleep(0.005 * (1 + rank))  # the ranks reach each boundary at different times
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    try:
+        amp_magics.train(step, model=model, optimizer=opt, data=make_data(n=16),
+                         dtype="bf16", epochs=100000, nproc={nproc}, timeout=30)
+    except KeyboardInterrupt as stopped:
+        run = stopped.run
+        print(f"RANK {{rank}} {{run.status}} after {{len(run.history)}} steps", flush=True)
+        raise
+""")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
+def test_ctrl_c_to_the_process_group_stops_every_rank_at_one_step(tmp_path, launcher):
+    """As a terminal sends Ctrl-C: to every process of the group (torchrun's agent then
+    forwards it once more). Every rank ends interrupted at the same step, exit status 130."""
+    marker, script = tmp_path / "started", tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_SCRIPT.format(tests=os.path.join(ROOT, "tests"),
+                                                marker=str(marker),
+                                                nproc=1 if launcher == "torchrun" else 2))
+    command = [sys.executable, str(script)]
+    if launcher == "torchrun":
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(started.pid, signal.SIGINT)
+        out, _ = started.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started.pid, signal.SIGKILL)
+    ended = re.findall(r"RANK (\d) (\w+) after (\d+) steps", out)
+    expected = 2 if launcher == "torchrun" else 1  # --nproc: the script's one process
+    assert len(ended) == expected and {status for _, status, _ in ended} == {"interrupted"}, \
+        out[-3000:]
+    assert len({steps for _, _, steps in ended}) == 1 and int(ended[0][2]) >= 20
+    assert "failed" not in out and "Connection closed" not in out, out[-3000:]
+    if launcher == "nproc":
+        assert started.returncode in (130, -signal.SIGINT)
+        assert out.count("note: interrupted after") == 1, out  # one note, the notebook process's
 
 
 def test_routing_lets_ddp_go_before_the_group_is_destroyed():

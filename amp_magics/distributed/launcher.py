@@ -192,6 +192,7 @@ class Shared:
 def _rank_process(rank: int, world: int, port: int, shared: Shared):
     """The forked process made a rank: its own signals, threads and output, its env."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the notebook process decides when to stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while forking
     with contextlib.suppress(Exception):  # Linux only; elsewhere the parent cleans up
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
     stack = open(shared.files.stack(rank), "w")  # noqa: SIM115 (open while the rank lives)
@@ -230,6 +231,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
                                claim)
             training.stop_check = StopAgreement(shared.requested, shared.stop_at)
             training.amp.arrive = shared.board.marker(rank)
+            training.says_where_held = False  # the notebook process knows which rank's it holds
             attach_rank(training, rank_options, ctx)
             _note_unsharded_stream(training, rank_options.data, ctx)
             training.execute()
@@ -325,12 +327,16 @@ class DistributedTraining:
             # the notebook's objects out of the ranks' garbage collections: walking them
             # would copy their pages into every rank (copy-on-write)
             gc.freeze()
+            # a Ctrl-C while forking waits in the notebook process; a rank ignores it (a
+            # terminal sends it to every process): the notebook process decides when to stop
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 processes = torch.multiprocessing.start_processes(
                     _worker, args=(self.world, store.port, self.device_type, shared,
                                    self.step_fn, self.options, self.claim),
                     nprocs=self.world, join=False, start_method="fork")
             finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 gc.unfreeze()
             try:
                 status, error = self._watch(processes, shared)

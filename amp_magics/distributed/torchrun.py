@@ -3,9 +3,14 @@ its rank directly, and only rank 0 reports and saves."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +53,63 @@ def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+class AgreedStop:
+    """Ctrl-C under torchrun reaches every rank itself (from the terminal, and again from
+    torchrun's agent, which forwards it): the ranks must still stop at one step boundary, or
+    one waits forever for the others' gradients. At each boundary every rank launches an
+    all-reduce of its stop request and reads the one launched at the previous boundary
+    (long done by then: no wait), so all of them decide at the same step.
+    A Ctrl-C more than `SAME_PRESS` seconds after the first interrupts at once."""
+
+    SAME_PRESS = 0.5  # seconds: the agent's forwarded signal follows the terminal's
+
+    def __init__(self, run: Run, ctx: RankContext):
+        self.run = run
+        # NCCL reduces only GPU tensors: a CPU group keeps this off the GPU
+        self.group = dist.new_group(backend="gloo") if ctx.backend != "gloo" else None
+        self.asked = torch.zeros(1, dtype=torch.int64)  # this rank saw Ctrl-C
+        self.reduced = torch.zeros(1, dtype=torch.int64)
+        self.pending: Any = None  # the all-reduce launched at the last boundary
+        self.first_signal: float | None = None
+
+    def __call__(self, step: int) -> bool:
+        if self.pending is not None:
+            self.pending.wait()
+            if self.reduced.item() > 0:
+                self.pending = None
+                self.run.stop_reason = "sigint"  # a script's train() raises after the stop
+                self.run.request_stop()
+                return True
+        self.reduced.copy_(self.asked)
+        self.pending = dist.all_reduce(self.reduced, group=self.group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        """Wait for the last boundary's all-reduce (every rank launched it)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.first_signal is None:
+            self.first_signal = now
+            self.asked[0] = 1
+        elif now - self.first_signal > self.SAME_PRESS:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def handling_sigint(self, enabled: bool) -> Iterator[None]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self.on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 class RankTraining:
     """One torchrun process's rank, trained as `execute()` is called: it joins the process
     group, trains its shard through DDP and leaves the group; rank 0 reports (its `views`).
@@ -70,9 +132,14 @@ class RankTraining:
         with joined_process_group(self.ctx, self.options.timeout):
             rank_options, release = setup_rank(self.options, self.ctx)
             try:
+                # Ctrl-C goes through the ranks' agreement, not the engine's own handler
+                rank_options = dataclasses.replace(rank_options, handle_sigint=False)
                 training = prepare(self.step_fn, rank_options, self.views)
                 self.run = training.run
                 attach_rank(training, rank_options, self.ctx)
-                training.execute()
+                training.stop_check = stop = AgreedStop(training.run, self.ctx)
+                with stop.handling_sigint(self.options.handle_sigint):
+                    training.execute()
+                stop.close()
             finally:
                 release()

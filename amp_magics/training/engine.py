@@ -141,12 +141,14 @@ def _resume(path: str, objects: TrainingObjects, run: Run) -> dict:
     return resumed
 
 
-def finish_run(run: Run, status: str, error: str | None, views: list[View], held: str) -> None:
+def finish_run(run: Run, status: str, error: str | None, views: list[View],
+               held: str | None) -> None:
     """Mark how the run ended (`error`: what failed, in a line) and tell its views: one way
-    for every launcher. `held` says where the objects stand after an interrupt."""
+    for every launcher. `held` says where the objects stand after an interrupt (None: said
+    elsewhere)."""
     run.status = status
     run.error = error
-    if status == "interrupted":
+    if status == "interrupted" and held is not None:
         run.notes.append(f"interrupted after {len(run.history)} optimizer step(s){held}")
     notify(views, "on_end", run)
 
@@ -181,6 +183,8 @@ class Training:
         # that each rank calls at the same point, once all of them ended training together
         self.merge_ranks: Callable[[list, list], tuple[list, list]] | None = None
         self.saved_at: int | None = None  # the step of the last checkpoint written
+        # a forked rank leaves saying where the objects stand to the notebook process
+        self.says_where_held = True
 
     # -- driver --------------------------------------------------------------------------
     def execute(self) -> None:
@@ -222,7 +226,8 @@ class Training:
         try:
             self._train()
             status = "interrupted" if self.run.stop_requested else "finished"
-            if self.merge_ranks is not None and (status == "finished" or self.stop_check):
+            agreed = self.stop_check is not None  # an interrupt stopped every rank together
+            if self.merge_ranks is not None and (status == "finished" or agreed):
                 self._adopt_merged_history()
             if self.options.checkpoint and self.saved_at != self.step:
                 with self.step_lock:
@@ -418,6 +423,8 @@ class Training:
         held = (f" and during the next one, which may have updated some parameters already: "
                 f"the {held_objects(self.objects)} otherwise as after the last completed step"
                 if partial else f": {held_objects(self.objects)} as after the last completed step")
+        if not self.says_where_held:
+            held = None
         finish_run(run, status, None if error is None else f"{type(error).__name__}: {error}",
                    self.views, held)
 
