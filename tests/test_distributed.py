@@ -177,6 +177,58 @@ def test_a_shuffled_dataloader_shards_with_a_distributed_sampler(nb, tmp_path):
     assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
 
 
+INDEXED = "x, y, i = batch\nwith open(f\"{seen}.{os.environ['RANK']}\", 'a') as f:\n" \
+          "    f.write(' '.join(map(str, i.tolist())) + '\\n')\nloss = F.cross_entropy(model(x), y)"
+
+
+def seen_batches(seen, rank):
+    return [list(map(int, line.split())) for line in open(f"{seen}.{rank}").read().splitlines()]
+
+
+def test_the_users_sampler_is_kept_and_its_batches_dealt_to_the_ranks(nb, tmp_path):
+    """A WeightedRandomSampler: every rank sees batches the sampler drew (never an index
+    of weight 0), rank r the batches r, r+2, ... of the one sequence it draws. A custom
+    batch sampler: its own batches, dealt the same way."""
+    n = 40
+    dataset = torch.utils.data.TensorDataset(torch.randn(n, 8), torch.randint(0, 3, (n,)),
+                                             torch.arange(n))
+    weights = torch.tensor([float(k % 2) for k in range(n)])  # even indices never drawn
+
+    def weighted():
+        sampler = torch.utils.data.WeightedRandomSampler(
+            weights, 32, generator=torch.Generator().manual_seed(5))
+        return torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+    drawn = [b[2].tolist() for b in weighted()]
+    seen = tmp_path / "seen"
+    nb.user_ns.update(train_loader=weighted(), seen=str(seen))
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 -o run\n{INDEXED}")
+    assert len(nb.user_ns["run"].history) == 4
+    assert seen_batches(seen, 0) == drawn[0::2] and seen_batches(seen, 1) == drawn[1::2]
+    assert all(k % 2 for batch in drawn for k in batch)
+
+    batches = [[3, 1], [4, 1], [5, 9], [2, 6], [5, 3]]  # five: the fifth goes to no rank
+    nb.user_ns["train_loader"] = torch.utils.data.DataLoader(dataset, batch_sampler=batches)
+    nb.user_ns["seen"] = str(tmp_path / "custom")
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 -o run\n{INDEXED}")
+    assert seen_batches(tmp_path / "custom", 0) == [[3, 1], [5, 9]]
+    assert seen_batches(tmp_path / "custom", 1) == [[4, 1], [2, 6]]
+    assert any("the last 1 batch(es) of the epoch went to no rank" in note
+               for note in nb.user_ns["run"].notes)
+
+
+def test_a_sampler_that_the_ranks_draw_differently_is_refused(nb):
+    """Without a generator, a sampler draws from the global RNG: a step body that draws
+    differently per rank makes the ranks' orders part, which is named, not trained on."""
+    dataset = torch.utils.data.TensorDataset(torch.randn(40, 8), torch.randint(0, 3, (40,)))
+    sampler = torch.utils.data.WeightedRandomSampler(torch.ones(40), 32)
+    nb.user_ns["train_loader"] = torch.utils.data.DataLoader(dataset, batch_size=4,
+                                                             sampler=sampler)
+    with pytest.raises(RankFailed, match="the ranks drew different batches"):
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 2 -o run\n"
+               f"torch.rand(int(os.environ['RANK']) + 1)\n{BODY}")
+    assert no_children_left()
+
+
 def test_stop_from_the_notebook_stops_every_rank_together(nb):
     nb.user_ns["train_loader"] = make_data(n=8)
     run = nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 100000 --background -o run\n"

@@ -14,7 +14,7 @@ from ..training.checkpoint import read_checkpoint
 from ..training.options import TrainOptions
 from ..training.routing import route_through
 from .merge import merged_over_ranks
-from .sharding import EvenStream, Strided, shard
+from .sharding import EvenStream, shard, strided_part
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
 def attach_rank(training: Any, rank_options: TrainOptions, ctx: RankContext) -> None:
     """Make a prepared Training one rank of several: what its data has to say (batches left
     out) goes into the run's notes, and its history ends merged over every rank."""
-    if isinstance(rank_options.data, (EvenStream, Strided)):
-        rank_options.data.notes = training.run.notes
+    telling = rank_options.data if isinstance(rank_options.data, EvenStream) else \
+        strided_part(rank_options.data)
+    if telling is not None:
+        telling.notes = training.run.notes
     training.merge_ranks = merged_over_ranks(ctx.world_size, rank_options.log)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..errors import AmpUsageError
 from ..loaders import remade
 from ..tensors import tensors_in
 
@@ -33,11 +34,14 @@ class EpochSampled:
 
 
 class Strided:
-    """Batches r, r+N, r+2N, ... of any iterable, whole rounds of N only, so every rank takes
-    the same number of steps (a rank with one batch more would wait forever for the others)."""
+    """Batches r, r+N, r+2N, ... of any iterable (or a sampler's indices, a batch sampler's
+    batches), whole rounds of N only, so every rank takes the same number of steps (a rank
+    with one batch more would wait forever for the others). `agreed`: each epoch's first
+    round is compared across ranks (one collective), since a sampler that draws from torch's
+    global RNG agrees only while the ranks draw alike."""
 
-    def __init__(self, data: Iterable, rank: int, world: int):
-        self.data, self.rank, self.world = data, rank, world
+    def __init__(self, data: Iterable, rank: int, world: int, agreed: bool = False):
+        self.data, self.rank, self.world, self.agreed = data, rank, world, agreed
         self.notes: list[str] | None = None  # the Run's, told once what was left out
 
     def __len__(self) -> int:
@@ -45,8 +49,12 @@ class Strided:
 
     def __iter__(self) -> Iterator:
         it = iter(self.data)
+        first = True
         while True:
             chunk = list(itertools.islice(it, self.world))
+            if first and self.agreed:
+                _check_same_round(chunk, self.world)
+                first = False
             if len(chunk) < self.world:
                 if chunk and self.notes is not None:
                     self.notes.append(
@@ -56,6 +64,16 @@ class Strided:
                     self.notes = None
                 return
             yield chunk[self.rank]
+
+
+def _check_same_round(chunk: list, world: int) -> None:
+    rounds: list = [None] * world
+    dist.all_gather_object(rounds, repr(chunk))
+    if len(set(rounds)) > 1:
+        raise AmpUsageError(
+            "the ranks drew different batches from the DataLoader's sampler (it draws from "
+            "torch's global random numbers, which the ranks no longer share): give the sampler "
+            "its own generator, e.g. generator=torch.Generator().manual_seed(0)")
 
 
 class EvenStream:
@@ -109,19 +127,38 @@ _END = object()
 
 def shard(data: Iterable, ctx: RankContext, start_epoch: int = 0,
           training: bool = True) -> Iterable:
-    """This rank's part of `data`: a map-style DataLoader over a DistributedSampler, a stream
-    as it is (it shards itself; read in step with the other ranks when `training`), any
-    other iterable strided."""
-    loader = torch.utils.data.DataLoader
-    if isinstance(data, loader) and isinstance(data.dataset, torch.utils.data.IterableDataset):
+    """This rank's part of `data`. A stream as it is (it shards itself; read in step with
+    the other ranks when `training`). A DataLoader with the default samplers over a
+    DistributedSampler (as the DDP recipe writes it), one over the user's own
+    DistributedSampler as it is; any other sampler or batch sampler is kept and its batches
+    dealt round-robin. Any other iterable strided."""
+    loader = torch.utils.data
+    if not isinstance(data, loader.DataLoader):
+        return Strided(data, ctx.rank, ctx.world_size)
+    if isinstance(data.dataset, loader.IterableDataset):
         return EvenStream(data, ctx) if training else data
-    if isinstance(data, loader) and data.batch_size is not None:
-        shuffle = isinstance(data.sampler, torch.utils.data.RandomSampler)
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            data.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-            drop_last=data.drop_last)
+    if isinstance(data.sampler, loader.distributed.DistributedSampler):
+        return EpochSampled(data, data.sampler, start_epoch)  # sharded by the user already
+    default = (type(data.sampler) in (loader.RandomSampler, loader.SequentialSampler)
+               and type(data.batch_sampler) is loader.BatchSampler)
+    if default:
+        sampler = loader.distributed.DistributedSampler(
+            data.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+            shuffle=isinstance(data.sampler, loader.RandomSampler), drop_last=data.drop_last)
         return EpochSampled(remade(data, sampler=sampler), sampler, start_epoch)
-    return Strided(data, ctx.rank, ctx.world_size)
+    if data.batch_sampler is not None:  # the user's sampling, its batches dealt out
+        dealt = Strided(data.batch_sampler, ctx.rank, ctx.world_size, agreed=training)
+        return remade(data, batch_sampler=dealt, batch_size=1, sampler=None, drop_last=False)
+    return remade(data, sampler=Strided(data.sampler, ctx.rank, ctx.world_size,
+                                        agreed=training))
+
+
+def strided_part(data: Iterable) -> Strided | None:
+    """The Strided that deals `data` out, if one does (itself, or its loader's sampler)."""
+    for part in (data, getattr(data, "batch_sampler", None), getattr(data, "sampler", None)):
+        if isinstance(part, Strided):
+            return part
+    return None
 
 
 def same_stream_on_every_rank(data: EvenStream, ctx: RankContext) -> bool:
