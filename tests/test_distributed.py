@@ -258,6 +258,9 @@ def test_an_exception_in_one_rank_fails_the_run_with_its_traceback(nb, capsys):
     text = str(failed.value)
     assert "rank 1 of 2 failed" in text and "ValueError: rank one broke" in text
     assert "line 3" in text  # the cell's own line numbers
+    assert "_worker" not in text and "launcher.py" not in text  # no frame of ours
+    # IPython shows the rank's traceback, not the notebook process's frames that watched it
+    assert failed.value._render_traceback_() == [f"RankFailed: {text}"]
     run = nb.user_ns["run"]
     assert run.status == "failed"
     assert no_children_left()

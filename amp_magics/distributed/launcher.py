@@ -62,6 +62,11 @@ class RankFailed(RuntimeError):
         super().__init__(message)
         self.summary = summary
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of the notebook process's frames, which only say that
+        the ranks were watched: the message holds the failing rank's own traceback."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 # -- before anything starts --------------------------------------------------------------------
 def world_size(nproc: int | str) -> int:
@@ -214,6 +219,7 @@ def _rank_process(rank: int, world: int, port: int, shared: Shared):
 
 def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
             step_fn: StepFn, options: TrainOptions, claim: ownership.Claim) -> None:
+    __tracebackhide__ = True  # not in the traceback a failing rank sends
     claim.step_lock = threading.RLock()  # the parent's may have been held by another thread
     ctx = RankContext.on(rank, world, rank, device_type == "cuda")
     with _rank_process(rank, world, port, shared):
