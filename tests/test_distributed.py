@@ -418,7 +418,7 @@ SCRIPT = textwrap.dedent("""
 def torchrun(script, world=2):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", str(world), str(script)], capture_output=True,
-                          text=True, timeout=180, cwd=ROOT)
+                          text=True, timeout=120, cwd=ROOT)
 
 
 def test_the_same_call_runs_under_torchrun_with_the_losses_of_nproc(nb, tmp_path):
@@ -474,6 +474,72 @@ def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
         done.stdout, done.stdout[-2000:]
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16)[:6])
     assert_same_state(torch.load(out), ref["model"])
+
+
+AGAIN_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.nn.functional as F, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    import amp_magics
+    from recipes import make_data, make_model
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):  # train, train again: train() makes and ends the group each time
+        amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                         optimizer=opt, data=make_data(n=4), dtype="bf16", progress=False)
+    dist.init_process_group("gloo")  # then the script's own group
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    print(f"RANK {{dist.get_rank()}} own group: {{total.item():.0f}}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_train_again_and_then_the_scripts_own_group_under_torchrun(tmp_path):
+    script = tmp_path / "again.py"
+    script.write_text(AGAIN_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+    done = torchrun(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANK 0 own group: 2" in done.stdout and "RANK 1 own group: 2" in done.stdout
+
+
+COMPILED_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.nn.functional as F, torch.distributed as dist
+    import torch._dynamo.utils
+    sys.path.insert(0, {tests!r})
+    import amp_magics
+    from recipes import make_data, make_model, plain
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # the script's: train() joins it, the reference reuses it
+    rank = dist.get_rank()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                           optimizer=opt, data=make_data(n=16), dtype="bf16", compile=True)
+    breaks = list(torch._dynamo.utils.counters["graph_break"])
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ref = make_model()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.compile(ref))
+    plain(ddp, ref_opt, make_data(n=16)[rank::2], dtype=torch.bfloat16)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 ref.state_dict().values()))
+    ours = [b for b in breaks if "amp_magics" in b or "routing" in b]
+    print(f"RANK {{rank}} same={{same}} compiled_graphs={{compiled}} our_breaks={{len(ours)}} "
+          f"compile_s={{run.history[0].get('compile_s') is not None}}", flush=True)
+    del ddp
+    dist.destroy_process_group()
+""")
+
+
+def test_compile_under_torchrun_compiles_the_model_without_breaks_of_ours(tmp_path):
+    script = tmp_path / "compiled.py"
+    script.write_text(COMPILED_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+    done = torchrun(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # as DDP(torch.compile(model)); the model's forward really compiled
+        assert f"RANK {rank} same=True compiled_graphs=1 our_breaks=0 compile_s=True" in \
+            done.stdout, done.stdout[-2000:]
 
 
 INTERRUPTED_SCRIPT = textwrap.dedent("""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import os
 import signal
 import threading
@@ -15,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import AmpUsageError
 from ..tensors import StepFn
 from ..training.engine import prepare
 from ..training.options import TrainOptions
@@ -37,13 +37,21 @@ def torchrun_context() -> RankContext | None:
     return RankContext.on(rank, size, local, torch.cuda.is_available())
 
 
+_groups_made = itertools.count()  # the same on every rank: each calls train() as often
+
+
 @contextlib.contextmanager
 def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[None]:
     """Join torchrun's process group, initialising it when the script has not (its
-    collectives then give up after `timeout` seconds)."""
+    collectives then give up after `timeout` seconds). A group we make meets under keys of
+    its own in torchrun's store: a group made again later (another train(), the script's own
+    init_process_group) would otherwise read this one's stale addresses and hang."""
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout))
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(
+            ctx.backend, store=dist.PrefixStore(f"amp_magics/{next(_groups_made)}", store),
+            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield
         if started:  # no rank closes its connections while another still uses them
@@ -117,9 +125,6 @@ class RankTraining:
 
     def __init__(self, step_fn: StepFn, options: TrainOptions, views: Sequence[View],
                  ctx: RankContext):
-        if options.compile:
-            raise AmpUsageError("compile=True under torchrun is not supported yet: compile "
-                                "the model in the script (torch.compile) and pass that")
         self.step_fn, self.options, self.ctx = step_fn, options, ctx
         self.views = list(views) if ctx.rank == 0 else []
         self.run: Run | None = None

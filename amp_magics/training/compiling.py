@@ -19,11 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from .. import _torch_compat as private
-from .routing import route_through
+from .routing import route_through, routed_to
 
 def compile_for_run(model: torch.nn.Module, mode: str) -> Callable[[], None]:
-    """Route `model(...)` through torch.compile(model) until the returned function is called."""
-    return route_through(model, torch.compile(model, mode=None if mode == "default" else mode))
+    """Route `model(...)` through torch.compile(model) until the returned function is called;
+    a model routed through DDP (under torchrun) through torch.compile(DDP(model)), as the DDP
+    docs write it. Dynamo runs DDP's own forward eagerly (its graph breaks, not ours) and
+    compiles the model's, which our routing frame lets it reach: on torch 2.13 on the CPU
+    this is bit-identical to DDP(torch.compile(model))."""
+    target = routed_to(model) or model
+    return route_through(model, torch.compile(target, mode=None if mode == "default" else mode))
 
 
 @dataclass

@@ -178,7 +178,7 @@ class TrainOptions:
             "compiling anew is expected) raises an alarm naming dynamo's reason (a batch of a "
             "new shape, a Python number that changes every step) with the fix. With "
             "`--compare`, a `compile s` column stands beside the steady-state step time. Not "
-            "with `--nproc` yet")
+            "with `--nproc` yet; under torchrun, through `torch.compile(DDP(model))`")
     compile_mode: Optional[str] = option(
         None, help="torch.compile mode: default, reduce-overhead, max-autotune, "
                    "max-autotune-no-cudagraphs (implies --compile)", group=STEP,

@@ -54,7 +54,15 @@ def routed_to(model: torch.nn.Module) -> Callable[..., Any] | None:
 def route_through(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
     """Make `model(...)` run through `wrapper` until the returned function is called, which
     puts the class back and drops the wrapper (DDP's Reducer must be freed while its process
-    group lives, or gloo's teardown can abort the process)."""
+    group lives, or gloo's teardown can abort the process). A model routed already (through
+    DDP) is routed through `wrapper` instead until then."""
+    route = model.__dict__.get(_ROUTE)
+    if route is not None:
+        previous, route.wrapper = route.wrapper, wrapper
+
+        def put_back() -> None:
+            route.wrapper = previous
+        return put_back
     original = type(model)
     route = _Route(wrapper)
     object.__setattr__(model, _ROUTE, route)  # not Module.__setattr__: no submodule, no state
