@@ -701,3 +701,24 @@ def test_earlier_runs_share_the_axis_when_comparable_and_sit_at_the_edge_when_no
     ys = [float(v) for v in re.findall(r",(-?[\d.]+)", paths["run2 loss"])]
     top = min(float(y.get("y")) for y in by_class(root, "ytick")) - 20
     assert ys and min(ys) >= top  # drawn along the top edge, not far above it
+
+
+def test_every_run_of_a_chart_has_a_colour_of_its_own_even_beyond_the_palette():
+    """A sweep of 9 runs overlaid: nine colours, none repeated, none the skipped-step red;
+    the current run's raw and smoothed loss share its colour (faint and solid), which the
+    legend names."""
+    from amp_magics.views.charts import ALERT, PALETTE, run_colors
+    from amp_magics.views.dashboard import overlay_html
+
+    assert run_colors(3) == list(PALETTE[:3])
+    colors = run_colors(12)
+    assert len(set(colors)) == 12 and ALERT not in colors
+    runs = [finished_run(f"trial{i}") for i in range(9)]
+    for k, run in enumerate(runs):  # apart on the axis, so none is off scale
+        for record in run.history:
+            record["loss"] += 0.01 * k
+    loss_chart = svgs(overlay_html(runs))[0]
+    by_series = {p.get("data-series"): p.get("stroke") for p in by_class(loss_chart, "series")}
+    overlays = [by_series[f"trial{i} loss"] for i in range(1, 9)]
+    current = {by_series["loss"], by_series["smoothed"]}
+    assert len(set(overlays)) == 8 and len(current) == 1 and not current & set(overlays)

@@ -20,6 +20,7 @@ runs), since turning a list into an array costs ~3.5 ms per 100,000 values, on e
 from __future__ import annotations
 
 import base64
+import colorsys
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
@@ -732,9 +733,25 @@ class DashboardView:
 
 
 def _run_colors(view: DashboardView) -> list[str]:
-    """Colour of the current run, then of each earlier run (the palette wraps)."""
-    earlier = PALETTE[1:]
-    return [PALETTE[0]] + [earlier[i % len(earlier)] for i in range(len(view.earlier))]
+    """Colour of the current run, then of each earlier run: the palette, then as many more
+    distinct colours as a sweep's runs need (no two runs of a chart share one)."""
+    return run_colors(1 + len(view.earlier))
+
+
+def run_colors(count: int) -> list[str]:
+    """`count` distinct colours: the palette first, then hues spaced by the golden angle at
+    the palette's mid lightness (reads on light and dark themes), away from ALERT's red."""
+    colors = list(PALETTE[:count])
+    hue = 0.0
+    while len(colors) < count:
+        hue = (hue + 0.381966) % 1.0
+        if hue < 0.04 or hue > 0.96:  # ALERT's red marks skipped steps
+            continue
+        r, g, b = colorsys.hls_to_rgb(hue, 0.5, 0.6)
+        candidate = f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}"
+        if candidate not in colors:
+            colors.append(candidate)
+    return colors
 
 
 def loss_axis(loss: np.ndarray) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..formatting import escape, records_html
-from .charts import INK, PALETTE, Series, line_chart_svg, svg_image, svg_inline
+from .charts import INK, Series, line_chart_svg, run_colors, svg_image, svg_inline
 
 if TYPE_CHECKING:
     from ..tuning.findings import Search
@@ -18,12 +18,13 @@ TITLE = "Trials"
 def trials_chart_svg(found: Search) -> str:
     best = found.best
     series, stops = [], []
+    colors = run_colors(1 + len(found.trials))  # the best in the first, every trial its own
     for i, t in enumerate(found.trials):
         if not t.reports:
             continue
         steps, values = zip(*t.reports)
         pruned = t.state == "PRUNED"
-        color = PALETTE[0] if t is best else (INK if pruned else PALETTE[1 + i % (len(PALETTE) - 1)])
+        color = colors[0] if t is best else (INK if pruned else colors[1 + i])
         label = f"trial {t.number}" + (" (best)" if t is best else "")
         series.append(Series(label, steps, values, color, "line", faded=pruned))
         if pruned:
