@@ -148,3 +148,29 @@ def test_validation_and_a_warm_cache_do_not_hide_or_invent_recompiles(nb):
     again = nb.user_ns["again"]
     assert again.history[0].get("compile_s", 0) == 0  # the cache served the first step
     assert again.recompiles >= 1 and [a for a in again.alarms if "new shape" in a]
+
+
+class WhileCompiling(amp_magics.View):
+    """What the views see before the first step has compiled."""
+
+    def __init__(self):
+        self.clock = []
+
+    def on_refresh(self, run):
+        if run.compiling:
+            self.clock.append((run.wall_time, len(run.memory), len(run.history)))
+
+
+def test_the_clock_runs_and_memory_is_sampled_while_the_first_step_compiles():
+    model = make_model(hidden=22)  # shapes no other test compiled: this run compiles
+    seen = WhileCompiling()
+    run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                           optimizer=adam(model), data=make_data(n=4), dtype="bf16",
+                           compile=True, refresh_seconds=0.1, observers=[seen])
+    assert len(seen.clock) >= 3, seen.clock  # compiling takes seconds here
+    times = [t for t, _, _ in seen.clock]
+    assert times == sorted(times) and times[-1] > times[0]  # the elapsed time runs on
+    assert all(steps == 0 for _, _, steps in seen.clock)
+    during = [m for m in run.memory if m["time"] < run.history[0]["time"]]
+    assert len(during) >= 3 and during[0]["time"] < 0.5  # the memory chart starts at 0 s
+    assert not run.compiling and run.status == "finished"

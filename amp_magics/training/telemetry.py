@@ -7,6 +7,7 @@ values (time, lr, epoch, batch size) are plain Python numbers.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -199,12 +200,31 @@ class RunBooks:
         # shape) and in validation (eval, no_grad): no recompile alarm there.
         self.first_step_end: float | None = None
         self.expected: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.compiles = CompileWatch(time.time())  # the same moment on dynamo's clock
         self.next_refresh = self.t0 + self.refresh_seconds
         notify(self.views, "on_start", self.run)
+        if self.run.compiling:
+            threading.Thread(target=self._while_compiling, daemon=True,
+                             name=f"amp_magics {self.run.name} compiling").start()
+
+    def _while_compiling(self) -> None:
+        """The first step of --compile can take minutes, and the loop refreshes only between
+        steps: meanwhile the clock runs on and memory is sampled, every refresh_seconds.
+        The step's records are not touched (the training thread owns the recorder)."""
+        run = self.run
+        while True:
+            time.sleep(self.refresh_seconds)
+            with self.lock:
+                if not run.compiling or run.done:
+                    return
+                now = time.perf_counter()
+                run.wall_time = now - self.t0
+                run.memory.append({"time": run.wall_time, "step": 0, **self.sample_memory()})
+                notify(self.views, "on_refresh", run)
 
     def drain(self) -> None:
         run = self.run
@@ -252,11 +272,12 @@ class RunBooks:
                 run.alarms[index] = recompile_alarm(run.recompiles, reason)
 
     def refresh(self, step: int) -> None:
-        now = time.perf_counter()
-        self.next_refresh = now + self.refresh_seconds
-        self.drain()
-        run = self.run
-        run.wall_time = now - self.t0
-        run.memory.append({"time": run.wall_time, "step": step, **self.sample_memory()})
-        notify(self.views, "on_refresh", run)
-        run.refresh_costs.append(time.perf_counter() - now)
+        with self.lock:  # not at once with a refresh while compiling
+            now = time.perf_counter()
+            self.next_refresh = now + self.refresh_seconds
+            self.drain()
+            run = self.run
+            run.wall_time = now - self.t0
+            run.memory.append({"time": run.wall_time, "step": step, **self.sample_memory()})
+            notify(self.views, "on_refresh", run)
+            run.refresh_costs.append(time.perf_counter() - now)
