@@ -170,11 +170,6 @@ class RankFiles:
         step, rank, path = min(found)
         return path, rank, -step
 
-    def remove(self) -> None:
-        for path in glob.glob(glob.escape(self.base) + ".*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
 
 @dataclass
 class Shared:
@@ -404,8 +399,9 @@ class DistributedTraining:
         for rank in late:
             processes.processes[rank].kill()
         deadline = time.perf_counter() + RANK_GRACE_SECONDS
-        for p in processes.processes:
-            p.join(max(0.0, deadline - time.perf_counter()))
+        while any(p.is_alive() for p in processes.processes) and time.perf_counter() < deadline:
+            self._receive(shared.channel)  # a rank ends only once its messages are read
+            time.sleep(0.02)
         names = " and ".join(f"rank {r}" for r in late)
         waiting = " and ".join(f"rank {r}" for r in stall.waiting)
         lines = [f"{names} did not arrive at step {stall.step}'s gradient exchange within "
