@@ -415,19 +415,25 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def torchrun(script, world=2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(world), str(script)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+TESTS = os.path.join(ROOT, "tests")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2"]
+
+
+def torchrun(tmp_path, template, **fields):
+    """`template` filled in (the tests folder, then `fields`) and run by torchrun on 2 ranks,
+    which must succeed."""
+    script = tmp_path / "script.py"
+    script.write_text(template.format(tests=TESTS, **fields))
+    done = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def test_the_same_call_runs_under_torchrun_with_the_losses_of_nproc(nb, tmp_path):
-    script = tmp_path / "train.py"
     out, ckpt, saved = tmp_path / "model.pt", tmp_path / "ckpt.pt", tmp_path / "run.json"
-    script.write_text(SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(out),
-                                    ckpt=str(ckpt), saved=str(saved)))
-    done = torchrun(script)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(tmp_path, SCRIPT, out=str(out), ckpt=str(ckpt), saved=str(saved))
     text = done.stdout + done.stderr
     assert text.count("finished: 16 steps") == 1  # only rank 0 reports
     assert "checkpoints written at steps [8, 16]" in text  # each epoch's end, the last once
@@ -466,10 +472,8 @@ UNEVEN_SCRIPT = textwrap.dedent("""
 
 
 def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
-    script, out = tmp_path / "uneven.py", tmp_path / "model.pt"
-    script.write_text(UNEVEN_SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(out)))
-    done = torchrun(script)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "model.pt"
+    done = torchrun(tmp_path, UNEVEN_SCRIPT, out=str(out))
     assert "the stream of rank 1 ended after 3 batches while rank 0 still had some" in \
         done.stdout, done.stdout[-2000:]
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16)[:6])
@@ -496,10 +500,7 @@ AGAIN_SCRIPT = textwrap.dedent("""
 
 
 def test_train_again_and_then_the_scripts_own_group_under_torchrun(tmp_path):
-    script = tmp_path / "again.py"
-    script.write_text(AGAIN_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
-    done = torchrun(script)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(tmp_path, AGAIN_SCRIPT)
     assert "RANK 0 own group: 2" in done.stdout and "RANK 1 own group: 2" in done.stdout
 
 
@@ -533,10 +534,7 @@ COMPILED_SCRIPT = textwrap.dedent("""
 
 
 def test_compile_under_torchrun_compiles_the_model_without_breaks_of_ours(tmp_path):
-    script = tmp_path / "compiled.py"
-    script.write_text(COMPILED_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
-    done = torchrun(script)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(tmp_path, COMPILED_SCRIPT)
     for rank in (0, 1):  # as DDP(torch.compile(model)); the model's forward really compiled
         assert f"RANK {rank} same=True compiled_graphs=1 our_breaks=0 compile_s=True" in \
             done.stdout, done.stdout[-2000:]
@@ -573,12 +571,9 @@ def test_ctrl_c_to_the_process_group_stops_every_rank_at_one_step(tmp_path, laun
     """As a terminal sends Ctrl-C: to every process of the group (torchrun's agent then
     forwards it once more). Every rank ends interrupted at the same step, exit status 130."""
     marker, script = tmp_path / "started", tmp_path / "interrupted.py"
-    script.write_text(INTERRUPTED_SCRIPT.format(tests=os.path.join(ROOT, "tests"),
-                                                marker=str(marker),
+    script.write_text(INTERRUPTED_SCRIPT.format(tests=TESTS, marker=str(marker),
                                                 nproc=1 if launcher == "torchrun" else 2))
-    command = [sys.executable, str(script)]
-    if launcher == "torchrun":
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*(TORCHRUN if launcher == "torchrun" else [sys.executable]), str(script)]
     started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, cwd=ROOT, start_new_session=True)
     try:
