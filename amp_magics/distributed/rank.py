@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .._torch_compat import plain_module
@@ -34,6 +35,12 @@ class RankContext:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def cpu_group(self) -> Any:
+        """A process group for small CPU tensors (every rank must ask at the same point):
+        the default one with gloo; with NCCL, which reduces only GPU tensors, a gloo group of
+        its own, so these checks stay off the GPU. None means the default group."""
+        return dist.new_group(backend="gloo") if self.backend != "gloo" else None
 
 
 def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, Callable[[], None]]:

@@ -85,8 +85,7 @@ class EvenStream:
 
     def __init__(self, loader: torch.utils.data.DataLoader, ctx: RankContext):
         self.loader, self.rank, self.world = loader, ctx.rank, ctx.world_size
-        # NCCL reduces only GPU tensors: a CPU group of its own keeps this check off the GPU
-        self.group = dist.new_group(backend="gloo") if ctx.backend != "gloo" else None
+        self.group = ctx.cpu_group()
         self.notes: list[str] | None = None
         self.epoch = 0
 

@@ -73,8 +73,7 @@ class AgreedStop:
 
     def __init__(self, run: Run, ctx: RankContext):
         self.run = run
-        # NCCL reduces only GPU tensors: a CPU group keeps this off the GPU
-        self.group = dist.new_group(backend="gloo") if ctx.backend != "gloo" else None
+        self.group = ctx.cpu_group()
         self.asked = torch.zeros(1, dtype=torch.int64)  # this rank saw Ctrl-C
         self.reduced = torch.zeros(1, dtype=torch.int64)
         self.pending: Any = None  # the all-reduce launched at the last boundary

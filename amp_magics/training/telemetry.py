@@ -221,10 +221,7 @@ class RunBooks:
             with self.lock:
                 if not run.compiling or run.done:
                     return
-                now = time.perf_counter()
-                run.wall_time = now - self.t0
-                run.memory.append({"time": run.wall_time, "step": 0, **self.sample_memory()})
-                notify(self.views, "on_refresh", run)
+                self._publish(0, time.perf_counter())
 
     def drain(self) -> None:
         run = self.run
@@ -276,8 +273,12 @@ class RunBooks:
             now = time.perf_counter()
             self.next_refresh = now + self.refresh_seconds
             self.drain()
-            run = self.run
-            run.wall_time = now - self.t0
-            run.memory.append({"time": run.wall_time, "step": step, **self.sample_memory()})
-            notify(self.views, "on_refresh", run)
-            run.refresh_costs.append(time.perf_counter() - now)
+            self._publish(step, now)
+            self.run.refresh_costs.append(time.perf_counter() - now)
+
+    def _publish(self, step: int, now: float) -> None:
+        """The clock and a memory sample into the Run, then the views told."""
+        run = self.run
+        run.wall_time = now - self.t0
+        run.memory.append({"time": run.wall_time, "step": step, **self.sample_memory()})
+        notify(self.views, "on_refresh", run)
