@@ -28,6 +28,7 @@ PRIVATE_NAMES = {
     "torch._dynamo.utils.get_compilation_metrics": "compile time and recompile reasons",
     "OptimizedModule._orig_mod": "the module behind torch.compile(model)",
     "Module._compiled_call_impl": "set by nn.Module.compile(): a model compiled in place",
+    "torch._subclasses.fake_tensor.FakeTensor": "what torch.compile traces with: no memory",
 }
 
 
@@ -100,6 +101,14 @@ def compiled_in_place(model: torch.nn.Module) -> bool:
     return getattr(model, "_compiled_call_impl", None) is not None
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor, as torch.compile traces with: a shape without memory, whose data
+    pointer torch warns about when read (the isinstance check torch's warning asks for)."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # none exist if never imported
+    cls = getattr(fake, "FakeTensor", None)
+    return cls is not None and isinstance(t, cls)
+
+
 def missing() -> list[str]:
     """The names of PRIVATE_NAMES the installed torch does not have where we look."""
     from torch._dynamo.eval_frame import OptimizedModule  # noqa: F401  (exists, or raises)
@@ -125,6 +134,7 @@ def missing() -> list[str]:
             sys.modules.get("torch._dynamo.utils"), "get_compilation_metrics"),
         "OptimizedModule._orig_mod": plain_module(torch.compile(model)) is model,
         "Module._compiled_call_impl": compiled_in_place(_compiled_in_place(model)),
+        "torch._subclasses.fake_tensor.FakeTensor": is_fake(_fake_tensor()),
     }
     return [name for name in PRIVATE_NAMES if not found[name]]
 
@@ -132,3 +142,9 @@ def missing() -> list[str]:
 def _compiled_in_place(model: torch.nn.Module) -> torch.nn.Module:
     model.compile()  # lazy: nothing compiles until it is called
     return model
+
+
+def _fake_tensor() -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.ones(1)

@@ -10,8 +10,8 @@ from IPython.core.error import UsageError
 
 from amp_magics.errors import AmpUsageError
 from amp_magics.magics.diagnose import stop_memory_tracking
-from amp_magics.diagnostics.memory import (PeakMemory, forward_sum_step, largest_tensors, model_memory,
-                               step_activation_memory)
+from amp_magics.diagnostics.memory import (PeakMemory, SavedForBackward, forward_sum_step,
+                                          largest_tensors, model_memory, step_activation_memory)
 from recipes import make_data, make_model
 
 MiB = 2**20
@@ -81,6 +81,21 @@ def test_kept_for_backward_counts_what_autograd_saves():
     # (saved by ReLU and by the second Linear: one storage).
     assert [s.saved for s in report.steps] == [32 * 50 * 4]
     assert "fp32 only" in report.note
+
+
+def test_tensors_traced_by_torch_compile_are_not_probed(recwarn):
+    """Under torch.compile the saved-tensor hook can see FakeTensors (torch versions differ in
+    when); reading one's data pointer makes torch warn to the user. They hold no memory: skipped."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model = torch.nn.Linear(4, 4)
+    counter = SavedForBackward(model)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 4))
+        with counter.watching(x) as saved:
+            torch.relu(x * 2).sum()
+            torch.relu(torch.randn(2, 4, requires_grad=True)).sum()  # fake as well, in the mode
+    assert saved == {} and counter.most == 0
+    assert not [w for w in recwarn if "FakeTensor" in str(w.message)]
 
 
 def test_cpu_step_peak_sees_a_large_activation():

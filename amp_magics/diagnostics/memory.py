@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import ownership
+from .._torch_compat import is_fake
 from ..errors import AmpUsageError
 from ..precision import Precision, resolve
 from ..formatting import escape, format_bytes, table_html
@@ -41,6 +42,8 @@ def storage_of(t: torch.Tensor) -> tuple[StorageKey | None, int]:
 
     Views and tied weights share a storage, so keying by it counts their memory once.
     """
+    if is_fake(t):  # traced by torch.compile inside a measured step: it holds no memory
+        return None, 0
     try:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
