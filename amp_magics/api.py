@@ -95,7 +95,9 @@ def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = No
     (or of `max_memory`: "6GiB", "80%"); out of memory is recognised by type and cleaned up.
     `compare="fp32,bf16"` answers for each precision. Returns a BatchSizeFinding: `.batch_size`,
     `.trials`, `.searches` (per precision), `.loader` (re-made with the answer). Everything is
-    put back afterwards. The options are `amp_magics.train`'s that apply (dtype, accum, clip...).
+    put back afterwards, however it ends (Ctrl-C in a script: the KeyboardInterrupt goes on with
+    the finding as its `.finding`). The options are `amp_magics.train`'s that apply (dtype,
+    accum, clip...).
     """
     __tracebackhide__ = True
     from .tuning.batch_size import find_batch_size as run
@@ -108,6 +110,11 @@ def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = No
                   precisions=precisions, on_trial=report)
     if progress:
         print(repr(finding))
+    if finding.status == "interrupted" and not _in_ipython():  # a script's Ctrl-C goes on
+        stop = KeyboardInterrupt("find_batch_size interrupted: its trials so far are on "
+                                 "this exception's .finding")
+        stop.finding = finding
+        raise stop
     return finding
 
 

@@ -113,20 +113,23 @@ def test_divergence_stops_the_test_and_says_why():
     assert 1e-3 <= finding.suggestion <= 1e4
 
 
-def everything(model, opt, scheduler, data):
+def everything(model, opt, scheduler, data, scaler):
     return {"state": {k: v.clone() for k, v in model.state_dict().items()},
             "modes": [m.training for m in model.modules()],
-            "grads": [p.grad for p in model.parameters()],
+            "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
             "opt": opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()),
             "order": data.generator.get_state()}
 
 
 def assert_unchanged(before, after):
     assert_same_state(after["state"], before["state"])
-    assert after["modes"] == before["modes"] and after["grads"] == before["grads"]
+    assert after["modes"] == before["modes"]
+    assert [g is None for g in after["grads"]] == [g is None for g in before["grads"]]
+    assert all(torch.equal(a, b) for a, b in zip(after["grads"], before["grads"]) if a is not None)
     assert_same_state(after["opt"], before["opt"])
-    assert after["scheduler"] == before["scheduler"]
+    assert after["scheduler"] == before["scheduler"] and after["scaler"] == before["scaler"]
     assert torch.equal(after["rng"][0], before["rng"][0]) and after["rng"][1:] == before["rng"][1:]
     assert torch.equal(after["order"], before["order"])
 
@@ -144,30 +147,38 @@ def setup_objects():
     return model, opt, scheduler, data
 
 
+FINDERS = {"lr": lambda step, **kw: amp_magics.find_lr(step, steps=10, **kw),
+           "batch size": amp_magics.find_batch_size}
+
+
+@pytest.mark.parametrize("finder", FINDERS)
 @pytest.mark.parametrize("ending", ["finished", "interrupted", "failed"])
-def test_everything_is_as_before_however_it_ends(ending):
+def test_everything_is_as_before_however_it_ends(finder, ending):
     model, opt, scheduler, data = setup_objects()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     model.eval()
+    model[0].weight.sum().backward()  # gradients the user has: kept, the others stay None
+    calls = []
 
     def step(batch, step, epoch):
-        if step == 6 and ending == "interrupted":
+        calls.append(step)
+        if len(calls) == 5 and ending == "interrupted":
             raise KeyboardInterrupt  # the notebook's second interrupt: stop at once
-        if step == 6 and ending == "failed":
+        if len(calls) == 5 and ending == "failed":
             raise RuntimeError("the user's step broke")
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    before = everything(model, opt, scheduler, data)
+    before = everything(model, opt, scheduler, data, scaler)
     raises = {"failed": RuntimeError, "interrupted": KeyboardInterrupt}.get(ending)
     with pytest.raises(raises) if raises else contextlib.nullcontext() as stopped:
-        finding = amp_magics.find_lr(step, model=model, optimizer=opt, data=data, steps=10,
-                                     dtype="bf16", progress=False)
+        finding = FINDERS[finder](step, model=model, optimizer=opt, data=data, dtype="fp16",
+                                  scaler=scaler, scheduler=scheduler, progress=False)
     if ending == "interrupted":  # outside IPython, Ctrl-C goes on, carrying the finding
         finding = stopped.value.finding
-        assert "interrupted after 6" in finding.stop_reason
     if ending != "failed":
         assert finding.status == ending
-    assert_unchanged(before, everything(model, opt, scheduler, data))
+    assert_unchanged(before, everything(model, opt, scheduler, data, scaler))
 
 
 def test_training_after_the_finder_equals_training_without_it():
@@ -372,6 +383,34 @@ def test_out_of_memory_is_recognised_by_type_and_bisected():
     assert opt.state_dict()["state"] == {} and all(p.grad is None for p in model.parameters())
     assert torch.equal(loader.generator.get_state(), order)
     assert finding.loader.batch_size == 24 and loader.batch_size == 8
+
+
+def test_halves_from_a_loader_whose_batch_does_not_fit():
+    model, opt, loader = batch_setup(batch_size=32)
+    finding = amp_magics.find_batch_size(oom_above(model, 6), model=model, optimizer=opt,
+                                         data=loader, dtype="bf16", progress=False)
+    assert [(t.batch_size, t.result) for t in finding.trials] == [
+        (32, "out of memory"), (16, "out of memory"), (8, "out of memory"), (4, "fits"),
+        (6, "fits"), (7, "out of memory")]  # 8 is known not to fit: not tried again
+    assert finding.batch_size == 6 and "capped" not in repr(finding)
+
+
+def test_an_answer_the_data_caps_says_so_and_counts_the_samplers_samples():
+    """30 of 300 samples drawn: 3 batches of at most 10, whatever the memory allows."""
+    model, opt, _ = batch_setup()
+    dataset = torch.utils.data.TensorDataset(torch.randn(300, 8), torch.randint(0, 3, (300,)))
+    sampler = torch.utils.data.SubsetRandomSampler(range(30))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True)
+    finding = amp_magics.find_batch_size(lambda b: F.cross_entropy(model(b[0]), b[1]),
+                                         model=model, optimizer=opt, data=loader, dtype="bf16",
+                                         progress=False)
+    assert finding.batch_size == 10 and [t.batch_size for t in finding.trials] == [4, 8, 10]
+    assert "capped by the data (30 samples per epoch fill 3 batches of at most 10), not by " \
+           "memory" in repr(finding)
+    capped = amp_magics.find_batch_size(lambda b: F.cross_entropy(model(b[0]), b[1]),
+                                        model=model, optimizer=opt, data=loader, dtype="bf16",
+                                        max_size=6, progress=False)
+    assert capped.batch_size == 6 and "capped by --find-batch-size 6" in repr(capped)
 
 
 def test_a_message_that_only_reads_like_out_of_memory_is_the_users_error():

@@ -201,12 +201,7 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
                          ("epochs", "steps"))
     loader = checked_loader(options.data)
     options = dataclasses.replace(options, data=loader)
-    largest = len(loader.dataset) // (STEPS_PER_TRIAL * options.accum)
-    if max_size is not None:
-        largest = min(largest, max_size)
-    if largest < 1:
-        raise AmpUsageError(f"--find-batch-size: the dataset's {len(loader.dataset)} samples "
-                            f"cannot fill {STEPS_PER_TRIAL * options.accum} batches")
+    largest, capped_by = _largest(loader, STEPS_PER_TRIAL * options.accum, max_size)
     device = model_device(options.model)
     for precision in precisions:
         if precision not in CHOICES:
@@ -218,7 +213,8 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
     objects = TrainingObjects.of(options)
     try:
         with objects.borrowed("find-batch-size", loader) as loan:
-            _search_each(step_fn, options, loader, loan, finding, precisions, largest, on_trial)
+            _search_each(step_fn, options, loader, loan, finding, precisions, largest, capped_by,
+                         on_trial)
         finding.status = "finished"
     except KeyboardInterrupt:
         finding.status, finding.stop_reason = "interrupted", "interrupted by the user"
@@ -227,8 +223,25 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
     return finding
 
 
+def _largest(loader: torch.utils.data.DataLoader, batches: int, max_size: int | None
+             ) -> tuple[int, str]:
+    """The largest batch size a trial can fill `batches` batches with, and what sets it: the
+    samples the loader's sampler yields per epoch (a subset sampler yields fewer than the
+    dataset holds), or MAX."""
+    sampler = loader.sampler
+    samples = len(sampler) if hasattr(sampler, "__len__") else len(loader.dataset)
+    largest = samples // batches
+    if largest < 1:
+        raise AmpUsageError(f"--find-batch-size: the loader's {samples} samples per epoch "
+                            f"cannot fill {batches} batches ({STEPS_PER_TRIAL} optimizer steps per trial)")
+    if max_size is not None and max_size < largest:
+        return max_size, f"--find-batch-size {max_size}"
+    return largest, (f"the data ({samples} samples per epoch fill {batches} batches of at most "
+                     f"{largest})")
+
+
 def _search_each(step_fn: StepFn, options: TrainOptions, loader: Any, loan: Loan,
-                 finding: BatchSizeFinding, precisions: tuple, largest: int | None,
+                 finding: BatchSizeFinding, precisions: tuple, largest: int, capped_by: str,
                  on_trial: Callable[[BatchSizeFinding, Trial], None] | None) -> None:
     for precision in precisions:
         trials = _Trials(step_fn, options, loader, loan.start, loan.claim, finding, precision)
@@ -243,6 +256,8 @@ def _search_each(step_fn: StepFn, options: TrainOptions, loader: Any, loan: Loan
                 on_trial(finding, t)
         found.batch_size = search(trials, loader.batch_size, largest, record)
         found.faster = _faster(found)
+        if found.batch_size == largest:
+            found.capped_by = capped_by
 
 
 FASTER = 1.05  # a smaller batch is called faster from 5% more samples per second on

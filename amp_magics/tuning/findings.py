@@ -191,15 +191,18 @@ class BatchSizeSearch:
     trials: list[Trial] = field(default_factory=list)
     batch_size: int | None = None
     faster: Trial | None = None  # a smaller batch that trained more samples per second
+    capped_by: str = ""  # what stopped the search growing, where memory did not
 
     def note(self) -> str:
         if self.batch_size is None:
             return "no batch size fits"
+        notes = [f"capped by {self.capped_by}, not by memory"] if self.capped_by else []
         best = next(t for t in self.trials if t.batch_size == self.batch_size)
-        if self.faster is None or not (best.samples_per_s and self.faster.samples_per_s):
-            return ""
-        return (f"batch {self.faster.batch_size} trained {self.faster.samples_per_s / best.samples_per_s:.2f}x "
-                f"the samples per second of {self.batch_size}")
+        if self.faster is not None and best.samples_per_s and self.faster.samples_per_s:
+            notes.append(f"batch {self.faster.batch_size} trained "
+                         f"{self.faster.samples_per_s / best.samples_per_s:.2f}x "
+                         f"the samples per second of {self.batch_size}")
+        return "; ".join(notes)
 
 
 @dataclass
