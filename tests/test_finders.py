@@ -296,6 +296,21 @@ def test_the_magic_finds_stores_and_lists_it_apart_from_runs(nb):
     assert "suggestions" in html and "valley" in html
 
 
+def test_the_live_chart_marks_the_suggestions_of_the_curve_so_far():
+    from amp_magics.views.finder import finding_html
+
+    finding = LrFinding.new(1e-4, 1, steps=40)
+    for k, lr in enumerate(lr_schedule(1e-4, 1, 40)[:30]):  # running: 30 of 40 steps so far
+        loss = 2.0 - k / 20 if k < 20 else 1.0 + (k - 20) / 4
+        finding.records.append({"step": k, "lr": lr, "loss": loss, "smoothed": loss,
+                                "skipped": False})
+    assert finding.suggestions == {}  # set when the test ends
+    live = finding_html(finding, live=True)
+    for name, lr in finding.suggest().items():
+        assert f"{name} {lr:.2g}" in live  # a labelled mark on the chart
+    assert "suggestions from the steps so far" in live and "<svg" in live
+
+
 @pytest.mark.parametrize("line, message", [
     ("--find-lr 1e-3", "give START,END"),
     ("--find-lr 1,1e-3", "0 < START < END"),

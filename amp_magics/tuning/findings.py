@@ -77,6 +77,11 @@ class LrFinding:
     def applied_steps(self) -> int:
         return sum(not r["skipped"] for r in self.records)
 
+    def suggest(self) -> dict[str, float]:
+        """The suggestions by the steps trained so far (`suggestions` once the test ended)."""
+        trained = [r for r in self.records if r["smoothed"] is not None]
+        return suggestions([r["lr"] for r in trained], [r["smoothed"] for r in trained])
+
     def apply(self, name: str | None = None) -> float:
         """Set the suggested lr (`name`, default: the default rule's) on the optimizers' param
         groups, keeping their ratios to the first group; return it."""

@@ -136,8 +136,7 @@ def range_test(step_fn: StepFn, options: TrainOptions, finding: LrFinding,
             training.execute()
         finally:
             _ended(finding, training.run)
-    trained = [r for r in finding.records if r["smoothed"] is not None]
-    finding.suggestions = suggestions([r["lr"] for r in trained], [r["smoothed"] for r in trained])
+    finding.suggestions = finding.suggest()
     return finding
 
 

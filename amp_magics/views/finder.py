@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 TITLE = "Learning-rate range test"
 
 
-def lr_chart_svg(finding: LrFinding) -> str:
+def lr_chart_svg(finding: LrFinding, suggested: dict[str, float]) -> str:
     trained = [r for r in finding.records if not r["skipped"]]
     skipped = [r for r in finding.records if r["skipped"]]
     x = [math.log10(r["lr"]) for r in trained]
@@ -27,7 +27,7 @@ def lr_chart_svg(finding: LrFinding) -> str:
         series.append(Series(f"skipped by the scaler ({len(skipped)})",
                              [math.log10(r["lr"]) for r in skipped],
                              [r["loss"] for r in skipped], ALERT, "hollow"))
-    guides = [(math.log10(lr), f"{name} {lr:.2g}") for name, lr in finding.suggestions.items()]
+    guides = [(math.log10(lr), f"{name} {lr:.2g}") for name, lr in suggested.items()]
     return line_chart_svg(TITLE, series, x_label="learning rate", x_scale="log10",
                           y_scale="auto", ignore_outliers=True, guides=guides)
 
@@ -37,12 +37,15 @@ def finding_html(finding: LrFinding, live: bool = False) -> str:
     from ..tuning.findings import RULES
 
     head, *_, restored = finding.lines()
-    svg = lr_chart_svg(finding)
+    # while it runs, the rules read the curve so far: the marks move as it grows
+    suggested = finding.suggest() if live else finding.suggestions
+    svg = lr_chart_svg(finding, suggested)
     chart = svg_inline(svg) if live else svg_image(svg, f"{TITLE} chart")
-    rows = [{"rule": name, "lr": lr, "how": RULES[name]} for name, lr in finding.suggestions.items()]
-    default = list(finding.suggestions).index(finding.default) if finding.suggestion else None
-    table = records_html(rows, "suggestions (highlighted: .suggestion, what .apply() sets)",
-                         default) if rows else ""
+    rows = [{"rule": name, "lr": lr, "how": RULES[name]} for name, lr in suggested.items()]
+    default = list(suggested).index(finding.default) if finding.default in suggested else None
+    caption = ("suggestions from the steps so far" if live else
+               "suggestions (highlighted: .suggestion, what .apply() sets)")
+    table = records_html(rows, caption, default) if rows else ""
     note = "" if live else f'<p style="opacity:.75">{escape(restored)}</p>'
     return (f'<div class="amp-finder" style="font-size:12.5px;line-height:1.45">'
             f"<p>{escape(head)}</p>{chart}{table}{note}</div>")
