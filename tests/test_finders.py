@@ -428,6 +428,35 @@ def test_an_answer_the_data_caps_says_so_and_counts_the_samplers_samples():
     assert capped.batch_size == 6 and "capped by --find-batch-size 6" in repr(capped)
 
 
+def test_an_out_of_memory_trial_has_dropped_its_gradients_when_judged():
+    """Before the cache is emptied: the engine drops a failed step's partial gradients."""
+    from amp_magics.training.options import TrainOptions
+    from amp_magics.tuning.batch_size import find_batch_size
+
+    model, opt, loader = batch_setup()
+    model(torch.randn(2, 8)).sum().backward()  # the user's gradients: back afterwards
+    batch = {}
+
+    def out_of_memory_in_backward(grad):  # the last layer's gradients exist by then
+        if batch["size"] > 16:
+            raise torch.OutOfMemoryError("simulated, in the backward")
+        return grad
+    model[0].weight.register_hook(out_of_memory_in_backward)
+
+    def step(b):
+        x, y = b
+        batch["size"] = x.shape[0]
+        return F.cross_entropy(model(x), y)
+
+    grads_after = {}
+    options = TrainOptions(model=model, optimizer=opt, data=loader, dtype="bf16")
+    finding = find_batch_size(step, options, on_trial=lambda f, t: grads_after.setdefault(
+        (t.batch_size, t.result), [p.grad is None for p in model.parameters()]))
+    assert finding.batch_size == 16
+    assert all(grads_after[(32, "out of memory")])
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_a_message_that_only_reads_like_out_of_memory_is_the_users_error():
     model, opt, loader = batch_setup()
 
