@@ -3,6 +3,7 @@
 kernel's runs file it reads."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -45,6 +46,7 @@ def test_without_a_gpu_it_says_why_and_shows_the_host(status, monkeypatch):
     host = answer["host"]
     assert host["logical_cpus"] >= 1 and host["ram_total"] > host["ram_available"] > 0
     assert answer["kernels"] == [] and '<div class="amp-gpu-status"' in answer["html"]
+    assert "resident" not in answer["html"]  # the server's own memory means nothing there
 
 
 def test_each_gpu_with_its_utilisation_memory_temperature_and_power(status, monkeypatch):
@@ -58,6 +60,26 @@ def test_each_gpu_with_its_utilisation_memory_temperature_and_power(status, monk
     assert first["power_draw"] is not None and answer["no_gpu_reason"] is None
     assert set(first) == {"index", "name", "utilization", "memory_used", "memory_total",
                           "temperature", "power_draw", "power_limit"}
+
+
+def test_the_status_bar_and_gpu_status_in_a_kernel_read_the_same_numbers(status, ip, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setattr(gpu, "_nvml_state", (FakeNvml([a100(memory=(12 * GIB, 80 * GIB),
+                                                            utilization=43), h100()]), None))
+    served = status()
+    ip.run("%gpu_status --json")
+    kernel = json.loads(capsys.readouterr().out)
+    keys = ("index", "name", "utilization", "memory_used", "memory_total", "temperature",
+            "power_draw", "power_limit")
+    assert [{k: g[k] for k in keys} for g in kernel["gpus"]] == served["gpus"]
+    # the panel's table is %gpu_status's, less the facts of the probing process (the server)
+    shown = ip.display_formatter.format(ip.run("%gpu_status"))[0]["text/html"]
+    assert "this process" in shown and "this process" not in served["html"]
+
+    def same(html):
+        html = re.sub(r", this process [\d.]+ [KMG]?i?B", "", html)
+        return re.sub(r"updated \d\d:\d\d:\d\d", "updated", html)
+    assert same(shown) == same(served["html"])
 
 
 def test_a_request_without_the_token_is_refused(jp_fetch, jp_asyncio_loop):

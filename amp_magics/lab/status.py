@@ -36,7 +36,7 @@ def payload(status: gpu.Status, kernel_runs: dict[str, list[dict]]) -> dict:
                  "load_1min": load, "ram_total": host.ram_total,
                  "ram_available": host.ram_available},
         "kernels": [{"id": k, "runs": runs} for k, runs in sorted(kernel_runs.items())],
-        "html": status_html(status),
+        "html": status_html(status, this_process=False),  # the server's own: not shown
     }
 
 

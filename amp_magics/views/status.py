@@ -80,7 +80,7 @@ def _recommendation(rec) -> str:
     return f"Recommendation: --dtype auto picks {rec.dtype} on {rec.device}: {rec.reason}"
 
 
-def _host_facts(host) -> list[tuple[str, str]]:
+def _host_facts(host, this_process: bool = True) -> list[tuple[str, str]]:
     usable = f", {host.usable_cpus} usable here" if host.usable_cpus not in (None, host.logical_cpus) else ""
     bf16 = (f"native ({', '.join(host.bf16_flags)})" if host.bf16_flags
             else "not native: bf16 autocast is emulated, slower than fp32")
@@ -88,7 +88,7 @@ def _host_facts(host) -> list[tuple[str, str]]:
             else "not native: fp16 autocast is emulated, slow")
     ram = (f"{format_bytes(host.ram_available, NA)} available of {format_bytes(host.ram_total, NA)}"
            if host.ram_total is not None else NA)
-    return [
+    facts = [
         ("CPU", f"{host.cpu_model} ({_or_na(host.logical_cpus)} logical CPUs{usable})"),
         ("bf16", bf16),
         ("fp16", fp16),
@@ -99,6 +99,7 @@ def _host_facts(host) -> list[tuple[str, str]]:
         ("RAM", ram),
         ("process", f"{format_bytes(host.process_rss, NA)} resident"),
     ]
+    return facts if this_process else [f for f in facts if f[0] not in _PROCESS_FACTS]
 
 
 # Facts about the process that probes (torch in it, its memory): they describe the kernel in
@@ -156,9 +157,8 @@ def status_text(status: Status, this_process: bool = True) -> str:
         lines += _fit(_host_line(status.host, this_process))
     else:
         lines += _fit(f"No GPU: {status.no_gpu_reason}")
-        for label, value in _host_facts(status.host):
-            if this_process or label not in _PROCESS_FACTS:
-                lines += _fit(f"{label:<8} {value}", hang=" " * 9)
+        for label, value in _host_facts(status.host, this_process):
+            lines += _fit(f"{label:<8} {value}", hang=" " * 9)
     lines += _fit(_recommendation(status.recommendation))
     for note in status.notes:
         lines += _fit(f"Note: {note}")
@@ -227,7 +227,9 @@ def _gpu_row(g) -> list:
             _or_na(g.sm_clock, "{} MHz"), _mig(g)]
 
 
-def status_html(status: Status) -> str:
+def status_html(status: Status, this_process: bool = True) -> str:
+    """The status as HTML; `this_process=False` leaves out the probing process's own facts
+    (the Jupyter server's, in the status bar's panel)."""
     parts: list[str] = []
     if status.gpus:
         parts.append(_line(f"Driver {_or_na(status.driver_version)}, supports CUDA "
@@ -241,10 +243,10 @@ def status_html(status: Status) -> str:
             parts.append(f"<div><b>{escape(_torch_headline(mem))}</b></div>")
             parts.append(_line(_torch_held(mem), "padding-left:16px"))
             parts.append(_line(_torch_gap(mem), "padding-left:16px"))
-        parts.append(_line(_host_line(status.host), _MUTED))
+        parts.append(_line(_host_line(status.host, this_process), _MUTED))
     else:
         parts.append(_line(f"No GPU: {status.no_gpu_reason}", "font-weight:bold"))
-        parts.append(_table(["", ""], _host_facts(status.host)))
+        parts.append(_table(["", ""], _host_facts(status.host, this_process)))
     rec = status.recommendation
     parts.append(f"<div><b>Recommendation:</b> --dtype auto picks <b>{escape(rec.dtype)}</b>"
                  f" on {escape(rec.device)}: {escape(rec.reason)}</div>")
