@@ -151,7 +151,8 @@ def ours_in_a_notebook(data):
 
 
 def measure(n, rounds, results):
-    short, long = batches(n)[: 2 * n // 2], batches(2 * n)
+    long = batches(2 * n)  # 2n steps per rank (batches deals 2 ranks their steps)
+    short = long[: 2 * n]  # n steps per rank, the same first batches
     times = {name: {"short": [], "long": [], "one": []} for name in results}
     for r in range(rounds):
         for name, fn in (results.items() if r % 2 == 0 else reversed(results.items())):

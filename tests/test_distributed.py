@@ -1,6 +1,7 @@
 """--nproc N: DistributedDataParallel from the notebook (forked ranks, gloo on the CPU) and
 under torchrun, bit-identical to a hand-written DDP AMP loop."""
 import contextlib
+import json
 import multiprocessing
 import os
 import re
@@ -229,6 +230,47 @@ def test_a_sampler_that_the_ranks_draw_differently_is_refused(nb):
     assert no_children_left()
 
 
+@pytest.mark.parametrize("every", [None, 4])
+def test_checkpoints_during_the_run_hold_the_history_merged_over_ranks(nb, tmp_path, every):
+    """The checkpoint of epoch 0's end (or of step 4, --every 4), copied by rank 0 at step 10
+    before the next one replaces it, holds the losses averaged over ranks and the samples
+    summed, as the Run does, not rank 0's own."""
+    ckpt, copy = tmp_path / "run.pt", tmp_path / "mid.pt"
+    nb.user_ns.update(train_loader=make_data(n=16), val_loader=make_data(n=4, seed=2),
+                      shutil=__import__("shutil"))
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 2 --val val_loader "
+           f"--checkpoint {ckpt} {'' if every is None else f'--every {every}'} -o run\n"
+           f"if step == 10 and os.environ['RANK'] == '0':\n"
+           f"    shutil.copy({str(ckpt)!r}, {str(copy)!r})\n{BODY}")
+    run = nb.user_ns["run"]
+    mid = torch.load(copy, weights_only=True)
+    assert mid["step"] == 8  # the last one written before step 10
+    assert mid["history"] == run.history[:8] and mid["history"][0]["samples"] == 8
+    # --every 4: written at step 8 before the epoch's validation
+    assert mid["val_history"] == run.val_history[:1 if every is None else 0]
+    assert torch.load(ckpt, weights_only=True)["history"] == run.history
+
+
+def test_a_resumed_run_keeps_the_merged_history_of_its_checkpoint(nb, tmp_path):
+    """Resumed from a checkpoint of --nproc 2: the steps before it keep the records the
+    checkpoint holds (merged over ranks once: not merged again, samples not summed twice), in
+    the Run and in the checkpoints, and the history is that of a run never stopped."""
+    ckpt = tmp_path / "run.pt"
+    nb.user_ns["train_loader"] = make_data(n=16)
+    for name, flags in (("whole", "--epochs 2"), ("first", f"--epochs 1 --checkpoint {ckpt}"),
+                        ("resumed", f"--epochs 2 --resume {ckpt} --checkpoint {ckpt}")):
+        model = make_model()
+        nb.user_ns.update(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 {flags} -o {name}\n{BODY}")
+
+    def losses(history):
+        return [(r["step"], r["loss"], r["samples"]) for r in history]
+    whole = losses(nb.user_ns["whole"].history)
+    assert len(whole) == 16 and whole[0][2] == 8
+    assert losses(nb.user_ns["resumed"].history) == whole
+    assert losses(torch.load(ckpt, weights_only=True)["history"]) == whole
+
+
 def test_stop_from_the_notebook_stops_every_rank_together(nb):
     nb.user_ns["train_loader"] = make_data(n=8)
     run = nb.run(f"%%amp_train --dtype bf16 --nproc 2 --epochs 100000 --background -o run\n"
@@ -292,6 +334,26 @@ def test_a_rank_killed_by_a_signal_is_a_clear_failure_and_the_work_is_kept(nb, t
     nb.run(f"%%amp_train --dtype bf16 --steps 1 -o again\n{BODY}")  # the kernel is fine
 
 
+def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
+    """No rank leaves a state (each killed at step 4): the notebook's objects stay as before
+    the run, so its history holds none of the steps the ranks trained, and a note says so."""
+    nb.user_ns["train_loader"] = make_data(n=16)
+    before = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    with pytest.raises(RankFailed, match="was killed by SIG"):
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --refresh 0.01 -o run\n"
+               f"time.sleep(0.03)  # the steps before are reported\n"
+               f"if step == 4:\n"
+               f"    os.kill(os.getpid(), 9)\n{BODY}")
+    run = nb.user_ns["run"]
+    assert run.status == "failed"
+    assert no_children_left()
+    assert_same_state(nb.user_ns["model"].state_dict(), before)
+    assert run.history == [] and run.val_history == []
+    lost = [n for n in run.notes if n.startswith("no rank left a consistent state")]
+    assert len(lost) == 1 and re.search(r"the [1-4] optimizer step\(s\) the ranks trained",
+                                        lost[0]), run.notes
+
+
 def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_path):
     nb.user_ns["train_loader"] = data = make_data(n=16)
     started = time.monotonic()
@@ -310,6 +372,36 @@ def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_pat
     assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     ref = reference(tmp_path, torch.bfloat16, data[:4])  # steps 0 and 1 completed
     assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
+    assert [r["step"] for r in run.history] == [0, 1]
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def test_a_rank_hung_before_its_forward_is_named_where_ddp_forward_waits(nb):
+    """DDP's forward has collectives of its own (a BatchNorm's buffers, broadcast from rank 0
+    in each forward): rank 0 waits there, not at the gradient exchange, for a rank that hangs
+    before calling the model. That rank is named after --timeout all the same."""
+    model = bn_model()
+    nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                      train_loader=make_data(n=16))
+    started = time.monotonic()
+    with pytest.raises(RankFailed) as failed:
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 -o run\n"
+               f"if step == 2 and int(os.environ['RANK']) == 1:\n"
+               f"    time.sleep(600)\n{BODY}")
+    took = time.monotonic() - started
+    text = str(failed.value)
+    assert "rank 1 did not arrive at step 2's forward within --timeout 3 s " \
+           "(rank 0 waited there for it)" in text, text
+    assert re.search(r"Where rank 1 was:\n.*line 3", text), text
+    assert 3 <= took < 30
+    assert no_children_left()
+    run = nb.user_ns["run"]
+    assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     assert [r["step"] for r in run.history] == [0, 1]
 
 
@@ -395,7 +487,7 @@ def test_an_uneven_stream_stops_every_rank_with_the_shortest(nb, tmp_path):
 
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, torch, torch.nn.functional as F
+    import json, os, sys, torch, torch.nn.functional as F
     sys.path.insert(0, {tests!r})
     import amp_magics
     from amp_magics.training import checkpoint
@@ -403,7 +495,8 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     writes = []
     save = checkpoint.save_checkpoint
-    checkpoint.save_checkpoint = lambda *a, **k: (writes.append(k["step"]), save(*a, **k))
+    checkpoint.save_checkpoint = lambda *a, **k: (
+        writes.append((k["step"], [r["loss"] for r in k["history"]])), save(*a, **k))
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     run = amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
@@ -411,7 +504,8 @@ SCRIPT = textwrap.dedent("""
                            checkpoint={ckpt!r}, save={saved!r})
     if int(os.environ["RANK"]) == 0:
         torch.save(model.state_dict(), {out!r})
-        print("checkpoints written at steps", writes)
+        print("checkpoints written at steps", [step for step, _ in writes])
+        print("CHECKPOINTS" + json.dumps(writes))
 """)
 
 
@@ -446,6 +540,9 @@ def test_the_same_call_runs_under_torchrun_with_the_losses_of_nproc(nb, tmp_path
     losses = [r["loss"] for r in nb.user_ns["run"].history]
     assert [r["loss"] for r in amp_magics.Run.load(str(saved)).history] == losses
     assert [r["loss"] for r in torch.load(ckpt, weights_only=False)["history"]] == losses
+    # the checkpoint of epoch 0's end too
+    written = json.loads(done.stdout.split("CHECKPOINTS", 1)[1].splitlines()[0])
+    assert written == [[8, losses[:8]], [16, losses]]
     assert f"final loss {losses[-1]:.4g}" in text
 
 
@@ -481,7 +578,7 @@ def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
 
 
 AGAIN_SCRIPT = textwrap.dedent("""
-    import os, sys, torch, torch.nn.functional as F, torch.distributed as dist
+    import json, os, sys, torch, torch.nn.functional as F, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     import amp_magics
     from recipes import make_data, make_model
@@ -505,7 +602,7 @@ def test_train_again_and_then_the_scripts_own_group_under_torchrun(tmp_path):
 
 
 COMPILED_SCRIPT = textwrap.dedent("""
-    import os, sys, torch, torch.nn.functional as F, torch.distributed as dist
+    import json, os, sys, torch, torch.nn.functional as F, torch.distributed as dist
     import torch._dynamo.utils
     sys.path.insert(0, {tests!r})
     import amp_magics

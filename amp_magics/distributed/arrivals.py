@@ -1,40 +1,60 @@
 """Which rank keeps the others waiting: each forked rank marks, in memory shared with the
-notebook process, each time it reaches a gradient exchange (the backward where DDP's
-all-reduce waits for every rank). When the marks differ and stay unchanged for the
-collective timeout, the ranks that marked fewer are the ones that did not arrive.
+notebook process, each time it reaches a point where DDP makes it wait for the others: a call
+of the model through DDP (its forward broadcasts BatchNorm's buffers from rank 0, rebuilds
+its buckets once) and each backward (the gradient all-reduce). Every rank makes the same marks
+in the same order, so when the counts differ and stay unchanged for the collective timeout,
+the ranks that marked fewer are the ones that did not arrive.
 
 A mark is two stores into shared memory: no lock, no message, no collective.
 """
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# what a rank's latest mark was, kept with its step as 2 * step + place
+_FORWARD, _EXCHANGE = 0, 1
+PLACES = ("forward", "gradient exchange")
 
 
 @dataclass(frozen=True)
 class Stall:
-    """Ranks `late` did not reach step `step`'s gradient exchange, where `waiting` were."""
+    """Ranks `late` did not reach step `step`'s `where` (a PLACES name), where `waiting`
+    were."""
 
     late: tuple[int, ...]
     waiting: tuple[int, ...]
     step: int
+    where: str
 
 
 class ArrivalBoard:
     def __init__(self, world: int, context: multiprocessing.context.BaseContext):
-        self.counts = context.RawArray("q", world)  # gradient exchanges reached, per rank
-        self.steps = context.RawArray("q", world)  # the step of each rank's latest one
+        self.counts = context.RawArray("q", world)  # marks made, per rank
+        self.places = context.RawArray("q", world)  # each rank's latest: 2 * step + place
         self.seen: tuple[int, ...] = ()
         self.since = 0.0
 
-    def marker(self, rank: int):
-        """The rank's `arrive(step)`, called before each backward."""
-        counts, steps = self.counts, self.steps
+    def marker(self, rank: int, training: Any) -> tuple[Callable[[], None],
+                                                        Callable[[int], None]]:
+        """The rank's marks: `forward()` as a call of the model through DDP begins (at the
+        step `training.step`), `exchange(step)` before each backward."""
+        counts, places = self.counts, self.places
 
-        def arrive(step: int) -> None:
-            steps[rank] = step
-            counts[rank] += 1  # one writer per slot
-        return arrive
+        def forward() -> None:
+            # training's calls only: validation's (no_grad) may differ in number per rank
+            if torch.is_grad_enabled():
+                places[rank] = 2 * training.step + _FORWARD
+                counts[rank] += 1  # one writer per slot
+
+        def exchange(step: int) -> None:
+            places[rank] = 2 * step + _EXCHANGE
+            counts[rank] += 1
+        return forward, exchange
 
     def stall(self, now: float, timeout: float) -> Stall | None:
         """A stall once the ranks' marks have differed, unchanged, for `timeout` seconds."""
@@ -46,5 +66,6 @@ class ArrivalBoard:
             return None
         ahead = max(seen)
         waiting = tuple(r for r, c in enumerate(seen) if c == ahead)
-        return Stall(tuple(r for r, c in enumerate(seen) if c < ahead), waiting,
-                     self.steps[waiting[0]])
+        step, place = divmod(self.places[waiting[0]], 2)
+        return Stall(tuple(r for r, c in enumerate(seen) if c < ahead), waiting, step,
+                     PLACES[place])

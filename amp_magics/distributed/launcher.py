@@ -35,10 +35,12 @@ from .._torch_compat import plain_module
 from ..errors import AmpUsageError
 from ..precision import SCALER_DEFAULTS
 from ..tensors import StepFn
+from ..training.checkpoint import read_checkpoint
 from ..training.engine import checked_views, finish_run, new_run, prepare, stop_on_sigint
 from ..training.objects import TrainingObjects
 from ..training.options import TrainOptions
 from ..training.registry import register
+from ..training.routing import before_each_call
 from ..training.run import Run
 from ..training.scaler import persistent_scaler
 from ..training.telemetry import RunBooks
@@ -231,7 +233,8 @@ def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
             training = prepare(step_fn, rank_options, [protocol.RankRelay(shared.channel, rank)],
                                claim)
             training.stop_check = StopAgreement(shared.requested, shared.stop_at)
-            training.amp.arrive = shared.board.marker(rank)
+            forward, training.amp.arrive = shared.board.marker(rank, training)
+            before_each_call(rank_options.model, forward)  # DDP's forward waits for the ranks
             training.says_where_held = False  # the notebook process knows which rank's it holds
             attach_rank(training, rank_options, ctx)
             _note_unsharded_stream(training, rank_options.data, ctx)
@@ -297,10 +300,10 @@ class DistributedTraining:
     merged records, stops them together and loads rank 0's final state back."""
 
     def __init__(self, step_fn: StepFn, options: TrainOptions, views: list[View], world: int,
-                 device_type: str, claim: ownership.Claim, run: Run):
+                 device_type: str, claim: ownership.Claim, run: Run, start: int = 0):
         self.step_fn, self.options, self.views = step_fn, options, views
         self.world, self.device_type, self.claim, self.run = world, device_type, claim, run
-        self.merger = RecordMerger(world, options.log)
+        self.merger = RecordMerger(world, options.log, start)  # `start`: a resumed run's step
         self.books = RunBooks(run, self.merger, torch.device("cpu"), views,
                               options.refresh_seconds, self.merger.sample_memory)
         self.hello = False  # rank 0 has said how it trains
@@ -404,7 +407,7 @@ class DistributedTraining:
             time.sleep(0.02)
         names = " and ".join(f"rank {r}" for r in late)
         waiting = " and ".join(f"rank {r}" for r in stall.waiting)
-        lines = [f"{names} did not arrive at step {stall.step}'s gradient exchange within "
+        lines = [f"{names} did not arrive at step {stall.step}'s {stall.where} within "
                  f"--timeout {self.options.timeout:g} s ({waiting} waited there for it), so "
                  f"{'it was' if len(late) == 1 else 'they were'} ended, and with "
                  f"{'it' if len(late) == 1 else 'them'} the run."]
@@ -472,8 +475,7 @@ class DistributedTraining:
         one they stay as before the run. Returns where the objects stand, for the notes."""
         best = files.best_state()
         if best is None:
-            self.run.notes.append("no rank left a consistent state: the notebook's model, "
-                                  "optimizers and scaler are as before this run")
+            self._lose_history()
             return " on every rank: the notebook's objects are as before the run"
         path, rank, steps = best
         # a file a rank wrote a moment ago: trusted, and it holds the RNG's tuples
@@ -491,6 +493,16 @@ class DistributedTraining:
         self._settle_history(steps)
         return (f" on every rank: the notebook's objects hold rank {rank}'s state after its "
                 "last completed step")
+
+    def _lose_history(self) -> None:
+        """No rank left a state: the objects are as before the run, so is the history."""
+        lost = self.merger.discard()
+        self.run.history.clear()
+        self.run.val_history.clear()
+        self.run.notes.append(
+            f"no rank left a consistent state: the {lost} optimizer step(s) the ranks trained "
+            "(as far as they reported them) were lost with them, so the history holds none, "
+            "and the notebook's model, optimizers and scaler are as before this run")
 
     def _settle_history(self, steps: int) -> None:
         """The history up to the copied state's step: steps not every rank reported (one
@@ -515,9 +527,23 @@ def prepare_distributed(step_fn: StepFn, options: TrainOptions, views: Sequence[
         run = new_run(options, device=f"{device_type} x{world}", precision=options.dtype,
                       nproc=world)
         run.ranks = world
+        start = _resumed_history(run, options.resume)
         register(run)
         claim.run = run
     except BaseException:
         claim.release()
         raise
-    return DistributedTraining(step_fn, options, views, world, device_type, claim, run)
+    return DistributedTraining(step_fn, options, views, world, device_type, claim, run, start)
+
+
+def _resumed_history(run: Run, path: str | None) -> int:
+    """A resumed run starts with its checkpoint's history, merged over ranks already (the
+    ranks send only the steps they train): returns the step they start from."""
+    if path is None:
+        return 0
+    try:
+        payload = read_checkpoint(path, mmap=True)  # the weights stay on disk
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise AmpUsageError(f"--resume {path}: {e}") from None
+    run.history, run.val_history = payload["history"], payload["val_history"]
+    return payload["step"]

@@ -1,7 +1,9 @@
-"""The ranks' records merged into one history, step by step, in the notebook process."""
+"""The ranks' records merged into one history: step by step in the notebook process, and in
+each rank for its checkpoints and its end (under torchrun there is no notebook process)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -10,11 +12,12 @@ class RecordMerger:
     """Ranks' records, step by step: once every rank has sent step s, one record with the loss
     averaged over ranks and the samples summed (the rest as rank 0 saw it)."""
 
-    def __init__(self, world: int, log_names: Sequence[str]):
+    def __init__(self, world: int, log_names: Sequence[str], start: int = 0):
         self.world, self.log_names = world, tuple(log_names)
         self.pending: dict[int, dict[int, dict]] = {}
         self.val_pending: dict[int, dict[int, dict]] = {}
-        self.done_step = 0
+        self.start = start  # the first step the ranks train (a resumed run's are merged)
+        self.done_step = start
         self.memory: dict[str, int | None] = {}
         self.ready: list[dict] = []
 
@@ -52,6 +55,15 @@ class RecordMerger:
         self.pending.clear()
         return partial
 
+    def discard(self) -> int:
+        """At the end, when no rank's weights are kept: drop every record not yet drained.
+        Returns how many steps some rank had reported training."""
+        steps = max([self.done_step, *(step + 1 for step in self.pending)]) - self.start
+        self.pending.clear()
+        self.val_pending.clear()
+        self.ready.clear()
+        return steps
+
     def _merged(self, by_rank: dict[int, dict]) -> dict:
         merged = dict(by_rank[min(by_rank)])
         merged["loss"] = sum(r["loss"] for r in by_rank.values()) / len(by_rank)
@@ -81,15 +93,27 @@ class RecordMerger:
         return sample
 
 
-def merged_over_ranks(world: int, log_names: Sequence[str]):
-    """`merge(history, val_history)` for a rank's Training: every rank's records gathered
-    (one collective, at the end) and merged as the notebook process merges them."""
-    def merge(history: list, val_history: list) -> tuple[list, list]:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (history, val_history))
-        merger = RecordMerger(world, log_names)
-        val = []
+class MergedHistory:
+    """`merge(history, val_history)` for a rank's Training, a collective that every rank calls
+    at the same step (at each checkpoint and at the end): the records it added since the last
+    call are gathered from every rank over `group` and merged as the notebook process merges
+    them. The records it starts with (a resumed checkpoint's, `start` steps) are merged
+    already."""
+
+    def __init__(self, world: int, log_names: Sequence[str], group: Any, start: int,
+                 history: list, val_history: list):
+        self.world, self.group = world, group
+        self.merger = RecordMerger(world, log_names, start)
+        self.history, self.val_history = list(history), list(val_history)  # merged so far
+        self.taken = (len(history), len(val_history))  # this rank's records merged so far
+
+    def __call__(self, history: list, val_history: list) -> tuple[list, list]:
+        taken, val_taken = self.taken
+        self.taken = (len(history), len(val_history))
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (history[taken:], val_history[val_taken:]),
+                               group=self.group)
         for rank, (records, val_records) in enumerate(gathered):
-            val += merger.add(rank, records, val_records, {})
-        return merger.drain(), val
-    return merge
+            self.val_history += self.merger.add(rank, records, val_records, {})
+        self.history += self.merger.drain()
+        return list(self.history), list(self.val_history)

@@ -91,6 +91,8 @@ class RankRelay(View):
                                  run.memory[-1] if run.memory else {}, run.epoch))
 
     def on_start(self, run: Run) -> None:
+        # a resumed run's history: the notebook process read it from the checkpoint
+        self.sent[:2] = [len(run.history), len(run.val_history)]
         self.channel.put(Hello(self.rank, run.precision, run.precision_reason,
                                run.scaler_settings, run.total_steps, run.steps_per_epoch))
 

@@ -14,7 +14,7 @@ from .._torch_compat import plain_module
 from ..training.checkpoint import read_checkpoint
 from ..training.options import TrainOptions
 from ..training.routing import route_through
-from .merge import merged_over_ranks
+from .merge import MergedHistory
 from .sharding import EvenStream, shard, strided_part
 
 
@@ -45,7 +45,7 @@ class RankContext:
 
 def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, Callable[[], None]]:
     """The options this rank trains with: the model on its device and called through DDP, the
-    optimizers' state on that device, its shard of the data, checkpoints only on rank 0.
+    optimizers' state on that device, its shard of the data.
     Returns them and the function that undoes the routing and frees DDP (call it before the
     process group is destroyed). A model that is already DDP (a torchrun script's own) is
     used as it is."""
@@ -53,24 +53,26 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         release = _nothing_to_undo
     else:
         release = _route_through_ddp(options, ctx)
-    first = ctx.rank == 0
     # a shuffled shard resumes with the checkpoint's epoch order
     start_epoch = read_checkpoint(options.resume)["epoch"] if options.resume is not None else 0
     return dataclasses.replace(
         options, data=shard(options.data, ctx, start_epoch), nproc=1,
-        val=shard(options.val, ctx, training=False) if options.val is not None else None,
-        checkpoint=options.checkpoint if first else None,
-        every=options.every if first else None), release
+        val=shard(options.val, ctx, training=False) if options.val is not None else None
+    ), release
 
 
 def attach_rank(training: Any, rank_options: TrainOptions, ctx: RankContext) -> None:
     """Make a prepared Training one rank of several: what its data has to say (batches left
-    out) goes into the run's notes, and its history ends merged over every rank."""
+    out) goes into the run's notes, its history ends merged over every rank, and so is the
+    history of each checkpoint, which every rank reaches and rank 0 writes."""
     telling = rank_options.data if isinstance(rank_options.data, EvenStream) else \
         strided_part(rank_options.data)
     if telling is not None:
         telling.notes = training.run.notes
-    training.merge_ranks = merged_over_ranks(ctx.world_size, rank_options.log)
+    run = training.run  # a resumed run starts with the checkpoint's merged history
+    training.merge_ranks = MergedHistory(ctx.world_size, rank_options.log, ctx.cpu_group(),
+                                         training.step, run.history, run.val_history)
+    training.writes_checkpoints = ctx.rank == 0
 
 
 def _route_through_ddp(options: TrainOptions, ctx: RankContext) -> Callable[[], None]:

@@ -30,11 +30,13 @@ def save_checkpoint(path: str | os.PathLike, objects: TrainingObjects, *, step: 
     atomic_write(path, lambda f: torch.save(payload, f), binary=True, prefix=".amp_ckpt_")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """The checkpoint's contents. Only tensors and plain values are unpickled
-    (weights_only=True): a checkpoint from elsewhere cannot run code when loaded."""
+    (weights_only=True): a checkpoint from elsewhere cannot run code when loaded. `mmap`:
+    tensors are read from the file only when used (to read the rest cheaply)."""
     try:
-        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True,
+                             mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds objects other than tensors and plain values, which "
                          f"are not loaded (weights_only): {str(e).splitlines()[0]}") from None

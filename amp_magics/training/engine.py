@@ -180,8 +180,11 @@ class Training:
         # Several processes stop at one step boundary they agree on (distributed.py).
         self.stop_check: Callable[[int], bool] | None = None
         # Several processes: (history, val_history) merged over every rank, a collective
-        # that each rank calls at the same point, once all of them ended training together
+        # that each rank calls at the same point: at each checkpoint, and once all of them
+        # ended training together (the history is the merged one from then on: None after)
         self.merge_ranks: Callable[[list, list], tuple[list, list]] | None = None
+        # a rank other than 0 takes part in each checkpoint's merge without writing it
+        self.writes_checkpoints = True
         self.saved_at: int | None = None  # the step of the last checkpoint written
         # a forked rank leaves saying where the objects stand to the notebook process
         self.says_where_held = True
@@ -387,20 +390,25 @@ class Training:
     # -- checkpoints and the end --------------------------------------------------------
     def _save_checkpoint(self) -> None:
         self.books.drain()
-        epoch, batches, epoch_rng = self.position
-        save_checkpoint(self.options.checkpoint, self.objects, step=self.step, epoch=epoch,
-                        batches_in_epoch=batches, epoch_rng=epoch_rng,
-                        history=self.run.history, val_history=self.run.val_history)
+        history, val_history = self.run.history, self.run.val_history
+        if self.merge_ranks is not None:  # every rank is here, at this same step
+            history, val_history = self.merge_ranks(history, val_history)
+        if self.writes_checkpoints:
+            epoch, batches, epoch_rng = self.position
+            save_checkpoint(self.options.checkpoint, self.objects, step=self.step, epoch=epoch,
+                            batches_in_epoch=batches, epoch_rng=epoch_rng, history=history,
+                            val_history=val_history)
         self.saved_at = self.step
 
     def _adopt_merged_history(self) -> None:
         """Every rank ended training at the same step: from here on (the final checkpoint,
         the views' end) the history is the one merged over ranks. The views first get this
-        rank's own last records (a parent process merges those itself)."""
+        rank's own last records (a parent process merges those itself). A checkpoint
+        written at this step already holds the same merged history: it is not written again."""
         self.books.refresh(self.step)
         run = self.run
         run.history, run.val_history = self.merge_ranks(run.history, run.val_history)
-        self.saved_at = None  # a checkpoint at this step holds this rank's own: written again
+        self.merge_ranks = None  # merged: a final checkpoint takes it as it is
 
     def _abandon_step(self) -> bool:
         """Drop the step an error or an interrupt cut short; True when that came inside the

@@ -18,11 +18,12 @@ _ROUTING_CLASSES: dict[type, type] = {}
 
 
 class _Route:
-    __slots__ = ("wrapper", "inside")
+    __slots__ = ("wrapper", "inside", "before")
 
     def __init__(self, wrapper: Callable[..., Any]):
         self.wrapper = wrapper
         self.inside = False
+        self.before: Callable[[], None] | None = None
 
 
 def _routing_class(original: type) -> type:
@@ -34,6 +35,8 @@ def _routing_class(original: type) -> type:
                 return original.__call__(self, *args, **kwargs)
             route.inside = True
             try:
+                if route.before is not None:
+                    route.before()
                 return route.wrapper(*args, **kwargs)
             finally:
                 route.inside = False
@@ -49,6 +52,12 @@ def routed_to(model: torch.nn.Module) -> Callable[..., Any] | None:
     """The wrapper `model`'s calls go through now (DDP, a compiled module), or None."""
     route = model.__dict__.get(_ROUTE)
     return None if route is None else route.wrapper
+
+
+def before_each_call(model: torch.nn.Module, hook: Callable[[], None]) -> None:
+    """Call `hook()` as each call of the routed `model` begins, ahead of its wrapper (and of
+    any compiled code), until the routing is released."""
+    model.__dict__[_ROUTE].before = hook
 
 
 def route_through(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
