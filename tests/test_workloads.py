@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from IPython.core.error import UsageError
 
 import amp_magics
+from amp_magics.errors import AmpUsageError
 from recipes import assert_same_state, clipping, make_data, make_model
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
@@ -182,3 +183,27 @@ def test_checkpoint_path_checked_before_training(ip, tmp_path):
         ip.run(f"%%amp_train --steps 1 --checkpoint {tmp_path}\n{BODY}")
     assert_same_state(model.state_dict(), make_model().state_dict())
     assert math.isfinite(0.0)
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this checkpoint ran code",))
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_without_running_them(tmp_path, capsys):
+    ckpt = tmp_path / "hostile.pt"
+    net = make_model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]), model=net, optimizer=opt,
+                     data=make_data(), dtype="bf16", steps=2, progress=False,
+                     checkpoint=str(ckpt))
+    payload = torch.load(ckpt, weights_only=False)
+    payload["history"].append(_RunsCodeWhenUnpickled())
+    torch.save(payload, ckpt)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(AmpUsageError, match="holds objects other than tensors"):
+        amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]), model=net, optimizer=opt,
+                         data=make_data(), dtype="bf16", steps=4, resume=str(ckpt),
+                         progress=False)
+    assert "ran code" not in capsys.readouterr().out
+    assert_same_state(net.state_dict(), before)
