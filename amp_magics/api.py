@@ -124,19 +124,23 @@ def search(step_fn: Callable[..., Any], *, progress: bool = True,
     text) with Optuna: `trials` finished trials, each from the same starting state and trained
     as `--sweep` would with its values, pruned on the live curve, the study kept in
     `study_dir/<study>.journal` with `study=` (a re-run continues it). Returns a Search:
-    `.best_params`, `.best_run`, `.trials`, `.study`, `.to_pandas()`. One line per trial and a
-    summary are printed with `progress`. Ctrl-C ends the search after the current step (that
+    `.best_params`, `.best_run`, `.trials`, `.study`, `.to_pandas()`. With `progress`, how it
+    searches (sampler, pruner, startup trials, warm-up) is printed first, then one line per
+    trial and a summary. Ctrl-C ends the search after the current step (that
     trial FAIL, tried again first on resume); in a script the KeyboardInterrupt then goes on
     with the Search as its `.search`. The remaining keywords are `amp_magics.train`'s.
     """
     __tracebackhide__ = True
     from .tuning.plan import SearchPlan
-    from .tuning.search import search as run_search
+    from .tuning.search import prepare_search
 
     plan, options = split_keywords("search", keywords, SearchPlan, TrainOptions)
     plan, options = SearchPlan(**plan), TrainOptions(**options)
     report = (lambda found, trial: print(trial.line(), flush=True)) if progress else None
-    found = run_search(step_fn, options, plan, list(observers), report)
+    searching = prepare_search(step_fn, options, plan, list(observers), report)
+    if progress:  # how it searches (sampler, pruner, warm-up), before the first trial
+        print("\n".join(searching.result.header()), flush=True)
+    found = searching.execute()
     if progress:
         print(found.lines()[-1])
     if found.status == "interrupted":

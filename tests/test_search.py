@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -70,6 +71,34 @@ def test_a_diverging_lr_is_pruned_with_its_reason_not_failed():
     assert trial.state == "PRUNED" and found.status == "finished"
     assert re.search(r"loss is (nan|inf)", trial.reason), trial.reason
     assert "pruned by the search" in trial.run.notes[-1]
+
+
+def test_a_diverging_lr_under_fp16_is_pruned_though_the_scaler_skips_its_steps(tmp_path):
+    """fp16: a NaN loss makes every step skipped; MAX_NONFINITE_IN_A_ROW of them in a row (the
+    learning-rate finder's rule) is divergence, and no value from before it is the objective."""
+    from amp_magics.tuning.findings import MAX_NONFINITE_IN_A_ROW
+
+    model, opt, data = objects()
+    kept = dict(space={"lr": [1e4]}, trials=1, dtype="fp16", study="s", study_dir=str(tmp_path))
+    found = run_search(model, opt, data, **kept)
+    (trial,) = found.trials
+    assert trial.state == "PRUNED" and found.status == "finished" and found.best is None
+    assert re.search(rf"loss is nan for {MAX_NONFINITE_IN_A_ROW} steps in a row", trial.reason)
+    assert trial.value is None and trial.steps == 1 + MAX_NONFINITE_IN_A_ROW
+    skipped = {r["step"] for r in trial.run.history if r["skipped"]}
+    assert skipped and not skipped & {step for step, _ in trial.reports}
+    (resumed,) = run_search(model, opt, data, **kept).trials  # read back from the journal
+    assert resumed.state == "PRUNED" and resumed.value is None
+
+
+def test_a_trial_ending_in_non_finite_skipped_steps_is_not_scored_by_earlier_ones():
+    model, opt, _ = objects()
+    data = make_data(n=8, overflow_at=(6, 7))  # fp16: the last two losses are NaN, skipped
+    found = run_search(model, opt, data, space={"lr": [0.05]}, trials=1, dtype="fp16",
+                       epochs=1, prune="none")
+    (trial,) = found.trials
+    assert trial.state == "PRUNED" and trial.value is None and found.best is None
+    assert "last 2 steps" in trial.reason
 
 
 def test_a_seeded_search_repeats_and_the_model_ends_where_it_started():
@@ -214,7 +243,6 @@ def test_bad_specs_name_the_part_that_is_wrong(nb, spec, message):
     ("--trials 3", "--trials goes with --search"),
     ("--keep best", "--keep goes with --sweep or --search"),
     ('--search "lr=0.1" --sweep "lr=0.2"', "cannot be combined with --search"),
-    ('--search "lr=0.1" --background', "cannot be combined with --background"),
     ('--search "lr=0.1" --objective acc', "add --log acc"),
     ('--search "lr=0.1" --study "no good"', "a name of letters"),
 ])
@@ -239,3 +267,153 @@ def test_the_magic_keeps_the_study_lists_it_and_draws_the_trials(nb, tmp_path):
     assert {str(t.params) for t in more.trials[3:]}.isdisjoint(
         {str(t.params) for t in found.trials})  # the resumed sampler never replays
 
+
+
+def test_the_trials_make_a_table_and_one_number_is_a_choice_of_one():
+    model, opt, data = objects()
+    found = run_search(model, opt, data, space={"lr": 0.05, "momentum": [0, 0.9]}, trials=2,
+                       sampler="grid", epochs=1)
+    frame = found.trials.to_pandas()
+    assert list(frame["lr"]) == [0.05, 0.05] and sorted(frame["momentum"]) == [0, 0.9]
+    assert list(frame.columns[:2]) == ["trial", "lr"] and set(frame["state"]) == {"COMPLETE"}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": None}, r"lr=None: give a range as text"),
+    ({"lr": {"low": 1}}, r"give a range as text, e.g. \"log\(1e-4,1e-1\)\", a list"),
+    (["lr"], r"takes a text or a dict, got list"),
+])
+def test_a_python_space_of_the_wrong_kind_is_refused_clearly(space, message):
+    model, opt, data = objects()
+    with pytest.raises(AmpUsageError, match=message):
+        run_search(model, opt, data, space=space)
+
+
+def test_the_setup_says_how_each_pruner_waits_and_what_val_makes_of_report_every():
+    model, opt, data = objects()
+    band = run_search(model, opt, data, space={"lr": [0.05]}, trials=1, epochs=1,
+                      prune="hyperband")
+    assert "after 5 trials" not in band.setup and "successive halving from" in band.setup
+    val = run_search(model, opt, data, space={"lr": [0.05]}, trials=1, epochs=1,
+                     val=make_data(n=2, seed=7), report_every=3)
+    assert "at each epoch end (with --val; --report-every 3 sets only the warm-up)" in val.setup
+    assert "6 warm-up steps" in val.setup
+
+
+def test_the_api_says_how_it_searches_before_the_first_trial(capsys):
+    model, opt, data = objects()
+    run_search(model, opt, data, space="lr=0.01,0.1", trials=2, sampler="grid", progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("search: smoothed train loss, minimized; grid sampler, seeded 0")
+    assert "median pruner" in lines[0] and "5 trials" in lines[0]
+    assert [ln.split(" lr=")[0] for ln in lines[1:3]] == ["trial 0", "trial 1"]
+    assert lines[-1].startswith("trial 2 of 2")
+
+
+def test_objective_with_val_is_refused_saying_why(nb):
+    nb.user_ns["val_loader"] = make_data(n=2, seed=7)
+    with pytest.raises(UsageError, match="the validation pass computes only the loss"):
+        nb.run('%%amp_train --val val_loader --log acc --search "lr=0.1" --objective acc\n'
+               "x, y = batch\nacc = (model(x).argmax(1) == y).float().mean()\n"
+               "loss = F.cross_entropy(model(x), y)")
+
+
+SLOW_BODY = "time.sleep(0.002)\n" + BODY  # long enough to be caught mid-trial
+
+
+def wait_for(condition, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_a_background_search_leaves_the_notebook_usable_and_stop_ends_it_as_interrupted(
+        nb, capsys, tmp_path):
+    nb.user_ns["time"] = time
+    model = nb.user_ns["model"]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    line = '--dtype bf16 --seed 3 --search "lr=log(1e-3,1e-1)" --study bg'
+    assert nb.run(f"%%amp_train {line} --epochs 1000 --trials 5 --background -o found\n"
+                  f"{SLOW_BODY}") is None  # the cell returns at once; -o has the Search
+    found = nb.user_ns["found"]
+    assert found.status == "running" and "median pruner" in capsys.readouterr().out
+    wait_for(lambda: found.trials and found.trials[-1].run is not None
+             and len(found.trials[-1].run.history) >= 3)
+    assert nb.run("1 + 1") == 2  # the notebook goes on meanwhile
+    with pytest.raises(UsageError, match="being trained by") as refused:
+        nb.run(f"%%amp_train --dtype bf16 --steps 2\n{BODY}")  # the search owns the model
+    trial_name = found.trials[-1].run.name
+    assert trial_name in str(refused.value)
+    nb.run(f"%amp_stop {trial_name}")  # the name the refusal gave reaches the search
+    assert f"{found.name}: interrupted after 0 finished trials" in capsys.readouterr().out
+    (trial,) = found.trials
+    assert found.status == "interrupted" and trial.state == "FAIL"
+    assert "interrupted" in trial.reason and 3 <= trial.steps < 8000
+    assert {t.state.name for t in found.study.get_trials(deepcopy=False)} == {"FAIL"}
+    assert_same_state(model.state_dict(), start)  # --keep start, and the model is free again
+    nb.run(f"%%amp_train {line} --epochs 1 --trials 1 -o again\n{BODY}")
+    assert nb.user_ns["again"].trials[-1].params == trial.params  # tried again first
+
+
+def test_a_background_search_draws_its_trials_and_the_running_trials_dashboard(
+        nb, monkeypatch):
+    from amp_magics.views import dashboard
+
+    shown, panels, published = [], [], []
+    monkeypatch.setattr(dashboard.LiveHtml, "update",
+                        lambda self, html: panels.append(html))
+    show = dashboard.Dashboard.show
+    monkeypatch.setattr(dashboard.Dashboard, "show",
+                        lambda self, run=None: (shown.append((self, run)), show(self, run)))
+    monkeypatch.setattr(nb.display_pub, "publish",
+                        lambda data, *args, **kwargs: published.append(data))
+    magics = nb.magics_manager.registry["AmpMagics"]
+    magics.view = "dashboard"
+    try:
+        nb.run('%%amp_train --dtype bf16 --seed 3 --search "lr=0.01,0.1" --sampler grid '
+               f"--trials 2 --background -o found\n{BODY}")
+        in_the_cell = len(published)  # displayed from the cell's thread, never the search's
+        nb.run("%amp_wait")
+    finally:
+        magics.view = "text"
+    found = nb.user_ns["found"]
+    assert found.status == "finished" and len(found.finished) == 2
+    ((view, run),) = shown
+    assert run is None and view.stoppable and view.on_stop == found.request_stop
+    assert in_the_cell == 2 and all(
+        "application/vnd.jupyter.widget-view+json" in d for d in published[:2])
+    assert [p.split(" · ")[0].rsplit(">", 1)[-1] for p in panels] == [
+        "trial 1 of 2", "trial 2 of 2"]  # redrawn once per trial, not per step
+    final = [d["text/html"] for d in published[2:] if 'class="amp-search"' in d["text/html"]]
+    assert final and 'img class="amp-chart"' in final[-1] and "<svg" not in final[-1]
+    assert any('class="amp-dashboard"' in d["text/html"] for d in published[2:])
+
+
+def prepared(model, opt, data, views=(), on_trial=None):
+    from amp_magics.training.options import TrainOptions, split_keywords
+    from amp_magics.tuning.plan import SearchPlan
+    from amp_magics.tuning.search import prepare_search
+
+    plan, options = split_keywords("search", dict(
+        model=model, optimizer=opt, data=data, dtype="bf16", space="lr=0.01,0.1",
+        sampler="grid", trials=2), SearchPlan, TrainOptions)
+    return prepare_search(step_of(model), TrainOptions(**options), SearchPlan(**plan), views,
+                          on_trial)
+
+
+def test_a_stop_as_a_trial_starts_or_between_two_ends_the_search_with_nothing_running():
+    class StopAtStart(amp_magics.View):  # runs before the trial's own watch sees the run
+        def on_start(self, run):
+            searching.result.request_stop()
+
+    model, opt, data = objects()
+    searching = prepared(model, opt, data, [StopAtStart()])
+    found = searching.execute()
+    (trial,) = found.trials
+    assert found.status == "interrupted" and trial.state == "FAIL" and trial.steps == 0
+    assert "interrupted" in trial.reason
+    found = prepared(model, opt, data, on_trial=lambda f, t: f.request_stop()).execute()
+    assert [t.state for t in found.trials] == ["COMPLETE"]
+    assert (found.status, found.stop_reason) == ("interrupted", "stopped between trials")
+    assert "RUNNING" not in {t.state.name for t in found.study.get_trials(deepcopy=False)}

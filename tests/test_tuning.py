@@ -223,3 +223,36 @@ def test_a_sweep_says_where_it_stands_after_each_setting(nb, capsys):
     assert "ETA" in lines[0] and "ETA" not in lines[-1]
     best = nb.user_ns["sw"].settings[nb.user_ns["sw"].best]
     assert f"(lr={best['lr']:g})" in lines[-1]
+
+
+def test_a_sweep_shows_the_searchs_trials_panel_live_and_in_its_snapshot(nb, monkeypatch):
+    import base64
+
+    from amp_magics.views import dashboard
+
+    panels, published = [], []
+    monkeypatch.setattr(dashboard.LiveHtml, "update", lambda self, html: panels.append(html))
+    monkeypatch.setattr(nb.display_pub, "publish",
+                        lambda data, *args, **kwargs: published.append(data))
+    magics = nb.magics_manager.registry["AmpMagics"]
+    magics.view = "dashboard"
+    try:
+        nb.run('%%amp_train --dtype fp32 --val val_loader --sweep "lr=0.001,0.3" -o sw\n' + BODY)
+    finally:
+        magics.view = "text"
+    sweep = nb.user_ns["sw"]
+    best = sweep.best
+    # live: after each setting, the panel a search shows (curves, progress, table)
+    assert len(panels) == 2 and all('class="amp-search"' in p for p in panels)
+    assert "setting 1 of 2" in panels[0] and "setting 2 of 2" in panels[1]
+    assert "<svg" in panels[1] and "every setting (highlighted: the best)" in panels[1]
+    # the snapshot left in the saved notebook: the same panel, its chart an image
+    kept = [d["text/html"] for d in published if 'class="amp-search"' in d.get("text/html", "")]
+    assert kept and "<svg" not in kept[-1] and "setting 2 of 2" in kept[-1]
+    (chart,) = re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', kept[-1])
+    svg = base64.b64decode(chart).decode()
+    curves = re.findall(r'class="series" data-series="([^"]+)"', svg)
+    assert sorted(curves) == sorted([f"setting {best} (best)", f"setting {1 - best}"])
+    assert "Trials: validation loss" in svg
+    assert sweep.trial_records()[best].reports == [
+        (v["step"], v["val_loss"]) for v in sweep.runs[best].val_history]

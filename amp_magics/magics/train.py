@@ -42,13 +42,16 @@ def _flag(name: str, default: Any = None, kind: type = str, **how: Any) -> Optio
 MAGIC_FLAGS = [
     _flag("output", short="-o", help="store the Run in this notebook variable", group=DISPLAY,
           metavar="NAME",
-          doc="store the `Run` (or the `Sweep` / showdown) in the notebook variable NAME"),
+          doc="store the `Run` (or the `Sweep`, `Search`, showdown or finding) in the "
+              "notebook variable NAME"),
     _flag("no_plot", False, bool, help="one-line text progress instead of plots", group=DISPLAY,
           doc="a one-line text progress instead of the dashboard"),
     _flag("background", False, bool, group=DISPLAY,
           help="train in a background thread; the cell returns at once (stop: %amp_stop)",
           doc="train in a thread; the cell returns the `Run` at once and other cells run "
-              "meanwhile"),
+              "meanwhile. With `--search`, the whole search (`-o` gets the `Search`; Stop or "
+              "`%amp_stop` ends it after the current step, that trial counted as "
+              "interrupted)"),
     _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0,1"',
           group=DIAGNOSIS, metavar="SPEC",
           doc='one run per setting, all from the same starting state: `"lr=1e-4,3e-4,1e-3"`, '
@@ -207,7 +210,8 @@ class AmpMagics(Magics):
             with usage_errors():
                 if args.sweep:
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
-                    panel = _SweepProgress(view, len(settings))
+                    panel = _TrialsPanel(view, f"<p>setting 0 of {len(settings)}: the first "
+                                               "is training...</p>")
                     result = sweep.sweep(step, settings, options, self._with_runs_file([view]),
                                          keep_best=getattr(args, "keep", "start") == "best",
                                          on_run=panel)
@@ -216,8 +220,8 @@ class AmpMagics(Magics):
                     result = showdown.showdown(step, precisions, options,
                                                self._with_runs_file([view]))
         finally:
-            if panel is not None:
-                panel.close()
+            if panel is not None:  # its table is the cell's result: the chart stays above
+                panel.close(keep=True, table=False)
             view.finish()
         if args.output:
             self.shell.user_ns[args.output] = result
@@ -271,31 +275,72 @@ class AmpMagics(Magics):
 
     def _search(self, args, step, options):
         """--search: trials drawn as they train, a trials panel above; the model ends as
-        --keep says."""
+        --keep says. With --background the trials train in a thread and the cell returns."""
         __tracebackhide__ = True
         import dataclasses
 
-        from ..tuning.search import search
+        from ..tuning.search import prepare_search
         from ..views.reporter import ConsoleReporter
 
         plan = SearchPlan(**{s.name: getattr(args, s.name) for s in option_specs(SearchPlan)
                              if hasattr(args, s.name)}, study_dir=self.study_dir)
         view = self._view(args, options.model, several=True)
         text = isinstance(view, ConsoleReporter)
-        panel = None if text else _LivePanel("<p>search: the first trial is training...</p>")
         options = dataclasses.replace(options, name=options.name or plan.study or "search")
-        try:
-            with usage_errors():
-                found = search(step, options, plan, self._with_runs_file([] if text else [view]),
-                               _print_trial if text else panel)
-        finally:
-            if panel is not None:
-                panel.close()
-                view.finish()
-        registry.add_finding(found)
+        panel = _TrialsPanel(view)
+        with usage_errors():  # from here on the search owns the model
+            searching = prepare_search(step, options, plan,
+                                       self._with_runs_file([] if text else [view]), panel)
+        found = searching.result
         if args.output:
             self.shell.user_ns[args.output] = found
+        if args.background:
+            return self._start_background_search(searching, view, panel)
+        try:
+            panel.start(found)
+            with usage_errors():
+                searching.execute()
+        finally:
+            searching.release()  # done by execute(), unless what came before it failed
+            panel.close()  # the result below shows the trials
+            if not text:
+                view.finish()
+        registry.add_finding(found)
         return found
+
+    def _start_background_search(self, searching, view, panel) -> None:
+        """The search's trials in a thread; its live views are put on screen from here (the
+        cell's thread) first, and %amp_stop, %amp_wait and Stop reach it by its name."""
+        found = searching.result
+        try:
+            panel.start(found, background=True)
+            if not panel.text:
+                view.stoppable, view.on_stop = True, found.request_stop
+                view.show()
+            thread = threading.Thread(target=self._search_quietly,
+                                      args=(searching, view, panel),
+                                      name=f"amp_train {found.name}", daemon=True)
+            registry.add_background(found, thread)
+            registry.add_finding(found)
+            thread.start()
+        except BaseException:
+            registry.drop_background(found)
+            searching.release()
+            raise
+
+    def _search_quietly(self, searching, view, panel):
+        # The trial's dashboard and the panel show a failure; a thread has nowhere to raise.
+        try:
+            searching.execute()
+        except BaseException:
+            pass
+        finally:
+            registry.drop_background(searching.result)
+            panel.close(keep=True)  # nothing else will show the trials: it stays, static
+            if panel.text:
+                print(searching.result.lines()[-1], flush=True)
+            else:
+                view.finish()
 
     def _train_quietly(self, training, step):
         # The view shows a failure; the exception has nowhere better to go from a thread.
@@ -334,7 +379,7 @@ class AmpMagics(Magics):
         for run, thread in targets:
             thread.join(args.wait)
             state = run.status if not thread.is_alive() else "still finishing its step"
-            print(f"{run.name}: {state} after {len(run.history)} steps")
+            print(f"{run.name}: {state} after {_how_far(run)}")
 
     # -- %amp_wait --------------------------------------------------------------------
     @magic_arguments()
@@ -355,22 +400,24 @@ class AmpMagics(Magics):
             print("stopped waiting; the run goes on (stop it with %amp_stop)")
         for run, thread in targets:
             state = run.status if not thread.is_alive() else "still running"
-            print(f"{run.name}: {state} after {len(run.history)} steps")
+            print(f"{run.name}: {state} after {_how_far(run)}")
         if not targets and args.name is None:
             print("no background run is running")
 
     def _background_runs(self, name):
-        """(run, thread) of the background runs called `name` (all when None) still going.
+        """(run, thread) of the background runs (or searches) called `name` (all when None)
+        still going; a search is found by a trial's name too (refusals name the trial).
 
         A finished run of that name is reported, not an error; an unknown name is."""
         going = registry.background_runs()
-        targets = [(r, t) for r, t in going if name in (None, r.name)]
+        targets = [(r, t) for r, t in going if name is None or name in _names(r)]
         if name is not None and not targets:
-            done = [r for r in registry.runs() if r.name == name]
+            done = [r for r in [*registry.runs(), *registry.findings()]
+                    if getattr(r, "name", None) == name]
             if not done:
                 running = ", ".join(r.name for r, _ in going) or "none"
                 raise UsageError(f"no run named {name!r} (background runs going: {running})")
-            print(f"{name}: already {done[-1].status} after {len(done[-1].history)} steps")
+            print(f"{name}: already {done[-1].status} after {_how_far(done[-1])}")
         return targets
 
     # -- %amp_runs --------------------------------------------------------------------
@@ -415,8 +462,9 @@ class AmpMagics(Magics):
 
 
 def _check_modes(args) -> None:
-    """--sweep, --compare, --find-lr and --find-batch-size: one at a time (--compare may
-    go with --find-batch-size: an answer per precision), in the foreground, in one process."""
+    """--sweep, --compare, --find-lr, --find-batch-size and --search: one at a time
+    (--compare may go with --find-batch-size: an answer per precision), in one process, in
+    the foreground (a search may run in the background)."""
     finds_batch_size = args.find_batch_size is not None
     if args.max_memory is not None and not finds_batch_size:
         raise UsageError("--max-memory goes with --find-batch-size: add it, or drop --max-memory")
@@ -434,7 +482,7 @@ def _check_modes(args) -> None:
                                       ("--find-lr", args.find_lr), ("--search", searches)) if given]
     if not modes:
         return
-    conflicts = [flag for flag, given in (("--background", args.background),
+    conflicts = [flag for flag, given in (("--background", args.background and not searches),
                  ("--checkpoint", getattr(args, "checkpoint", None)),
                  ("--resume", getattr(args, "resume", None)),
                  ("--nproc", getattr(args, "nproc", 1) != 1)) if given]
@@ -443,6 +491,20 @@ def _check_modes(args) -> None:
         raise UsageError(f"{modes[0]} cannot be combined with {', '.join(conflicts)}")
     if args.compare and not finds_batch_size and getattr(args, "steps", None) is None:
         raise UsageError("--compare needs --steps N, e.g. --steps 50")
+
+
+def _names(job) -> set:
+    """A background run's name; a search's, and its trials' runs'."""
+    if hasattr(job, "history"):
+        return {job.name}
+    return {job.name} | {t.run.name for t in list(job.trials) if t.run is not None}
+
+
+def _how_far(job) -> str:
+    """ "12 steps"; a search: "3 finished trials" """
+    if hasattr(job, "history"):
+        return f"{len(job.history)} steps"
+    return f"{len(job.finished)} finished trial{'s' * (len(job.finished) != 1)}"
 
 
 def _count(text: str, flag: str) -> int:
@@ -456,30 +518,22 @@ def _count(text: str, flag: str) -> int:
 
 
 def _print_trial(finding, trial) -> None:
-    """A finder's or a search's trial, in a line (the terminal's form)."""
-    if hasattr(trial, "line"):
-        print(trial.line(), flush=True)
-        return
+    """A batch-size finder's trial, in a line (the terminal's form)."""
     peak = f", peak {format_bytes(trial.peak)}" if trial.peak is not None else ""
     print(f"batch {trial.batch_size}: {trial.result}{peak}", flush=True)
 
 
 class _LivePanel:
-    """A finder's or a search's results so far, a live HTML panel in the cell, redrawn after
+    """The batch-size finder's trials so far, a live HTML panel in the cell, redrawn after
     each trial (in the notebook's thread: trials run in the foreground)."""
 
-    def __init__(self, first: str | None = None):
+    def __init__(self):
         self.live = None
-        if first is not None:  # shown at once, above what the trials draw
-            from ..views.dashboard import LiveHtml
-
-            self.live = LiveHtml(first)
 
     def __call__(self, found, trial) -> None:
         from ..views.finder import batch_finding_html
-        from ..views.trials import search_html
 
-        html = (search_html if found.kind == "search" else batch_finding_html)(found, live=True)
+        html = batch_finding_html(found, live=True)
         if self.live is None:
             from ..views.dashboard import LiveHtml
 
@@ -492,29 +546,63 @@ class _LivePanel:
             self.live.close()
 
 
-class _SweepProgress:
-    """A sweep's "setting 2 of 6 · best ... · ETA" and its table so far: a line after each
-    setting in the terminal, a live panel above the dashboard in a notebook."""
+class _TrialsPanel:
+    """A sweep's or a search's trials so far, as views/trials.py draws them (one curve per
+    trial, progress, table): a live panel above the running trial's dashboard, redrawn after
+    each trial; a line per trial in a terminal (a sweep: its progress line)."""
 
-    def __init__(self, view, total: int):
+    def __init__(self, view, first: str | None = None):
         from ..views.reporter import ConsoleReporter
 
         self.text = isinstance(view, ConsoleReporter)
-        self.panel = None if self.text else _LivePanel(
-            f"<p>setting 0 of {total}: the first is training...</p>")
+        self.found = None
+        self.live = None if self.text or first is None else _live_html(first)
 
-    def __call__(self, found) -> None:
+    def start(self, found, background: bool = False) -> None:
+        """A search, before its first trial: how it searches, and how to stop it."""
+        self.found = found
+        stop = (f"%amp_stop {found.name} (or Stop) ends it after the current step, that trial "
+                "counted as interrupted; %amp_wait waits for it" if background else "")
         if self.text:
-            print(found.progress(), flush=True)
+            print("\n".join(found.header() + ([f"in the background: {stop}"] if stop else [])),
+                  flush=True)
+            return
+        from ..formatting import escape
+        from ..views.trials import trials_html
+
+        note = f'<p style="opacity:.75">in the background: {escape(stop)}</p>' if stop else ""
+        self.live = _live_html(note + trials_html(found, live=True))
+
+    def __call__(self, found, trial=None) -> None:
+        self.found = found
+        if self.text:
+            if trial is not None:
+                print(trial.line(), flush=True)
+            else:  # a sweep's setting
+                ended = "" if found.status == "running" else f" · {found.status}"
+                print(found.progress() + ended, flush=True)
+            return
+        from ..views.trials import trials_html
+
+        self.live.update(trials_html(found, live=True))
+
+    def close(self, keep: bool = False, table: bool = True) -> None:
+        """Removed (the cell's result shows the trials), or with `keep` left as a static
+        snapshot, charts as images: a saved notebook keeps it."""
+        if self.live is None:
+            return
+        if keep and self.found is not None:
+            from ..views.trials import trials_html
+
+            self.live.close(trials_html(self.found, table=table), self.found.progress())
         else:
-            from ..formatting import escape
+            self.live.close()
 
-            self.panel.live.update(f"<p><b>{escape(found.progress())}</b></p>"
-                                   + found._repr_html_())
 
-    def close(self) -> None:
-        if self.panel is not None:
-            self.panel.close()
+def _live_html(html: str) -> Any:
+    from ..views.dashboard import LiveHtml
+
+    return LiveHtml(html)
 
 
 def _lr_range(text: str) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """The runs of this process, by name: `runs()`, and the background runs still training.
 
 A Run is plain data (run.py); this registry is what a kernel knows of them: each run under a
-unique name, and which runs train in a background thread now (for `%amp_stop`, `%amp_wait`
-and unloading the extension).
+unique name, and which runs (or searches: each has a name, `request_stop()` and `status`)
+train in a background thread now (for `%amp_stop`, `%amp_wait` and unloading the extension).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def findings() -> list:
 
 
 # -- background runs ----------------------------------------------------------------------------
-_BACKGROUND: dict = {}  # Run -> the Thread training it
+_BACKGROUND: dict = {}  # Run (or Search) -> the Thread training it
 
 
 def add_background(run: "Run", thread: threading.Thread) -> None:
@@ -142,7 +142,7 @@ def drop_background(run: "Run") -> None:
 
 
 def background_runs() -> list[tuple["Run", threading.Thread]]:
-    """(run, thread) of every run training in a background thread now."""
+    """(run, thread) of every run (or search) training in a background thread now."""
     with _RUNS_LOCK:
         return list(_BACKGROUND.items())
 

@@ -272,11 +272,11 @@ class TrialRecord:
     number: int
     params: dict
     state: str  # COMPLETE, PRUNED, FAIL (or RUNNING while it trains)
-    value: float | None = None  # the objective
+    value: float | None = None  # the objective (None for a trial that diverged)
     steps: int = 0
     reason: str = ""  # why it was pruned or failed
     reports: list = field(default_factory=list)  # (step, value) reported for pruning
-    run: Any = field(default=None, repr=False)
+    run: Any = field(default=None, repr=False)  # set as soon as its run starts
 
     def label(self) -> str:
         return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -287,8 +287,24 @@ class TrialRecord:
         reason = f" ({self.reason})" if self.reason else ""
         return f"trial {self.number} {self.label()}: {self.state}{value} after {self.steps} steps{reason}"
 
+    def row(self) -> dict:
+        return {"trial": self.number, **self.params, "state": self.state,
+                "objective": self.value, "steps": self.steps, "reason": self.reason}
 
-@dataclass
+
+class Trials(list):
+    """A search's trials, oldest first: a list of TrialRecord with `.to_pandas()`."""
+
+    def rows(self) -> list[dict]:
+        return [t.row() for t in self]
+
+    def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+
+@dataclass(eq=False)  # one search is one object: a key of the background registry
 class Search:
     """What a search (`--search`) found: its trials, the best, and the Optuna study (in its
     journal file with --study: `optuna.load_study` reads it, and so does optuna-dashboard)."""
@@ -296,14 +312,31 @@ class Search:
     objective: str  # what was optimised, in words
     direction: str  # "minimize" or "maximize"
     target: int  # trials to finish (COMPLETE or PRUNED)
-    trials: list[TrialRecord] = field(default_factory=list)
+    trials: Trials = field(default_factory=Trials)
     status: str = "running"
     stop_reason: str = ""
     setup: str = ""  # sampler, pruner and their settings, in words
     journal: str | None = None  # the study's file, with --study
     study: Any = field(default=None, repr=False)
+    name: str = "search"  # its trials' runs are NAME[key=value ...]
+    stop_requested: bool = False
 
     kind = "search"
+
+    def __post_init__(self) -> None:
+        self.trials = Trials(self.trials)
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    def request_stop(self) -> None:
+        """End the search after the current optimizer step (thread-safe: Stop, %amp_stop):
+        that trial FAIL, "interrupted", tried again first on resume."""
+        self.stop_requested = True  # a trial starting now sees it (search.TrialWatch)
+        running = [t.run for t in list(self.trials) if t.state == "RUNNING"]
+        if running and running[-1] is not None:
+            running[-1].request_stop()
 
     @property
     def finished(self) -> list[TrialRecord]:
@@ -344,19 +377,21 @@ class Search:
                 f"{self.answer}{eta}")
 
     def rows(self) -> list[dict]:
-        return [{"trial": t.number, **t.params, "state": t.state, "objective": t.value,
-                 "steps": t.steps, "reason": t.reason} for t in self.trials]
+        return self.trials.rows()
 
     def to_pandas(self) -> Any:  # a pandas.DataFrame; pandas is an optional dependency
-        import pandas as pd
+        return self.trials.to_pandas()
 
-        return pd.DataFrame(self.rows())
-
-    def lines(self) -> list[str]:
+    def header(self) -> list[str]:
+        """What it optimises and how (sampler, pruner, warm-up), and where the study is kept:
+        printed before the first trial."""
         out = [f"search: {self.objective}, {self.direction}d; {self.setup}"]
         if self.journal:
             out.append(f"study kept in {self.journal}")
-        out += [f"  {t.line()}" for t in self.trials]
+        return out
+
+    def lines(self) -> list[str]:
+        out = self.header() + [f"  {t.line()}" for t in self.trials]
         out.append(f"{self.progress()}; {self.status}"
                    + (f": {self.stop_reason}" if self.stop_reason else ""))
         return out

@@ -38,7 +38,9 @@ class SearchPlan:
         "median", help="with --search: how hopeless trials are stopped (default median)",
         group=DIAGNOSIS, choices=PRUNERS,
         doc="with `--search`: the pruner, patient (a trial is stopped after 2 hopeless "
-            "reports in a row), after 5 trials and a warm-up of 2 reports (default median)")
+            "reports in a row); median and percentile prune after 5 trials and a warm-up of 2 "
+            "reports, hyperband halves from 2 reports' steps with no startup trials (default "
+            "median)")
     direction: str = option(
         "minimize", help="with --search: minimize (default) or maximize the objective",
         group=DIAGNOSIS, choices=("minimize", "maximize"),
@@ -48,12 +50,14 @@ class SearchPlan:
         group=DIAGNOSIS, metavar="NAME",
         doc="with `--search`: a `--log` name to optimise, smoothed, e.g. `acc` with "
             "`--direction maximize` (default: the validation loss with `--val`, else the "
-            "smoothed train loss)")
+            "smoothed train loss). Not with `--val`: the validation pass computes only the "
+            "loss")
     report_every: Optional[int] = option(
         None, help="with --search: optimizer steps between reports to the pruner (default a "
                    "tenth of a trial)", group=DIAGNOSIS, metavar="N",
         doc="with `--search`: optimizer steps between reports to the pruner, never from a "
-            "skipped step (default: a tenth of a trial; with `--val`, each epoch end)")
+            "skipped step (default: a tenth of a trial). With `--val` the reports are the "
+            "validation losses at epoch ends and N sets only the warm-up (2 N steps)")
     study: Optional[str] = option(
         None, help="with --search: keep the study in STUDY_DIR/NAME.journal; a re-run "
                    "continues it", group=DIAGNOSIS, metavar="NAME",
@@ -67,4 +71,5 @@ class SearchPlan:
         "start", help="after --sweep or --search: restore the start (default) or keep the "
                       "best run's weights", group=DIAGNOSIS, choices=("start", "best"),
         doc="after a sweep or a search, restore the starting state (default) or keep the best "
-            "run's weights (best by val loss with `--val`, else final train loss)")
+            "run's weights (a search's best by its objective; a sweep's by val loss with "
+            "`--val`, else final train loss)")

@@ -6,12 +6,15 @@ same values would (tuning/sweep.train_setting). Its objective is the validation 
 epoch end with `val`, else the smoothed train loss (or the smoothed `--log` scalar named by
 `objective`). Intermediate values go to the pruner every `report_every` optimizer steps (or at
 epoch ends with `val`), never from a step the loss scaler skipped; a non-finite loss prunes the
-trial with that reason. Ctrl-C, Stop or an exception end the current trial as FAIL with its
-reason, never RUNNING; a study resumed from its journal marks trials a dead kernel left RUNNING
-as failed, and tries the values of failed trials again first.
+trial with that reason (under fp16, MAX_NONFINITE_IN_A_ROW skipped steps in a row, as the
+learning-rate finder reads them), and a diverged trial has no objective. Ctrl-C, Stop or an
+exception end the current trial as FAIL with its reason, never RUNNING; a study resumed from
+its journal marks trials a dead kernel left RUNNING as failed, and tries the values of failed
+trials again first.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -25,7 +28,7 @@ from ..training.objects import Loan, TrainingObjects
 from ..training.options import TrainOptions
 from ..training.registry import unique_group
 from ..training.view import View
-from .findings import SMOOTHING, Search, TrialRecord
+from .findings import MAX_NONFINITE_IN_A_ROW, SMOOTHING, Search, TrialRecord, Trials
 from .hyperparameters import check_engine_values
 from .plan import PRUNERS, SAMPLERS, SearchPlan
 from .space import Dimension, parse_space
@@ -68,8 +71,11 @@ def check_search_options(options: TrainOptions, plan: SearchPlan) -> None:
         raise AmpUsageError(f"--objective {plan.objective} is a scalar the body records: add "
                             f"--log {plan.objective}")
     if plan.objective is not None and options.val is not None:
-        raise AmpUsageError("--objective and --val: the objective is the validation loss with "
-                            "--val; drop one of them")
+        raise AmpUsageError(
+            f"--objective {plan.objective} and --val: the validation pass computes only the "
+            "loss (the body's --log values are not kept there), so with --val the objective "
+            f"is the validation loss; drop --objective for it, or drop --val to optimise the "
+            f"smoothed train {plan.objective}")
 
 
 def require_optuna() -> Any:
@@ -86,6 +92,16 @@ def search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan, views: Sequ
     """Ask, train, tell until `plan.trials` trials finished (complete or pruned); the model
     ends in its starting state, or with `keep_best` in the best trial's."""
     __tracebackhide__ = True
+    return prepare_search(step_fn, options, plan, views, on_trial).execute()
+
+
+def prepare_search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan,
+                   views: Sequence[View] = (),
+                   on_trial: Callable[[Search, TrialRecord], None] | None = None) -> Searching:
+    """Check everything, own the model and open the study, without training yet: `.execute()`
+    runs the trials (in this thread or a background one) and lets the model go. Bad input
+    raises AmpUsageError, and `ownership.Owned` when a run trains the model, before anything
+    changes."""
     optuna = require_optuna()
     space = parse_space(plan.space, options.optimizers)
     checked_plan(plan, space)
@@ -93,54 +109,90 @@ def search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan, views: Sequ
     check_engine_values("--search", options, {
         key: d.choices if d.kind == "choice" else (d.low, d.high) for key, d in space.items()})
     every = plan.report_every or _a_tenth_of_a_trial(options)
-    study, journal = _study(optuna, plan, space, options, every)
-    result = Search(_objective_words(plan, options), plan.direction, plan.trials,
-                    journal=journal, study=study)
-    result.trials = _recover(optuna, study)
-    if plan.sampler == "grid":  # every setting once, queued as a sweep would run them
-        result.target = min(plan.trials, len(result.finished) + _queue_grid(optuna, study, space))
-    objects = TrainingObjects.of(options)
     name = unique_group(options.name or (plan.study or "search"))
-    with objects.borrowed(name, options.data) as loan:
+    objects, held = TrainingObjects.of(options), contextlib.ExitStack()
+    loan = held.enter_context(objects.borrowed(name, options.data))
+    try:  # owned first: a refused search leaves its study as it was
+        study, journal = _study(optuna, plan, space, options, every)
+        result = Search(_objective_words(plan, options), plan.direction, plan.trials,
+                        journal=journal, study=study, name=name)
+        result.trials = Trials(_recover(optuna, study))
+        if plan.sampler == "grid":  # every setting once, queued as a sweep would run them
+            result.target = min(plan.trials,
+                                len(result.finished) + _queue_grid(optuna, study, space))
         result.setup = _describe(study, plan, options, every)
-        while len(result.finished) < result.target and result.status == "running":
-            record = _one_trial(optuna, study, step_fn, options, plan, space, every, views,
-                                loan, name, result)
-            if plan.keep == "best" and record is result.best:
-                loan.returned = objects.snapshot(options.data)
-            if on_trial is not None:
-                on_trial(result, record)
-        if result.status == "running":
-            result.status = "finished"
-    return result
-
-
-def _one_trial(optuna: Any, study: Any, step_fn: StepFn, options: TrainOptions,
-               plan: SearchPlan, space: dict[str, Dimension], every: int,
-               views: Sequence[View], loan: Loan, name: str, result: Search) -> TrialRecord:
-    __tracebackhide__ = True
-    trial = study.ask()
-    setting = {key: dimension.suggest(trial) for key, dimension in space.items()}
-    record = TrialRecord(trial.number, setting, "RUNNING")
-    result.trials.append(record)
-    loan.start.restore()
-    watch = TrialWatch(trial, record, plan, options, every)
-    try:
-        record.run = train_setting(step_fn, setting, options, [*views, watch], loan.claim, name,
-                                   watch.attach)
-    except BaseException as e:  # the user's step failed: the trial, and the search, end
-        _tell(optuna, study, trial, record, "FAIL", f"{type(e).__name__}: {e}")
-        result.status, result.stop_reason = "failed", record.reason
+    except BaseException:
+        held.close()
         raise
-    if record.run.status == "interrupted" and not watch.pruned:  # Ctrl-C or Stop
-        _tell(optuna, study, trial, record, "FAIL", "interrupted: tried again first on resume")
-        result.status, result.stop_reason = "interrupted", f"trial {trial.number} interrupted"
-    elif watch.pruned or record.value is None or not math.isfinite(record.value):
-        _tell(optuna, study, trial, record, "PRUNED",
-              watch.pruned or f"the objective is {record.value}: no finite value")
-    else:
-        _tell(optuna, study, trial, record, "COMPLETE")
-    return record
+    return Searching(optuna, step_fn, options, plan, space, every, list(views), on_trial,
+                     objects, loan, held, result)
+
+
+class Searching:
+    """A prepared search: the model owned (`loan`), the study open (`result.study`)."""
+
+    def __init__(self, optuna: Any, step_fn: StepFn, options: TrainOptions, plan: SearchPlan,
+                 space: dict[str, Dimension], every: int, views: list[View],
+                 on_trial: Callable[[Search, TrialRecord], None] | None,
+                 objects: TrainingObjects, loan: Loan, held: contextlib.ExitStack,
+                 result: Search):
+        self.optuna, self.step_fn, self.options, self.plan = optuna, step_fn, options, plan
+        self.space, self.every, self.views, self.on_trial = space, every, views, on_trial
+        self.objects, self.loan, self.held, self.result = objects, loan, held, result
+
+    def execute(self) -> Search:
+        """The trials, until enough finished, one failed, or a stop; then the model is put
+        back (or keeps the best trial's state) and let go, however it ends."""
+        __tracebackhide__ = True
+        result, loan = self.result, self.loan
+        try:
+            while len(result.finished) < result.target and result.status == "running":
+                if result.stop_requested:  # Stop came between two trials
+                    result.status, result.stop_reason = "interrupted", "stopped between trials"
+                    break
+                record = self._trial()
+                if self.plan.keep == "best" and record is result.best:
+                    with loan.claim.step_lock:  # a measurement waits, as between steps
+                        loan.returned = self.objects.snapshot(self.options.data)
+                if self.on_trial is not None:
+                    self.on_trial(result, record)
+            if result.status == "running":
+                result.status = "finished"
+        finally:
+            self.release()
+        return result
+
+    def release(self) -> None:
+        """Put the model back and let it go (also for a search that never executes)."""
+        with self.loan.claim.step_lock:
+            self.held.close()
+
+    def _trial(self) -> TrialRecord:
+        __tracebackhide__ = True
+        optuna, study, result = self.optuna, self.result.study, self.result
+        trial = study.ask()
+        setting = {key: dimension.suggest(trial) for key, dimension in self.space.items()}
+        record = TrialRecord(trial.number, setting, "RUNNING")
+        result.trials.append(record)
+        with self.loan.claim.step_lock:
+            self.loan.start.restore()
+        watch = TrialWatch(trial, record, self.plan, self.options, self.every, result)
+        try:
+            record.run = train_setting(self.step_fn, setting, self.options, [*self.views, watch],
+                                       self.loan.claim, result.name, watch.attach)
+        except BaseException as e:  # the user's step failed: the trial, and the search, end
+            _tell(optuna, study, trial, record, "FAIL", f"{type(e).__name__}: {e}")
+            result.status, result.stop_reason = "failed", record.reason
+            raise
+        if record.run.status == "interrupted" and not watch.pruned:  # Ctrl-C or Stop
+            _tell(optuna, study, trial, record, "FAIL", "interrupted: tried again first on resume")
+            result.status, result.stop_reason = "interrupted", f"trial {trial.number} interrupted"
+        elif watch.pruned or record.value is None or not math.isfinite(record.value):
+            _tell(optuna, study, trial, record, "PRUNED",
+                  watch.pruned or f"the objective is {record.value}: no finite value")
+        else:
+            _tell(optuna, study, trial, record, "COMPLETE")
+        return record
 
 
 def _tell(optuna: Any, study: Any, trial: Any, record: TrialRecord, state: str,
@@ -161,17 +213,20 @@ def _tell(optuna: Any, study: Any, trial: Any, record: TrialRecord, state: str,
 class TrialWatch(View):
     """Watches one trial's run: smooths its objective over the steps that trained, reports it
     to the pruner every `report_every` steps (or each validation with val), and stops the
-    run when the pruner says so or a loss is not finite."""
+    run when the pruner says so, or once it diverged: a non-finite loss on a step that
+    trained, or MAX_NONFINITE_IN_A_ROW skipped ones in a row (the lr finder's rule)."""
 
     def __init__(self, trial: Any, record: TrialRecord, plan: SearchPlan, options: TrainOptions,
-                 every: int):
-        self.trial, self.record, self.plan = trial, record, plan
+                 every: int, search: Search):
+        self.trial, self.record, self.plan, self.search = trial, record, plan, search
         self.validated = options.val is not None
         self.field = plan.objective or "loss"
         self.every = every
         self.seen = self.val_seen = self.applied = 0
         self.average, self.smoothed, self.pending = 0.0, None, False
         self.pruned = ""  # why, once pruned
+        self.diverged = False
+        self.streak: list = []  # (step, name, value) of the skipped non-finite steps in a row
         self.books = None
 
     def attach(self, training: Any) -> None:
@@ -189,13 +244,25 @@ class TrialWatch(View):
                 books.next_refresh = 0.0
         training.amp.recorder.record = watched
 
+    def on_start(self, run: Any) -> None:
+        self.record.run = run  # first, then the flag: a Stop between them still lands
+        if self.search.stop_requested:
+            run.request_stop()
+
     def on_refresh(self, run: Any) -> None:
         self._read(run)
 
     def on_end(self, run: Any) -> None:
         self._read(run)
         self.record.steps = len(run.history)
-        if self.validated:
+        if self.streak and run.status == "finished":  # too short a streak to tell: no score
+            step, name, value = self.streak[0]
+            self._diverged(run, step, f"{name} is {value} at its last {len(self.streak)} "
+                                      f"steps (from step {step}, skipped by the loss scaler): "
+                                      "it may have diverged")
+        if self.diverged or self.streak:  # what it scored before that is no objective
+            self.record.value = None
+        elif self.validated:
             self.record.value = run.val_history[-1]["val_loss"] if run.val_history else None
         else:
             self.record.value = self.smoothed
@@ -204,11 +271,22 @@ class TrialWatch(View):
         new, self.seen = run.history[self.seen:], len(run.history)
         for r in new:
             self.pending = self.pending or (r["step"] + 1) % self.every == 0
-            if r["skipped"]:  # trained nothing: its report waits for the next step that did
-                continue
             value = r.get(self.field)
-            if value is None or not math.isfinite(value):
-                return self._prune(run, f"{self.field} is {value} at step {r['step']}")
+            bad = next(((name, v) for name, v in (("loss", r["loss"]), (self.field, value))
+                        if v is None or not math.isfinite(v)), None)
+            if r["skipped"]:  # trained nothing: its report waits for the next step that did
+                # one non-finite loss can be a passing fp16 overflow; a few in a row, not
+                self.streak = self.streak + [(r["step"], *bad)] if bad else []
+                if len(self.streak) >= MAX_NONFINITE_IN_A_ROW:
+                    step, name, first = self.streak[0]
+                    return self._diverged(run, step, (
+                        f"{name} is {first} for {len(self.streak)} steps in a row from step "
+                        f"{step} (each skipped by the loss scaler): diverged, or the forward "
+                        "pass overflows fp16"))
+                continue
+            if bad:
+                return self._diverged(run, r["step"], f"{bad[0]} is {bad[1]} at step {r['step']}")
+            self.streak = []
             self.applied += 1
             self.average = SMOOTHING * self.average + (1 - SMOOTHING) * value
             self.smoothed = self.average / (1 - SMOOTHING ** self.applied)
@@ -220,6 +298,12 @@ class TrialWatch(View):
                 self._report(run, v["val_loss"], v["step"])
             self.val_seen = len(run.val_history)
         return None
+
+    def _diverged(self, run: Any, step: int, reason: str) -> None:
+        if not self.pruned:
+            self.diverged = True
+            self.trial.set_user_attr("diverged_at", step)  # a resumed study scores it None
+        self._prune(run, reason)
 
     def _report(self, run: Any, value: float, step: int) -> None:
         if self.pruned:
@@ -296,12 +380,21 @@ def _pruner(optuna: Any, plan: SearchPlan, every: int) -> Any:
 
 
 def _describe(study: Any, plan: SearchPlan, options: TrainOptions, every: int) -> str:
-    reports = "at each epoch end" if options.val is not None else f"every {every} steps"
+    warmup = 2 * every
+    reports = f"every {every} steps"
+    if options.val is not None:  # the validation loss exists only at epoch ends
+        reports = "at each epoch end (with --val" + (
+            "" if plan.report_every is None else f"; --report-every {plan.report_every} " + (
+                "is not used" if plan.prune == "none" else "sets only the warm-up")) + ")"
+    if plan.prune == "hyperband":  # no startup trials: its brackets start at once
+        when = f"successive halving from {warmup} steps (its minimum resource)"
+    else:
+        when = f"after {STARTUP_TRIALS} trials and {warmup} warm-up steps"
     prune = ("no pruning" if plan.prune == "none" else
-             f"{plan.prune} pruner, patient ({PATIENCE} hopeless reports in a row), after "
-             f"{STARTUP_TRIALS} trials and {2 * every} warm-up steps, reports {reports}")
+             f"{plan.prune} pruner, patient ({PATIENCE} hopeless reports in a row), {when}")
     seed = "" if options.seed is None else f", seeded {options.seed}"
-    return f"{plan.sampler} sampler{seed}; {prune}; {len(study.trials)} trials in the study so far"
+    return (f"{plan.sampler} sampler{seed}; {prune}, reports {reports}; {len(study.trials)} "
+            "trials in the study so far")
 
 
 def _objective_words(plan: SearchPlan, options: TrainOptions) -> str:
@@ -350,7 +443,8 @@ def _recover(optuna: Any, study: Any) -> list[TrialRecord]:
         if t.state == states.FAIL and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     trials = [t for t in trials if t.state != states.WAITING]  # queued: not run yet
-    return [TrialRecord(t.number, dict(t.params), t.state.name, t.value,
+    return [TrialRecord(t.number, dict(t.params), t.state.name,
+                        None if "diverged_at" in t.user_attrs else t.value,
                         t.user_attrs.get("steps", 0),
                         t.user_attrs.get("reason", LEFT_RUNNING if t.state == states.FAIL
                                          else ""))

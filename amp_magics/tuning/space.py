@@ -46,7 +46,7 @@ class Dimension:
 def parse_space(spec: str | Mapping[str, Any], optimizers: Sequence[torch.optim.Optimizer]
                 ) -> dict[str, Dimension]:
     """The search space from `--search`'s text or from `search(space={...})`, whose values are
-    such texts or lists of choices."""
+    such texts, lists of choices, or one number (a choice of one)."""
     if isinstance(spec, str):
         parts = [p for p in spec.split(";") if p.strip()]
         pairs = []
@@ -56,8 +56,11 @@ def parse_space(spec: str | Mapping[str, Any], optimizers: Sequence[torch.optim.
                 raise AmpUsageError(f"{FLAG} part {part.strip()!r} is not KEY=VALUES: write "
                                     f"e.g. {EXAMPLE}")
             pairs.append((key.strip().replace("-", "_"), values.strip()))
-    else:
+    elif isinstance(spec, Mapping):
         pairs = list(spec.items())
+    else:
+        raise AmpUsageError(f"{FLAG} (space=) takes a text or a dict, got {type(spec).__name__}"
+                            f': write e.g. space={{"lr": "log(1e-5,1e-1)", "momentum": [0, 0.9]}}')
     if not pairs:
         raise AmpUsageError(f"{FLAG} is empty: write e.g. {EXAMPLE}")
     space: dict[str, Dimension] = {}
@@ -72,8 +75,13 @@ def parse_space(spec: str | Mapping[str, Any], optimizers: Sequence[torch.optim.
 
 def _dimension(key: str, values: Any, optimizers: Sequence[torch.optim.Optimizer]) -> Dimension:
     kind = value_type(FLAG, key, optimizers[0])
-    if not isinstance(values, str):  # a list of choices from Python
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]  # one value from Python: a choice of one, as --sweep's lr=0.1
+    if isinstance(values, (list, tuple, range, set, frozenset)):  # choices from Python
         return _choice(key, [str(v) for v in values], optimizers)
+    if not isinstance(values, str):
+        raise AmpUsageError(f"{FLAG} {key}={values!r}: give a range as text, e.g. "
+                            f'"log(1e-4,1e-1)", a list of values, e.g. [0.1, 0.2], or one number')
     match = _RANGE.fullmatch(values)
     if match is None:
         return _choice(key, [v.strip() for v in values.split(",") if v.strip()], optimizers)

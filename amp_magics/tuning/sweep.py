@@ -23,6 +23,7 @@ from ..training.options import TrainOptions
 from ..training.run import Run
 from ..training.registry import unique_group
 from ..training.view import View
+from .findings import SMOOTHING, TrialRecord
 from .hyperparameters import (ENGINE_KEYS, apply_hyperparameters, check_engine_values, check_ratios,
                               engine_options, parse_value, ratio_notes)
 
@@ -75,6 +76,36 @@ class Sweep:
 
         return pd.DataFrame(self.rows())
 
+    kind = "sweep"
+
+    @property
+    def status(self) -> str:
+        """running, finished, or how the run that ended it early ended."""
+        if self.runs and self.runs[-1].status != "finished":
+            return self.runs[-1].status
+        return "finished" if len(self.runs) == len(self.settings) else "running"
+
+    @property
+    def stop_reason(self) -> str:
+        last = self.runs[-1] if self.runs else None
+        if last is None or last.status in ("finished", "running"):
+            return ""
+        return last.error or f"{last.name} {last.status} after {len(last.history)} steps"
+
+    def trial_records(self) -> list[TrialRecord]:
+        """Each setting as a search's trial, for the same trials panel: its curve is what the
+        sweep ranks by (the validation loss at epoch ends with `val`, else the train loss
+        smoothed as a search smooths it), its objective the run's score."""
+        states = {"finished": "COMPLETE", "running": "RUNNING"}
+        out = []
+        for i, (setting, run) in enumerate(zip(self.settings, self.runs)):
+            value = score(run)
+            out.append(TrialRecord(
+                i, setting, states.get(run.status, "FAIL"),
+                value if math.isfinite(value) else None, len(run.history),
+                "" if run.status in states else (run.error or run.status), _curve(run), run))
+        return out
+
     def progress(self) -> str:
         """ "setting 2 of 6 · best 0.412 (lr=0.01) · ETA 40s", as a search's progress reads."""
         done = [r for r in self.runs if r.done]
@@ -93,6 +124,19 @@ class Sweep:
     def __repr__(self) -> str:
         best = self.runs[self.best].name if self.best is not None else "-"
         return f"<Sweep of {len(self.runs)} runs, best {best} by {self.criterion}>"
+
+
+def _curve(run: Run) -> list[tuple[int, float]]:
+    if run.val_history:
+        return [(v["step"], v["val_loss"]) for v in run.val_history]
+    points, average, applied = [], 0.0, 0
+    for r in run.history:
+        if r["skipped"] or r["loss"] is None or not math.isfinite(r["loss"]):
+            continue  # as a search's reports: never a step the loss scaler skipped
+        applied += 1
+        average = SMOOTHING * average + (1 - SMOOTHING) * r["loss"]
+        points.append((r["step"], average / (1 - SMOOTHING ** applied)))
+    return points
 
 
 def score(run: Run) -> float:
@@ -124,14 +168,15 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
             loan.start.restore()
             run = train_setting(step_fn, setting, options, views, loan.claim, name)
             result.runs.append(run)
-            if run.status != "finished":
-                break
-            if result.best is None or score(run) < score(result.runs[result.best]):
+            if run.status == "finished" and (result.best is None
+                                             or score(run) < score(result.runs[result.best])):
                 result.best = i
                 if keep_best:
                     loan.returned = objects.snapshot(options.data)
-            if on_run is not None:
+            if on_run is not None:  # the one that ended it early too: the panel says so
                 on_run(result)
+            if run.status != "finished":
+                break
     return result
 
 

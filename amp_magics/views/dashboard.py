@@ -25,7 +25,7 @@ from .finder import finding_html
 from ..formatting import format_number, format_setting
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from ..training.run import Run
     from ..tuning.findings import LrFinding
@@ -245,13 +245,16 @@ class Dashboard(View):
 
     earlier_runs: finished Runs to draw faded underneath (the same model's earlier runs).
     stoppable: show a Stop button (background runs; in the foreground the kernel is busy,
-    so the notebook's interrupt button is the way to stop).
+    so the notebook's interrupt button is the way to stop); `on_stop` is what it calls
+    (default: stop the run shown; a background search: stop the search).
     """
 
     def __init__(self, earlier_runs: Iterable[Run] = (), stoppable: bool = False,
-                 max_earlier: int = 5, several: bool = False):
+                 max_earlier: int = 5, several: bool = False,
+                 on_stop: Callable[[], None] | None = None):
         self.earlier_runs = list(earlier_runs)[-max_earlier:]
         self.stoppable = stoppable
+        self.on_stop = on_stop
         self.several = several  # a sweep: each new run joins the plots; finish() ends the view
         self._columns = None
         self._earlier = []
@@ -263,22 +266,26 @@ class Dashboard(View):
     def on_start(self, run: Run) -> None:
         if self._box is None:
             self.show(run)
+        elif self._columns is None:  # shown before the first trial of a background search
+            self._columns = _Columns(run)
         elif self._columns.run is not run:  # the next run of a sweep: the last one fades
             previous = self._columns.update()
             if previous.run.history:  # a run with no step has nothing to draw
                 self._earlier.append(previous.trace(flags_that_differ(previous.run, run)))
             self._columns = _Columns(run)
 
-    def show(self, run: Run) -> None:
+    def show(self, run: Run | None = None) -> None:
         """Display the live widgets. Call from the cell's own thread: output displayed from a
-        background thread would land in whichever cell is executing at that moment."""
+        background thread would land in whichever cell is executing at that moment. Without
+        a run (a background search, before its first trial), a line until one starts."""
         import ipywidgets as widgets
         from IPython.display import display
 
-        self._columns = _Columns(run)
-        self._earlier = [_Columns(r).update().trace(flags_that_differ(r, run))
-                         for r in self.earlier_runs]
-        self._html = widgets.HTML(self._render(run, final=False))
+        self._columns = None if run is None else _Columns(run)
+        self._earlier = [] if run is None else [
+            _Columns(r).update().trace(flags_that_differ(r, run)) for r in self.earlier_runs]
+        self._html = widgets.HTML("<p>the first trial is starting...</p>" if run is None
+                                  else self._render(run, final=False))
         children = [self._html]
         if self.stoppable:
             self._button = widgets.Button(description="Stop", icon="stop", button_style="warning",
@@ -307,6 +314,12 @@ class Dashboard(View):
 
         if self._box is None:
             return
+        if self._columns is None:  # no trial ever started: nothing to keep
+            if self._handle is not None:
+                self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
+            self._box.close()
+            self._box = None
+            return
         run = self._columns.run
         snapshot = self._render(run, final=True, inline=False)
         self._html.value = snapshot
@@ -323,7 +336,7 @@ class Dashboard(View):
         return charts.dashboard_html(view, inline=inline)
 
     def _stop(self):
-        self._columns.run.request_stop()
+        (self.on_stop or self._columns.run.request_stop)()
         self._button.disabled = True
         self._button.description = "Stopping…"
 
@@ -342,9 +355,11 @@ class LiveHtml:
     def update(self, html: str) -> None:
         self._html.value = html
 
-    def close(self) -> None:
+    def close(self, html: str = "", text: str = "") -> None:
+        """Remove it, or with `html` leave that in its place (static: it stays in a saved
+        notebook, where the widget would not)."""
         if self._handle is not None:
-            self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
+            self._handle.update({"text/html": html, "text/plain": text}, raw=True)
             self._html.close()
             self._handle = None
 
