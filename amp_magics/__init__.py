@@ -56,10 +56,11 @@ def load_ipython_extension(ipython: InteractiveShell) -> None:
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
     from .magics.diagnose import stop_memory_tracking
     from .ownership import release_all
-    from .training.registry import stop_background_runs
+    from .training.registry import set_kernel_views, stop_background_runs
     from .views import display
 
     stop_background_runs()
+    set_kernel_views([])  # the status bar's runs file: written by a loaded extension only
     release_all()  # a run still finishing its step lets go of its model here
     stop_memory_tracking(ipython)
     display.unregister(ipython)

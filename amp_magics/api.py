@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
+from .training import registry
 from .training.options import TrainOptions, checked_output_path, option_specs, split_keywords
 from .training.run import Run
 from .training.view import View
@@ -137,7 +138,8 @@ def search(step_fn: Callable[..., Any], *, progress: bool = True,
     plan, options = split_keywords("search", keywords, SearchPlan, TrainOptions)
     plan, options = SearchPlan(**plan), TrainOptions(**options)
     report = (lambda found, trial: print(trial.line(), flush=True)) if progress else None
-    searching = prepare_search(step_fn, options, plan, list(observers), report)
+    searching = prepare_search(step_fn, options, plan, [*observers, *registry.kernel_views()],
+                               report)
     if progress:  # how it searches (sampler, pruner, warm-up), before the first trial
         print("\n".join(searching.result.header()), flush=True)
     found = searching.execute()
@@ -153,12 +155,14 @@ def search(step_fn: Callable[..., Any], *, progress: bool = True,
 
 
 def _views(progress: bool, observers: Sequence[View]) -> list[View]:
+    """The observers (a text progress line if none), and what the kernel adds to every run
+    (in JupyterLab, the file its status bar reads)."""
     views = list(observers)
     if progress and not views:
         from .views.reporter import ConsoleReporter
 
         views.append(ConsoleReporter())
-    return views
+    return views + registry.kernel_views()
 
 
 def _finished(run: Run, save: Optional[str], checkpoint: Optional[str]) -> Run:

@@ -133,6 +133,24 @@ def test_a_kernel_writes_its_runs_as_they_train(tmp_path):
     assert read_runs(str(tmp_path), {"someone-else"}) == {}
 
 
+def test_runs_started_from_python_in_the_kernel_are_written_too(tmp_path):
+    """The extension, loaded in a kernel, adds its runs file to every run the notebook starts:
+    amp_magics.train() and a search's trials as well as %%amp_train."""
+    from amp_magics.training import registry
+
+    model = make_model()
+    registry.set_kernel_views([RunsFile("k1", str(tmp_path))])
+    try:
+        amp_magics.train(lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+                         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         data=make_data(n=3), dtype="fp32", name="from-python", progress=False)
+    finally:
+        registry.set_kernel_views([])
+    (runs,) = read_runs(str(tmp_path), {"k1"}).values()
+    assert [(r["name"], r["status"], r["step"]) for r in runs if r["name"] == "from-python"] == [
+        ("from-python", "finished", 3)]
+
+
 def test_a_diverged_run_is_written_as_strict_json(tmp_path):
     # A browser's JSON.parse refuses NaN: a diverged run's loss travels as the string "nan".
     model = make_model()

@@ -112,15 +112,15 @@ class AmpMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
-        self._runs_file = None  # in a Jupyter kernel: its runs, for JupyterLab's status bar
-        if getattr(shell, "kernel", None) is not None:
+        if getattr(shell, "kernel", None) is not None:  # its runs, for JupyterLab's status bar
             from ..lab.runs_file import RunsFile, this_kernel_id
 
             kernel_id = this_kernel_id()
-            self._runs_file = RunsFile(kernel_id) if kernel_id else None
+            registry.set_kernel_views([RunsFile(kernel_id)] if kernel_id else [])
 
-    def _with_runs_file(self, views: list) -> list:
-        return views + [self._runs_file] if self._runs_file is not None else views
+    @staticmethod
+    def _with_kernel_views(views: list) -> list:
+        return views + registry.kernel_views()
 
     # -- %%amp_train ------------------------------------------------------------------
     @generated_flags((option_specs(), True), (MAGIC_FLAGS, False),
@@ -152,7 +152,7 @@ class AmpMagics(Magics):
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
         with usage_errors():  # from here on the run owns the model
-            training = _prepare_training(step, options, self._with_runs_file([view]))
+            training = _prepare_training(step, options, self._with_kernel_views([view]))
         if args.output:
             self.shell.user_ns[args.output] = training.run
         if args.background:
@@ -212,13 +212,13 @@ class AmpMagics(Magics):
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
                     panel = _TrialsPanel(view, f"<p>setting 0 of {len(settings)}: the first "
                                                "is training...</p>")
-                    result = sweep.sweep(step, settings, options, self._with_runs_file([view]),
+                    result = sweep.sweep(step, settings, options, self._with_kernel_views([view]),
                                          keep_best=getattr(args, "keep", "start") == "best",
                                          on_run=panel)
                 else:
                     precisions = showdown.parse_compare(args.compare, model_device(options.model))
                     result = showdown.showdown(step, precisions, options,
-                                               self._with_runs_file([view]))
+                                               self._with_kernel_views([view]))
         finally:
             if panel is not None:  # its table is the cell's result: the chart stays above
                 panel.close(keep=True, table=False)
@@ -243,7 +243,7 @@ class AmpMagics(Magics):
 
             view = FinderDashboard(finding)
         with usage_errors():
-            range_test(step, options, finding, self._with_runs_file([view]))
+            range_test(step, options, finding, self._with_kernel_views([view]))
         registry.add_finding(finding)
         if args.output:
             self.shell.user_ns[args.output] = finding
@@ -290,7 +290,7 @@ class AmpMagics(Magics):
         panel = _TrialsPanel(view)
         with usage_errors():  # from here on the search owns the model
             searching = prepare_search(step, options, plan,
-                                       self._with_runs_file([] if text else [view]), panel)
+                                       self._with_kernel_views([] if text else [view]), panel)
         found = searching.result
         if args.output:
             self.shell.user_ns[args.output] = found

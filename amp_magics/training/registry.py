@@ -22,6 +22,20 @@ _RUNS_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().update(_RUNS_LOCK=threading.Lock()))
 
 
+# Views the kernel adds to every run its notebook starts (%%amp_train, amp_magics.train, a
+# search...): the runs file JupyterLab's status bar reads. A forked rank trains with the views
+# it is handed, never these.
+_KERNEL_VIEWS: list = []
+
+
+def set_kernel_views(views: list) -> None:
+    _KERNEL_VIEWS[:] = views
+
+
+def kernel_views() -> list:
+    return list(_KERNEL_VIEWS)
+
+
 def runs() -> list["Run"]:
     """Every Run started in this process, oldest first."""
     with _RUNS_LOCK:
