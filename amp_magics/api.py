@@ -86,14 +86,16 @@ def find_lr(step_fn: Callable[..., Any], *, start: float = 1e-7, end: float = 10
 
 
 def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = None,
-                    max_memory: Optional[str] = None, compare: Optional[str] = None,
+                    max_memory: Optional[str] = None, headroom: Optional[float] = None,
+                    compare: Optional[str] = None,
                     progress: bool = True, **options: Any) -> BatchSizeFinding:
     """The largest batch size that trains with headroom: from `data`'s own batch size (a
     DataLoader, or a Dataset: from 1), halving while it does not fit, doubling while it fits
     (up to `max_size`), then bisecting; each trial trains 3 whole optimizer steps from the
     same starting state on the loader re-made with that size (its sampler, collate_fn, workers
-    and generator kept). It fits when its peak memory stays under 90% of the device's memory
-    (or of `max_memory`: "6GiB", "80%"); out of memory is recognised by type and cleaned up.
+    and generator kept). It fits when its peak memory leaves `headroom` percent (default 10)
+    of the device's memory free (or of `max_memory`: "6GiB", "80%"); out of memory is
+    recognised by type and cleaned up.
     `compare="fp32,bf16"` answers for each precision. Returns a BatchSizeFinding: `.batch_size`,
     `.trials`, `.searches` (per precision), `.loader` (re-made with the answer). Everything is
     put back afterwards, however it ends (Ctrl-C in a script: the KeyboardInterrupt goes on with
@@ -108,7 +110,7 @@ def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = No
     report = (lambda finding, trial: print(f"batch {trial.batch_size}: {trial.result}",
                                            flush=True)) if progress else None
     finding = run(step_fn, options, max_size=max_size, max_memory=max_memory,
-                  precisions=precisions, on_trial=report)
+                  headroom=headroom, precisions=precisions, on_trial=report)
     if progress:
         print(repr(finding))
     if finding.status == "interrupted" and not _in_ipython():  # a script's Ctrl-C goes on

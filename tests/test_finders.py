@@ -483,6 +483,23 @@ def test_the_answer_leaves_the_headroom_of_max_memory():
     assert "90% of --max-memory" in repr(finding)
 
 
+def test_headroom_is_the_users_to_choose():
+    model, opt, loader = batch_setup()
+    step = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    probe = amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
+                                       dtype="bf16", max_size=32, progress=False)
+    peaks = {t.batch_size: t.peak for t in probe.trials}
+    limit = int(peaks[32] / 0.85)  # 32 fits with 10% headroom, not with 20%
+    found = {h: amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
+                                           dtype="bf16", max_size=32, max_memory=f"{limit}B",
+                                           headroom=h, progress=False) for h in (None, "20%")}
+    assert found[None].batch_size == 32 and found["20%"].batch_size < 32
+    assert "80% of --max-memory" in repr(found["20%"])
+    with pytest.raises(AmpUsageError, match="--headroom 100: give the share"):
+        amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
+                                   headroom=100, progress=False)
+
+
 def test_the_loader_keeps_its_sampler_collate_fn_and_generator():
     calls = []
 
@@ -544,5 +561,10 @@ def test_the_magic_finds_a_batch_size_from_a_dataset(nb):
     assert "out of memory" in html and "trials" in html
     with pytest.raises(UsageError, match="--max-memory goes with --find-batch-size"):
         nb.run(f"%%amp_train --max-memory 2GiB\n{BODY}")
+    with pytest.raises(UsageError, match="--headroom goes with --find-batch-size"):
+        nb.run(f"%%amp_train --headroom 20%\n{BODY}")
+    headroom = nb.run("%%amp_train --data dataset --find-batch-size --dtype bf16 --headroom 25%\n"
+                      "loss = step_fn(batch)")
+    assert headroom.headroom == 0.25 and "75% of" in repr(headroom)
     with pytest.raises(UsageError, match="positive whole number"):
         nb.run(f"%%amp_train --data dataset --find-batch-size 0\n{BODY}")

@@ -72,14 +72,15 @@ MAGIC_FLAGS = [
               "scheduler, RNG and the data's order are as before, however it ends"),
     _flag("find_batch_size", metavar="MAX", bare="", group=DIAGNOSIS,
           help="the largest batch size (up to MAX) whose 3-step trial fits in memory with "
-               "10% headroom; with --compare, per precision",
+               "--headroom (10%) left free; with --compare, per precision",
           doc="the largest batch size (up to MAX) that trains with headroom: from `--data`'s "
               "own batch size (a DataLoader, or a Dataset from 1), halving while it does not "
               "fit, doubling while it fits, then bisecting; each trial trains 3 whole optimizer "
               "steps on the same loader re-made with that size (sampler, shuffle, collate_fn, "
               "workers, generator kept) from the same start. It fits when its peak memory "
-              "stays under 90% of the device's memory or of `--max-memory`; out of memory is "
-              "recognised by its type, and cleaned up. With `--compare fp32,bf16`, one answer "
+              "leaves `--headroom` (10%) of the device's memory or of `--max-memory` free; "
+              "out of memory is recognised by its type, and cleaned up. With `--compare "
+              "fp32,bf16`, one answer "
               "per precision. `-o` gives `.batch_size`, `.trials` and `.loader` (re-made with "
               "the answer); everything is put back afterwards"),
     _flag("max_memory", metavar="SIZE|PCT", group=DIAGNOSIS,
@@ -90,6 +91,12 @@ MAGIC_FLAGS = [
               "start). On the CPU memory is counted exactly as tensor bytes (model, gradients, "
               "optimizer state, what a step keeps for backward), and a trial that the last one "
               "predicts over the limit is not run"),
+    _flag("headroom", metavar="PCT", group=DIAGNOSIS,
+          help="with --find-batch-size: the share of the memory the answer leaves free "
+               "(default 10%)",
+          doc="with `--find-batch-size`: the share of the memory limit the answer leaves free, "
+              "e.g. `20%` (default `10%`): what later steps, a longer sequence or another "
+              "process may still need"),
 ]
 
 
@@ -264,7 +271,8 @@ class AmpMagics(Magics):
             with usage_errors():
                 finding = find_batch_size(
                     step, options, max_size=largest, max_memory=args.max_memory,
-                    precisions=precisions, on_trial=live or _print_trial)
+                    headroom=args.headroom, precisions=precisions,
+                    on_trial=live or _print_trial)
         finally:
             if live is not None:
                 live.close()
@@ -466,8 +474,10 @@ def _check_modes(args) -> None:
     (--compare may go with --find-batch-size: an answer per precision), in one process, in
     the foreground (a search may run in the background)."""
     finds_batch_size = args.find_batch_size is not None
-    if args.max_memory is not None and not finds_batch_size:
-        raise UsageError("--max-memory goes with --find-batch-size: add it, or drop --max-memory")
+    for flag in ("max_memory", "headroom"):
+        if getattr(args, flag) is not None and not finds_batch_size:
+            name = "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} goes with --find-batch-size: add it, or drop {name}")
     searches = hasattr(args, "space")
     if getattr(args, "keep", "start") != "start" and not (searches or args.sweep):
         raise UsageError("--keep goes with --sweep or --search: add one, or drop --keep")

@@ -93,6 +93,21 @@ def memory_limit(text: str | None, device: torch.device) -> tuple[int, str]:
     return int(value * scale), f"--max-memory {text.strip()}"
 
 
+def headroom_share(value: str | float | None) -> float:
+    """--headroom PCT ("20%", "20" or 20) as a share of the limit; None: HEADROOM."""
+    if value is None:
+        return HEADROOM
+    text = str(value).strip().removesuffix("%")
+    try:
+        percent = number(text)
+    except ValueError:
+        percent = math.nan
+    if not 0 <= percent < 100:
+        raise AmpUsageError(f"--headroom {value}: give the share of memory to leave free as a "
+                            "percentage from 0 to below 100, e.g. 20%")
+    return percent / 100
+
+
 class _Trials:
     """Runs one trial at a batch size from the starting state, and judges it."""
 
@@ -191,7 +206,8 @@ def search(trial: Callable[[int], Trial], start: int, largest: int,
 
 
 def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | None = None,
-                    max_memory: str | None = None, precisions: tuple[str, ...] = (),
+                    max_memory: str | None = None, headroom: str | float | None = None,
+                    precisions: tuple[str, ...] = (),
                     on_trial: Callable[[BatchSizeFinding, Trial], None] | None = None
                     ) -> BatchSizeFinding:
     """Search each precision (default: the options' dtype) from the same starting state; put
@@ -209,7 +225,7 @@ def find_batch_size(step_fn: StepFn, options: TrainOptions, *, max_size: int | N
     # named as they run (bf16, not auto); a precision the device lacks is refused now
     precisions = tuple(resolve(p, device).name for p in precisions or (options.dtype,))
     limit, source = memory_limit(max_memory, device)
-    finding = BatchSizeFinding(limit, source, HEADROOM, "", loader.batch_size)
+    finding = BatchSizeFinding(limit, source, headroom_share(headroom), "", loader.batch_size)
     objects = TrainingObjects.of(options)
     try:
         with objects.borrowed("find-batch-size", loader) as loan:
