@@ -715,3 +715,44 @@ def test_routing_lets_ddp_go_before_the_group_is_destroyed():
     finally:
         gc.enable()
         dist.destroy_process_group()
+
+
+def test_the_rank_behind_is_named_by_where_it_stands_not_by_how_often_it_marked():
+    """A rank may call the model more often than another (rank 0 printing a prediction, say):
+    its extra marks must neither look like a stall nor hide the rank that really hangs."""
+    from types import SimpleNamespace
+
+    from amp_magics.distributed.arrivals import ArrivalBoard
+
+    board = ArrivalBoard(2, multiprocessing.get_context("fork"))
+    steps = [SimpleNamespace(step=0), SimpleNamespace(step=0)]
+    (forward0, exchange0), (forward1, exchange1) = (board.marker(r, steps[r]) for r in (0, 1))
+    for step in range(3):  # both train steps 0..2; rank 0 calls the model twice per step
+        for r, (forward, exchange) in enumerate(((forward0, exchange0), (forward1, exchange1))):
+            steps[r].step = step
+            forward()
+            if r == 0:
+                forward()
+            exchange(step)
+    assert board.stall(0.0, 5) is None and board.stall(10.0, 5) is None  # a long pause
+    steps[0].step = 3
+    forward0()
+    forward0()
+    exchange0(3)  # rank 1 hangs before its forward of step 3; rank 0 waits in the exchange
+    assert board.stall(20.0, 5) is None
+    stall = board.stall(30.0, 5)
+    assert (stall.late, stall.waiting, stall.step, stall.where) == ((1,), (0,), 3,
+                                                                    "gradient exchange")
+
+
+def test_a_rank_that_never_marked_is_behind_one_in_its_first_forward():
+    from types import SimpleNamespace
+
+    from amp_magics.distributed.arrivals import ArrivalBoard
+
+    board = ArrivalBoard(2, multiprocessing.get_context("fork"))
+    forward0, _ = board.marker(0, SimpleNamespace(step=0))
+    forward0()  # rank 1 hangs before its first forward; rank 0 waits in DDP's broadcast
+    board.stall(0.0, 5)
+    stall = board.stall(6.0, 5)
+    assert (stall.late, stall.step, stall.where) == ((1,), 0, "forward")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-# what a rank's latest mark was, kept with its step as 2 * step + place
-_FORWARD, _EXCHANGE = 0, 1
+# what a rank's latest mark was, kept with its step as 2 * step + place (0: none yet)
+_FORWARD, _EXCHANGE = 1, 2
 PLACES = ("forward", "gradient exchange")
 
 
@@ -57,15 +57,18 @@ class ArrivalBoard:
         return forward, exchange
 
     def stall(self, now: float, timeout: float) -> Stall | None:
-        """A stall once the ranks' marks have differed, unchanged, for `timeout` seconds."""
+        """A stall once no rank has marked anything for `timeout` seconds while the ranks
+        stand at different places: those behind did not arrive where the others wait. The
+        counts only tell that nothing moved; the places say who is behind (a rank may call
+        the model more often than another, e.g. to print a prediction)."""
         seen = tuple(self.counts)
         if seen != self.seen:
             self.seen, self.since = seen, now
             return None
-        if len(set(seen)) == 1 or now - self.since < timeout:
+        places = tuple(self.places)
+        if len(set(places)) == 1 or now - self.since < timeout:
             return None
-        ahead = max(seen)
-        waiting = tuple(r for r, c in enumerate(seen) if c == ahead)
-        step, place = divmod(self.places[waiting[0]], 2)
-        return Stall(tuple(r for r, c in enumerate(seen) if c < ahead), waiting, step,
-                     PLACES[place])
+        ahead = max(places)
+        step, place = divmod(ahead - 1, 2)
+        return Stall(tuple(r for r, p in enumerate(places) if p < ahead),
+                     tuple(r for r, p in enumerate(places) if p == ahead), step, PLACES[place])
