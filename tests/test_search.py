@@ -417,3 +417,29 @@ def test_a_stop_as_a_trial_starts_or_between_two_ends_the_search_with_nothing_ru
     assert [t.state for t in found.trials] == ["COMPLETE"]
     assert (found.status, found.stop_reason) == ("interrupted", "stopped between trials")
     assert "RUNNING" not in {t.state.name for t in found.study.get_trials(deepcopy=False)}
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("drawing failed"), "failed"),
+                                           (KeyboardInterrupt(), "interrupted")])
+def test_an_error_around_a_trial_ends_the_search_saying_so_with_nothing_running(error, status):
+    """Not only the user's step: asking the study, the panel's drawing, a Ctrl-C between."""
+    def on_trial(found, trial):
+        raise error
+
+    model, opt, data = objects()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    searching = prepared(model, opt, data, on_trial=on_trial)
+    with pytest.raises(type(error)):
+        searching.execute()
+    found = searching.result
+    assert found.status == status and found.done
+    assert found.stop_reason == ("interrupted" if status == "interrupted"
+                                 else "RuntimeError: drawing failed")
+    assert "RUNNING" not in {t.state.name for t in found.study.get_trials(deepcopy=False)}
+    assert_same_state(model.state_dict(), before)  # put back, as --keep start says
+
+    searching = prepared(model, opt, data)  # the study fails as a trial is asked for
+    searching.result.study.ask = lambda: (_ for _ in ()).throw(error)
+    with pytest.raises(type(error)):
+        searching.execute()
+    assert searching.result.status == status

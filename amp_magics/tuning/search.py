@@ -128,6 +128,9 @@ def prepare_search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan,
                      objects, loan, held, result)
 
 
+INTERRUPTED = "interrupted: tried again first on resume"
+
+
 class Searching:
     """A prepared search: the model owned (`loan`), the study open (`result.study`)."""
 
@@ -139,6 +142,7 @@ class Searching:
         self.optuna, self.step_fn, self.options, self.plan = optuna, step_fn, options, plan
         self.space, self.every, self.views, self.on_trial = space, every, views, on_trial
         self.objects, self.loan, self.held, self.result = objects, loan, held, result
+        self.asked: tuple[Any, TrialRecord] | None = None  # a trial not yet told its end
 
     def execute(self) -> Search:
         """The trials, until enough finished, one failed, or a stop; then the model is put
@@ -158,9 +162,26 @@ class Searching:
                     self.on_trial(result, record)
             if result.status == "running":
                 result.status = "finished"
+        except BaseException as e:
+            self._ended_by(e)
+            raise
         finally:
             self.release()
         return result
+
+    def _ended_by(self, error: BaseException) -> None:
+        """Ended by an error or a Ctrl-C, in a trial or around one (asking the study, drawing,
+        the journal): the search says how, and no trial is left RUNNING."""
+        result, interrupted = self.result, isinstance(error, KeyboardInterrupt)
+        reason = "interrupted" if interrupted else f"{type(error).__name__}: {error}"
+        if self.asked is not None and self.asked[1].state == "RUNNING":
+            trial, record = self.asked
+            with contextlib.suppress(Exception):  # the journal itself may be what failed
+                _tell(self.optuna, result.study, trial, record, "FAIL",
+                      INTERRUPTED if interrupted else reason)
+        if result.status == "running":
+            result.status = "interrupted" if interrupted else "failed"
+            result.stop_reason = reason
 
     def release(self) -> None:
         """Put the model back and let it go (also for a search that never executes)."""
@@ -171,21 +192,18 @@ class Searching:
         __tracebackhide__ = True
         optuna, study, result = self.optuna, self.result.study, self.result
         trial = study.ask()
-        setting = {key: dimension.suggest(trial) for key, dimension in self.space.items()}
-        record = TrialRecord(trial.number, setting, "RUNNING")
+        record = TrialRecord(trial.number, {}, "RUNNING")
+        self.asked = trial, record
+        record.params = setting = {key: d.suggest(trial) for key, d in self.space.items()}
         result.trials.append(record)
         with self.loan.claim.step_lock:
             self.loan.start.restore()
         watch = TrialWatch(trial, record, self.plan, self.options, self.every, result)
-        try:
-            record.run = train_setting(self.step_fn, setting, self.options, [*self.views, watch],
-                                       self.loan.claim, result.name, watch.attach)
-        except BaseException as e:  # the user's step failed: the trial, and the search, end
-            _tell(optuna, study, trial, record, "FAIL", f"{type(e).__name__}: {e}")
-            result.status, result.stop_reason = "failed", record.reason
-            raise
+        # the user's step failing ends the trial, and the search (execute's _ended_by)
+        record.run = train_setting(self.step_fn, setting, self.options, [*self.views, watch],
+                                   self.loan.claim, result.name, watch.attach)
         if record.run.status == "interrupted" and not watch.pruned:  # Ctrl-C or Stop
-            _tell(optuna, study, trial, record, "FAIL", "interrupted: tried again first on resume")
+            _tell(optuna, study, trial, record, "FAIL", INTERRUPTED)
             result.status, result.stop_reason = "interrupted", f"trial {trial.number} interrupted"
         elif watch.pruned or record.value is None or not math.isfinite(record.value):
             _tell(optuna, study, trial, record, "PRUNED",
