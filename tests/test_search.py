@@ -385,6 +385,7 @@ def test_a_background_search_draws_its_trials_and_the_running_trials_dashboard(
         "application/vnd.jupyter.widget-view+json" in d for d in published[:2])
     assert [p.split(" · ")[0].rsplit(">", 1)[-1] for p in panels] == [
         "trial 1 of 2", "trial 2 of 2"]  # redrawn once per trial, not per step
+    assert all("in the background: %amp_stop" in p for p in panels)  # how to stop it, kept
     final = [d["text/html"] for d in published[2:] if 'class="amp-search"' in d["text/html"]]
     assert final and 'img class="amp-chart"' in final[-1] and "<svg" not in final[-1]
     assert any('class="amp-dashboard"' in d["text/html"] for d in published[2:])

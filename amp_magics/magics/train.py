@@ -505,14 +505,14 @@ def _check_modes(args) -> None:
 
 def _names(job) -> set:
     """A background run's name; a search's, and its trials' runs'."""
-    if hasattr(job, "history"):
+    if getattr(job, "kind", None) != "search":
         return {job.name}
     return {job.name} | {t.run.name for t in list(job.trials) if t.run is not None}
 
 
 def _how_far(job) -> str:
     """ "12 steps"; a search: "3 finished trials" """
-    if hasattr(job, "history"):
+    if getattr(job, "kind", None) != "search":
         return f"{len(job.history)} steps"
     return f"{len(job.finished)} finished trial{'s' * (len(job.finished) != 1)}"
 
@@ -566,6 +566,7 @@ class _TrialsPanel:
 
         self.text = isinstance(view, ConsoleReporter)
         self.found = None
+        self.note = ""  # above every redraw while it runs: how to stop a background search
         self.live = None if self.text or first is None else _live_html(first)
 
     def start(self, found, background: bool = False) -> None:
@@ -580,8 +581,9 @@ class _TrialsPanel:
         from ..formatting import escape
         from ..views.trials import trials_html
 
-        note = f'<p style="opacity:.75">in the background: {escape(stop)}</p>' if stop else ""
-        self.live = _live_html(note + trials_html(found, live=True))
+        self.note = f'<p style="opacity:.75">in the background: {escape(stop)}</p>' if stop \
+            else ""
+        self.live = _live_html(self.note + trials_html(found, live=True))
 
     def __call__(self, found, trial=None) -> None:
         self.found = found
@@ -594,7 +596,7 @@ class _TrialsPanel:
             return
         from ..views.trials import trials_html
 
-        self.live.update(trials_html(found, live=True))
+        self.live.update(self.note + trials_html(found, live=True))
 
     def close(self, keep: bool = False, table: bool = True) -> None:
         """Removed (the cell's result shows the trials), or with `keep` left as a static
