@@ -185,7 +185,8 @@ class Training:
         self.merge_ranks: Callable[[list, list], tuple[list, list]] | None = None
         # a rank other than 0 takes part in each checkpoint's merge without writing it
         self.writes_checkpoints = True
-        self.saved_at: int | None = None  # the step of the last checkpoint written
+        # the last checkpoint written: (its step, the validation passes it holds)
+        self.saved: tuple[int, int] | None = None
         # a forked rank leaves saying where the objects stand to the notebook process
         self.says_where_held = True
 
@@ -232,7 +233,7 @@ class Training:
             agreed = self.stop_check is not None  # an interrupt stopped every rank together
             if self.merge_ranks is not None and (status == "finished" or agreed):
                 self._adopt_merged_history()
-            if self.options.checkpoint and self.saved_at != self.step:
+            if self.options.checkpoint and self.saved != (self.step, len(self.run.val_history)):
                 with self.step_lock:
                     self._save_checkpoint()
         except KeyboardInterrupt:
@@ -398,13 +399,14 @@ class Training:
             save_checkpoint(self.options.checkpoint, self.objects, step=self.step, epoch=epoch,
                             batches_in_epoch=batches, epoch_rng=epoch_rng, history=history,
                             val_history=val_history)
-        self.saved_at = self.step
+        self.saved = (self.step, len(val_history))
 
     def _adopt_merged_history(self) -> None:
         """Every rank ended training at the same step: from here on (the final checkpoint,
         the views' end) the history is the one merged over ranks. The views first get this
         rank's own last records (a parent process merges those itself). A checkpoint
-        written at this step already holds the same merged history: it is not written again."""
+        written at this step, before no later validation pass, holds the same merged history:
+        it is not written again."""
         self.books.refresh(self.step)
         run = self.run
         run.history, run.val_history = self.merge_ranks(run.history, run.val_history)
