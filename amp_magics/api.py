@@ -93,8 +93,8 @@ def find_batch_size(step_fn: Callable[..., Any], *, max_size: Optional[int] = No
     DataLoader, or a Dataset: from 1), halving while it does not fit, doubling while it fits
     (up to `max_size`), then bisecting; each trial trains 3 whole optimizer steps from the
     same starting state on the loader re-made with that size (its sampler, collate_fn, workers
-    and generator kept). It fits when its peak memory leaves `headroom` percent (default 10)
-    of the device's memory free (or of `max_memory`: "6GiB", "80%"); out of memory is
+    and generator kept). It fits when its peak memory leaves `headroom` percent (default 10;
+    the finding's `.headroom` is that share, 0.1) of the device's memory free (or of `max_memory`: "6GiB", "80%"); out of memory is
     recognised by type and cleaned up.
     `compare="fp32,bf16"` answers for each precision. Returns a BatchSizeFinding: `.batch_size`,
     `.trials`, `.searches` (per precision), `.loader` (re-made with the answer). Everything is

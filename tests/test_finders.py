@@ -176,6 +176,8 @@ def test_everything_is_as_before_however_it_ends(finder, ending):
                                   scaler=scaler, scheduler=scheduler, progress=False)
     if ending == "interrupted":  # outside IPython, Ctrl-C goes on, carrying the finding
         finding = stopped.value.finding
+        assert finding.stop_reason == {"lr": "interrupted after 4 steps",
+                                       "batch size": "interrupted by the user"}[finder]
     if ending != "failed":
         assert finding.status == ending
     assert_unchanged(before, everything(model, opt, scheduler, data, scaler))
@@ -495,9 +497,11 @@ def test_headroom_is_the_users_to_choose():
                                            headroom=h, progress=False) for h in (None, "20%")}
     assert found[None].batch_size == 32 and found["20%"].batch_size < 32
     assert "80% of --max-memory" in repr(found["20%"])
-    with pytest.raises(AmpUsageError, match="--headroom 100: give the share"):
-        amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
-                                   headroom=100, progress=False)
+    for headroom, message in ((100, "--headroom 100: give the share"),
+                              (0.2, "a percentage, e.g. 20")):
+        with pytest.raises(AmpUsageError, match=message):
+            amp_magics.find_batch_size(step, model=model, optimizer=opt, data=loader,
+                                       headroom=headroom, progress=False)
 
 
 def test_the_loader_keeps_its_sampler_collate_fn_and_generator():

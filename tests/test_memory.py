@@ -90,7 +90,7 @@ def test_tensors_traced_by_torch_compile_are_not_probed(recwarn):
     model = torch.nn.Linear(4, 4)
     counter = SavedForBackward(model)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        x = mode.from_tensor(torch.randn(2, 4))
+        x = mode.from_tensor(torch.randn(2, 4, requires_grad=True))
         with counter.watching(x) as saved:
             torch.relu(x * 2).sum()
             torch.relu(torch.randn(2, 4, requires_grad=True)).sum()  # fake as well, in the mode

@@ -97,11 +97,14 @@ def headroom_share(value: str | float | None) -> float:
     """--headroom PCT ("20%", "20" or 20) as a share of the limit; None: HEADROOM."""
     if value is None:
         return HEADROOM
-    text = str(value).strip().removesuffix("%")
+    text = str(value).strip()
     try:
-        percent = number(text)
+        percent = number(text.removesuffix("%"))
     except ValueError:
         percent = math.nan
+    if 0 < percent < 1 and not text.endswith("%"):  # 0.2 meant as a share would be 0.2%
+        raise AmpUsageError(f"--headroom {value}: a percentage, e.g. 20 or '20%' for a fifth; "
+                            f"write '{percent:g}%' if you mean {percent:g} percent")
     if not 0 <= percent < 100:
         raise AmpUsageError(f"--headroom {value}: give the share of memory to leave free as a "
                             "percentage from 0 to below 100, e.g. 20%")
