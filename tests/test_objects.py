@@ -184,3 +184,19 @@ def test_a_loan_lets_go_however_it_ends(monkeypatch):
         with objects.borrowed("tool"):
             pass
     objects.claim("free again").release()
+
+
+def test_a_loan_let_go_by_unloading_does_not_put_back_over_the_next_owner():
+    """Unloading the extension frees every claim while a background tool may still finish its
+    step; by the time it ends, the model may be another run's: it is not restored then."""
+    from amp_magics.ownership import release_all
+
+    objects = make_objects()
+    with objects.borrowed("a background search", loader()):
+        release_all()  # %unload_ext
+        following = objects.claim("the next run")
+        with torch.no_grad():
+            objects.model[0].weight.fill_(3.0)  # the next owner trains it
+        trained = objects.model[0].weight.detach().clone()
+    assert torch.equal(objects.model[0].weight, trained)
+    following.release()

@@ -90,7 +90,8 @@ class TrainingObjects:
             try:
                 yield loan
             finally:
-                loan.returned.restore()
+                if not claim.released:  # else the extension was unloaded: no longer ours
+                    loan.returned.restore()
         finally:
             claim.release()
 
