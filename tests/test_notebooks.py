@@ -41,6 +41,10 @@ EXPECTED = {
         ("--study digits --trials 8", "trial 8 of 8"),
         ("--study digits --trials 12", "trial 12 of 12"),
         ("print(study.progress())", "trial 12 of 12"),
+        ("--trials 13 --background", "digits3[lr="),
+        ("%amp_stop", "FAIL"),
+        ("%amp_stop", "(interrupted: tried again first on resume)"),
+        ("--trials 13 -o study", "trial 13 of 13"),
         ("print(showdown)", "bf16: "),
     ],
     "03_memory_inspection": [

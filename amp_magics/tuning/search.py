@@ -330,7 +330,7 @@ class TrialWatch(View):
         self.record.reports.append((step, value))
         if self.trial.should_prune():
             self._prune(run, f"pruned at step {step}: {self.field} {value:.4g} not among the "
-                             "better trials'")
+                             "better trials at that step")
 
     def _prune(self, run: Any, reason: str) -> None:
         if not self.pruned:
