@@ -87,14 +87,6 @@ def require_optuna() -> Any:
     return optuna
 
 
-def search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan, views: Sequence[View] = (),
-           on_trial: Callable[[Search, TrialRecord], None] | None = None) -> Search:
-    """Ask, train, tell until `plan.trials` trials finished (complete or pruned); the model
-    ends in its starting state, or with `keep_best` in the best trial's."""
-    __tracebackhide__ = True
-    return prepare_search(step_fn, options, plan, views, on_trial).execute()
-
-
 def prepare_search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan,
                    views: Sequence[View] = (),
                    on_trial: Callable[[Search, TrialRecord], None] | None = None) -> Searching:
@@ -401,9 +393,11 @@ def _describe(study: Any, plan: SearchPlan, options: TrainOptions, every: int) -
     warmup = 2 * every
     reports = f"every {every} steps"
     if options.val is not None:  # the validation loss exists only at epoch ends
-        reports = "at each epoch end (with --val" + (
-            "" if plan.report_every is None else f"; --report-every {plan.report_every} " + (
-                "is not used" if plan.prune == "none" else "sets only the warm-up")) + ")"
+        given = ""
+        if plan.report_every is not None:
+            given = f"; --report-every {plan.report_every} " + (
+                "is not used" if plan.prune == "none" else "sets only the warm-up")
+        reports = f"at each epoch end (with --val{given})"
     if plan.prune == "hyperband":  # no startup trials: its brackets start at once
         when = f"successive halving from {warmup} steps (its minimum resource)"
     else:
