@@ -148,7 +148,7 @@ def records_html(records: Sequence[dict], caption: str = "", highlight: int | No
 
 
 def summary_table_html(rows: Sequence[tuple[str, str]]) -> str:
-    """A two-column table of label and value (e.g. Run.summary_rows())."""
+    """A two-column table of label and value (e.g. views/run_summary.summary_rows)."""
     cells = "".join(
         f'<tr><th style="text-align:left;font-weight:600;padding:1px 16px 1px 0;'
         f'vertical-align:top">{escape(k)}</th>'

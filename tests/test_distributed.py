@@ -20,6 +20,7 @@ from torch.multiprocessing import start_processes
 
 import amp_magics
 from amp_magics.distributed.launcher import RankFailed
+from amp_magics.views.run_summary import peak_memory_source
 from recipes import assert_same_state, make_data, make_model, plain
 
 BODY = "x, y = batch\nloss = F.cross_entropy(model(x), y)"
@@ -115,7 +116,7 @@ def test_two_processes_equal_a_hand_written_ddp_loop(nb, tmp_path, dtype):
     ranks = run.rank_peaks("rss")
     assert sorted(ranks) == [0, 1] and run.summary["peak_memory"] == max(ranks.values())
     assert re.search(r"the highest of 2 ranks: rank 0 [\d.]+ MiB, rank 1 [\d.]+ MiB",
-                     run.peak_memory_source())
+                     peak_memory_source(run))
     last = run.memory[-1]
     assert last["rss all ranks"] == last["rss rank0"] + last["rss rank1"] > last["rss"]
     assert no_children_left()

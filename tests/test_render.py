@@ -10,6 +10,7 @@ import pytest
 
 import amp_magics
 
+from amp_magics.views.run_summary import summary_rows
 from amp_magics.views.charts import (
     FADED_OPACITY,
     DashboardView,
@@ -556,13 +557,13 @@ def test_header_and_summary_show_the_same_rates_in_one_format():
     header = re.search(r"samples/s</span> <b>([^<]+)</b>", page).group(1)
     per_step = re.search(r"steps/s</span> <b>([^<]+)</b>", page).group(1)
     assert "(mean over the run)" in page
-    summary = dict(run.summary_rows())["throughput (mean over the run)"]
+    summary = dict(summary_rows(run))["throughput (mean over the run)"]
     assert summary == f"{header} samples/s, {per_step} steps/s"
     assert re.fullmatch(r"\d{1,3}(,\d{3})*", header), header  # 11,695, not 1.17e+04
     live = build_view(run, _Columns(run).update(), [], final=False)
     assert (live.samples_per_s, live.steps_per_s) == run.rates(last=50)
-    assert "peak memory" in dict(run.summary_rows())
-    assert dict(run.summary_rows())["peak memory"].endswith("(process RSS, highest sample)")
+    assert "peak memory" in dict(summary_rows(run))
+    assert dict(summary_rows(run))["peak memory"].endswith("(process RSS, highest sample)")
 
 
 def test_a_picture_reads_as_text_in_a_terminal():

@@ -14,6 +14,7 @@ from amp_magics.tensors import batch_placer, batch_size, tensors_in, to_device
 from amp_magics.errors import AmpUsageError
 from amp_magics.precision import PrecisionError, resolve
 from amp_magics.training.run import Run
+from amp_magics.views.run_summary import run_html
 from recipes import make_data, make_model
 
 
@@ -60,7 +61,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_repr_html_escapes_user_strings():
     run = quick_run(dtype="fp32", name="<img src=x onerror=alert(1)>")
-    page = run._repr_html_()
+    page = run_html(run)
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "steps" in repr(run) and run.name in repr(run)
 

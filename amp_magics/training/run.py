@@ -1,7 +1,8 @@
 """The result of one training run: its history, summary and persistence.
 
 Plain data: no torch tensors are kept here (the engine drains them to floats), so a Run
-can be saved as JSON, read back in another process, and compared across runs.
+can be saved as JSON, read back in another process, and compared across runs. How it reads
+as HTML is views/run_summary.py's (shown through IPython's formatters, views/display.py).
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_write
-from ..formatting import (escape, format_bytes, format_duration, format_number,
-                          format_setting, format_value, summary_table_html)
+from ..formatting import format_setting, format_value
 
 if TYPE_CHECKING:
     import torch
@@ -186,53 +186,6 @@ class Run:
                 setattr(run, field, data[field])
         return run
 
-    # -- display -------------------------------------------------------------------
-    def summary_rows(self) -> list[tuple[str, str]]:
-        s = self.summary
-        rows = [
-            ("run", s["name"]),
-            ("status", s["status"] + (f" ({self.error})" if self.error else "")),
-            ("device / dtype", f"{s['device']} / {s['dtype']}"),
-            ("steps", f"{s['steps']} ({s['skipped_steps']} skipped)"),
-            ("final loss", format_value(s["final_loss"])),
-            ("best loss", format_value(s["best_loss"])),
-        ]
-        if s["final_val_loss"] is not None:
-            rows.append(("val loss (final / best)",
-                         f"{format_value(s['final_val_loss'])} / "
-                         f"{format_value(s['best_val_loss'])}"))
-        if s["final_scale"] is not None:
-            scale = s["final_scale"]
-            power = f" (2^{math.log2(scale):.0f})" if scale > 0 and math.log2(scale).is_integer() else ""
-            rows.append(("final loss scale", f"{scale:g}{power}"))
-        rows += [
-            ("wall time", f"{s['wall_time']:.2f} s"),
-        ]
-        if self.compiles:
-            rows.append(("compile time (not in the throughput)",
-                         f"{s['compile_seconds']:.2f} s, {self.compiles} graph"
-                         f"{'s' * (self.compiles != 1)} ({self.recompiles} recompiled)"))
-        rows += [
-            ("throughput (mean over the run)",
-             f"{format_number(s['samples_per_s'])} samples/s, "
-             f"{format_number(s['steps_per_s'])} steps/s"),
-            ("peak memory", f"{format_bytes(s['peak_memory'])} ({self.peak_memory_source()})"
-             if s["peak_memory"] is not None else "-"),
-        ]
-        rows += [("alarm", a) for a in self.alarms]
-        rows += [("note", n) for n in self.notes]
-        return rows
-
-    def peak_memory_source(self) -> str:
-        """What `summary["peak_memory"]` measured; in a --nproc run, each rank's too."""
-        key = "peak" if any(m.get("peak") is not None for m in self.memory) else "rss"
-        source = "CUDA allocator peak" if key == "peak" else "process RSS, highest sample"
-        ranks = self.rank_peaks(key)
-        if len(ranks) < 2:
-            return source
-        each = ", ".join(f"rank {r} {format_bytes(v)}" for r, v in ranks.items())
-        return f"{source}, the highest of {len(ranks)} ranks: {each}"
-
     def rank_peaks(self, key: str) -> dict[int, int]:
         """rank -> the highest of its `key` samples ("rss rank1"), for a --nproc run."""
         peaks: dict[int, int] = {}
@@ -247,18 +200,3 @@ class Run:
         s = self.summary
         return (f"<Run {self.name!r} {self.status}: {s['steps']} steps, "
                 f"loss {format_value(s['final_loss'])}, {self.precision} on {self.device}>")
-
-    def _repr_html_(self) -> str:
-        if self.status == "running":
-            started = time.strftime("%H:%M:%S", time.localtime(self.started))
-            return (f"<p>Run <b>{escape(self.name)}</b> started at {started}; the dashboard "
-                    "shows it live and keeps its final picture. Stop it with "
-                    "<code>%amp_stop</code> or the Stop button.</p>")
-        return summary_table_html(self.summary_rows())
-
-    def ended_html(self) -> str:
-        """One sentence for where the running notice was: how the run ended."""
-        s = self.summary
-        return (f"<p>Run <b>{escape(self.name)}</b> {escape(self.status)}: {s['steps']:,} "
-                f"steps ({s['skipped_steps']} skipped) in {format_duration(s['wall_time'])}, "
-                f"final loss {escape(format_value(s['final_loss']))}.</p>")

@@ -22,6 +22,7 @@ from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
 from .finder import finding_html
+from .run_summary import ended_html, run_html, summary_rows
 from ..formatting import format_number, format_setting
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def build_view(run: Run, columns: _Columns, earlier: list[charts.RunTrace],
         epoch=run.epoch + 1, epochs=epochs, samples_per_s=samples_per_s,
         steps_per_s=steps_per_s, rate_window=window if h else "",
         lr=h[-1]["lr"] if h else None, elapsed=run.wall_time, eta=eta, alarms=list(run.alarms),
-        summary=run.summary_rows() if (final if summary is None else summary) else None)
+        summary=summary_rows(run) if (final if summary is None else summary) else None)
 
 
 def overlay_html(runs: Sequence[Run]) -> str:
@@ -220,9 +221,9 @@ def display_run(run: Run) -> None:
     from IPython.display import display
 
     if run.done:
-        display({"text/plain": repr(run), "text/html": run._repr_html_()}, raw=True)
+        display({"text/plain": repr(run), "text/html": run_html(run)}, raw=True)
         return
-    handle = display({"text/plain": repr(run), "text/html": run._repr_html_()}, raw=True,
+    handle = display({"text/plain": repr(run), "text/html": run_html(run)}, raw=True,
                      display_id=True)
     if handle is None:
         return
@@ -237,7 +238,7 @@ def end_notices(run: Run) -> None:
     with _NOTICES_LOCK:
         handles = _NOTICES.pop(run, [])
     for handle in handles:
-        handle.update({"text/plain": repr(run), "text/html": run.ended_html()}, raw=True)
+        handle.update({"text/plain": repr(run), "text/html": ended_html(run)}, raw=True)
 
 
 class Dashboard(View):
