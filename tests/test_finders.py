@@ -244,6 +244,9 @@ def test_the_rules_on_a_known_curve():
     assert 1e-4 < found["valley"] < lowest
     assert set(found) == {"valley", "steep", "minimum/10", "slide"}
     assert suggestions([1e-3], [1.0]) == {}
+    # steep as fastai picks it: the lr where the steepest segment starts
+    assert suggestions([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], [3, 2.9, 2.8, 1.0, 0.9, 5])[
+        "steep"] == 1e-2
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -158,7 +158,7 @@ def _valley(lrs: list[float], losses: list[float]) -> float:
 def _steep(lrs: list[float], losses: list[float]) -> float:
     slopes = [(b - a) / (math.log(y) - math.log(x))
               for a, b, x, y in zip(losses, losses[1:], lrs, lrs[1:])]
-    return lrs[slopes.index(min(slopes)) + 1]
+    return lrs[slopes.index(min(slopes))]  # the segment's start, as fastai's steep
 
 
 def _slide(lrs: list[float], losses: list[float], lr_diff: int = 15,
