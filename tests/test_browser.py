@@ -428,6 +428,11 @@ def test_the_status_bar_setting_hides_it_without_a_gpu(journey):
         _check_status_bar_settings(journey)
 
 
+def test_the_status_bar_reads_every_gpu_the_server_reports(journey, monkeypatch):
+    with journey.scenario("status bar with GPUs", needs="status bar"):
+        _check_status_bar_with_gpus(journey, monkeypatch)
+
+
 def test_stop_leaves_a_static_snapshot_and_the_notice_says_how_it_ended(journey):
     with journey.scenario("stopped", needs="live"):
         _check_stopped(journey)
@@ -680,6 +685,41 @@ def _check_status_bar_settings(journey: Journey):
         context.close()
         lab.api("PUT", plugin, {"raw": "{}"})
     assert journey.page.locator(".amp-magics-status").is_visible()  # the first page: as it was
+
+
+def _check_status_bar_with_gpus(journey: Journey, monkeypatch):
+    """No GPU here: the server's answer for two GPUs (made by the server's own code from the
+    faked NVML the server tests use) is routed to a page of its own, so the item's GPU text,
+    its tooltip and the panel's table are drawn by the front end as a machine with GPUs
+    would draw them."""
+    from amp_magics.lab.status import payload
+    from amp_magics.system import gpu
+    from fake_nvml import FakeNvml, a100, h100
+
+    monkeypatch.setattr(gpu, "_nvml_state", (FakeNvml([a100(utilization=43), h100(
+        utilization=37)]), None))
+    answer = json.dumps(payload(gpu.probe(), {}))
+    lab = journey.lab
+    context = journey.page.context.browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    try:
+        page.route("**/api/amp_magics/v1/status*", lambda route: route.fulfill(
+            status=200, content_type="application/json", body=answer))
+        page.goto(f"{lab.base}/lab/workspaces/gpu-check?reset&token={lab.token}")
+        item = page.locator(".amp-magics-status")
+        page.wait_for_function("() => document.querySelector('.amp-magics-status')"
+                               "?.textContent.startsWith('2 GPUs')", timeout=30_000)
+        assert item.inner_text() == "2 GPUs 40% · 24.0/160 GiB", item.inner_text()
+        tooltip = item.get_attribute("title").splitlines()
+        assert tooltip == ["GPU 0 NVIDIA A100-SXM4-80GB: 43%, 12.0/80.0 GiB, 54 °C, 250/400 W",
+                           "GPU 1 NVIDIA H100 80GB HBM3: 37%, 12.0/80.0 GiB, 54 °C, 250/700 W"]
+        item.click()
+        panel = page.locator(".amp-magics-panel")
+        panel.wait_for(timeout=10_000)
+        table = panel.locator("table").first.inner_text()
+        assert "NVIDIA A100-SXM4-80GB" in table and "NVIDIA H100 80GB HBM3" in table
+    finally:
+        context.close()
 
 
 def _check_stopped(journey: Journey):
