@@ -566,6 +566,11 @@ UNEVEN_SCRIPT = textwrap.dedent("""
     if dist.get_rank() == 0:
         torch.save(model.state_dict(), {out!r})
         print("\\n".join(run.notes))
+    listed = amp_magics.train(lambda b: F.cross_entropy(ddp(b[0]), b[1]), model=ddp,
+                              optimizer=opt, data=make_data(n=16)[:7], dtype="bf16",
+                              progress=False)  # 7 batches for 2 ranks: the 7th to none
+    if dist.get_rank() == 0:
+        print("LIST", listed.status, len(listed.history), listed.notes[-1])
     del ddp
     dist.destroy_process_group()
 """)
@@ -578,6 +583,7 @@ def test_torchrun_with_an_uneven_stream_and_the_scripts_own_ddp_model(tmp_path):
         done.stdout, done.stdout[-2000:]
     ref = reference(tmp_path, torch.bfloat16, make_data(n=16)[:6])
     assert_same_state(torch.load(out), ref["model"])
+    assert "LIST finished 3 the last 1 batch(es) of the epoch went to no rank" in done.stdout
 
 
 AGAIN_SCRIPT = textwrap.dedent("""
