@@ -383,7 +383,8 @@ def test_a_background_search_draws_its_trials_and_the_running_trials_dashboard(
     assert run is None and view.stoppable and view.on_stop == found.request_stop
     assert in_the_cell == 2 and all(
         "application/vnd.jupyter.widget-view+json" in d for d in published[:2])
-    assert [p.split(" · ")[0].rsplit(">", 1)[-1] for p in panels] == [
+    after_each = [p for p in panels if "RUNNING" not in p]  # (a slow trial: also while it runs)
+    assert [p.split(" · ")[0].rsplit(">", 1)[-1] for p in after_each] == [
         "trial 1 of 2", "trial 2 of 2"]  # redrawn once per trial, not per step
     assert all("in the background: %amp_stop" in p for p in panels)  # how to stop it, kept
     final = [d["text/html"] for d in published[2:] if 'class="amp-search"' in d["text/html"]]
@@ -444,3 +445,23 @@ def test_an_error_around_a_trial_ends_the_search_saying_so_with_nothing_running(
     with pytest.raises(type(error)):
         searching.execute()
     assert searching.result.status == status
+
+
+def test_the_panel_draws_the_running_trials_curve_as_it_trains(nb, monkeypatch):
+    from amp_magics.magics import train as magic
+    from amp_magics.views import dashboard
+
+    panels = []
+    nb.user_ns["time"] = time
+    monkeypatch.setattr(dashboard.LiveHtml, "update", lambda self, html: panels.append(html))
+    monkeypatch.setattr(magic._TrialsPanel, "REDRAW_SECONDS", 0.0)  # at every refresh
+    magics = nb.magics_manager.registry["AmpMagics"]
+    magics.view = "dashboard"
+    try:
+        nb.run('%%amp_train --dtype bf16 --seed 3 --search "lr=0.01" --sampler grid --trials 1 '
+               f"--epochs 30 --report-every 2 --refresh 0.01 -o found\n{SLOW_BODY}")
+    finally:
+        magics.view = "text"
+    running = [p for p in panels if ">RUNNING<" in p]
+    assert running, "no redraw while the trial trained"
+    assert 'class="amp-search"' in running[-1] and ">trial 0<" in running[-1]  # its curve

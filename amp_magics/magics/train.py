@@ -20,6 +20,7 @@ from traitlets import Enum, Float, Unicode
 from ..formatting import format_bytes
 from ..training import registry
 from ..training.options import DIAGNOSIS, DISPLAY, Option, OptionSpec, option_specs
+from ..training.view import View
 from ..tuning.plan import SearchPlan
 from .args import generated_flags, parse
 from .notebook import CellStep, resolve_objects, usage_errors
@@ -298,7 +299,8 @@ class AmpMagics(Magics):
         panel = _TrialsPanel(view)
         with usage_errors():  # from here on the search owns the model
             searching = prepare_search(step, options, plan,
-                                       self._with_kernel_views([] if text else [view]), panel)
+                                       self._with_kernel_views([] if text else [view, panel]),
+                                       panel)
         found = searching.result
         if args.output:
             self.shell.user_ns[args.output] = found
@@ -556,16 +558,20 @@ class _LivePanel:
             self.live.close()
 
 
-class _TrialsPanel:
+class _TrialsPanel(View):
     """A sweep's or a search's trials so far, as views/trials.py draws them (one curve per
     trial, progress, table): a live panel above the running trial's dashboard, redrawn after
-    each trial; a line per trial in a terminal (a sweep: its progress line)."""
+    each trial and, as a view of a search's trials, while one trains (its curve so far, at
+    most every REDRAW_SECONDS); a line per trial in a terminal (a sweep: its progress line)."""
+
+    REDRAW_SECONDS = 2.0
 
     def __init__(self, view, first: str | None = None):
         from ..views.reporter import ConsoleReporter
 
         self.text = isinstance(view, ConsoleReporter)
         self.found = None
+        self.drawn = 0.0  # time.monotonic() of the last redraw
         self.note = ""  # above every redraw while it runs: how to stop a background search
         self.live = None if self.text or first is None else _live_html(first)
 
@@ -584,6 +590,7 @@ class _TrialsPanel:
         self.note = f'<p style="opacity:.75">in the background: {escape(stop)}</p>' if stop \
             else ""
         self.live = _live_html(self.note + trials_html(found, live=True))
+        self.drawn = time.monotonic()
 
     def __call__(self, found, trial=None) -> None:
         self.found = found
@@ -594,9 +601,18 @@ class _TrialsPanel:
                 ended = "" if found.status == "running" else f" · {found.status}"
                 print(found.progress() + ended, flush=True)
             return
+        self._draw()
+
+    def on_refresh(self, run: Any) -> None:
+        if self.live is not None and self.found is not None and \
+                time.monotonic() - self.drawn >= self.REDRAW_SECONDS:
+            self._draw()
+
+    def _draw(self) -> None:
         from ..views.trials import trials_html
 
-        self.live.update(self.note + trials_html(found, live=True))
+        self.drawn = time.monotonic()
+        self.live.update(self.note + trials_html(self.found, live=True))
 
     def close(self, keep: bool = False, table: bool = True) -> None:
         """Removed (the cell's result shows the trials), or with `keep` left as a static
