@@ -765,3 +765,40 @@ def test_a_rank_that_never_marked_is_behind_one_in_its_first_forward():
     board.stall(0.0, 5)
     stall = board.stall(6.0, 5)
     assert (stall.late, stall.step, stall.where) == ((1,), 0, "forward")
+
+
+HUNG_SCRIPT = textwrap.dedent("""
+    import os, sys, time, torch, torch.nn.functional as F
+    sys.path.insert(0, {tests!r})
+    import amp_magics
+    from recipes import make_data, make_model
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(make_model(), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch, step, epoch):
+        if step == 2 and os.environ["RANK"] == "1":
+            time.sleep(60)  # hangs before its forward
+        return F.cross_entropy(model(batch[0]), batch[1])
+    try:
+        amp_magics.train(step, model=model, optimizer=opt, data=make_data(n=16), dtype="bf16",
+                         timeout=3, progress=False)
+    except RuntimeError as e:
+        print(f"RANK {{os.environ['RANK']}} {{type(e).__name__}}: {{e}}", flush=True)
+        raise
+""")
+
+
+def test_under_torchrun_a_rank_that_keeps_the_others_waiting_is_named(tmp_path):
+    """No notebook process watches torchrun's ranks: the ranks that waited --timeout post
+    where they were to torchrun's store, and name the one that never came."""
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_SCRIPT.format(tests=TESTS))
+    started = time.monotonic()
+    done = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode != 0 and time.monotonic() - started < 60
+    assert "RANK 0 CollectiveTimeout: rank 1 did not arrive at step 2's forward within " \
+           "--timeout 3 s (rank 0 waited there for it)" in done.stdout, \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    assert no_children_left()

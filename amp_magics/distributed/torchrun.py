@@ -19,8 +19,10 @@ import torch.distributed as dist
 from ..tensors import StepFn
 from ..training.engine import prepare
 from ..training.options import TrainOptions
+from ..training.routing import before_each_call, routed_to
 from ..training.run import Run
 from ..training.view import View
+from .arrivals import StoreArrivals
 from .rank import RankContext, attach_rank, setup_rank
 
 
@@ -41,19 +43,21 @@ _groups_made = itertools.count()  # the same on every rank: each calls train() a
 
 
 @contextlib.contextmanager
-def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[None]:
+def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[Any]:
     """Join torchrun's process group, initialising it when the script has not (its
-    collectives then give up after `timeout` seconds). A group we make meets under keys of
-    its own in torchrun's store: a group made again later (another train(), the script's own
-    init_process_group) would otherwise read this one's stale addresses and hang."""
+    collectives then give up after `timeout` seconds), and yield the group's store (None for
+    the script's own group). A group we make meets under keys of its own in torchrun's store:
+    a group made again later (another train(), the script's own init_process_group) would
+    otherwise read this one's stale addresses and hang."""
     started = not dist.is_initialized()
+    store = None
     if started:
         store, rank, world = next(dist.rendezvous("env://"))
-        dist.init_process_group(
-            ctx.backend, store=dist.PrefixStore(f"amp_magics/{next(_groups_made)}", store),
-            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+        store = dist.PrefixStore(f"amp_magics/{next(_groups_made)}", store)
+        dist.init_process_group(ctx.backend, store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
     try:
-        yield
+        yield store
         if started:  # no rank closes its connections while another still uses them
             dist.barrier()
     finally:
@@ -133,7 +137,7 @@ class RankTraining:
 
     def execute(self) -> None:
         __tracebackhide__ = True
-        with joined_process_group(self.ctx, self.options.timeout):
+        with joined_process_group(self.ctx, self.options.timeout) as store:
             rank_options, release = setup_rank(self.options, self.ctx)
             try:
                 # Ctrl-C goes through the ranks' agreement, not the engine's own handler
@@ -142,8 +146,41 @@ class RankTraining:
                 self.run = training.run
                 attach_rank(training, rank_options, self.ctx)
                 training.stop_check = stop = AgreedStop(training.run, self.ctx)
-                with stop.handling_sigint(self.options.handle_sigint):
+                arrivals = self._arrivals(store, training, rank_options.model)
+                with stop.handling_sigint(self.options.handle_sigint), \
+                        _naming_the_late(arrivals, self.options.timeout):
                     training.execute()
                 stop.close()
             finally:
                 release()
+
+    def _arrivals(self, store: Any, training: Any, model: Any) -> StoreArrivals | None:
+        """Marks where this rank is, to name the ranks it waited for if a collective gives
+        up; only in a group we made (whose store we hold)."""
+        if store is None:
+            return None
+        arrivals = StoreArrivals(store, self.ctx.rank, self.ctx.world_size, self.options.timeout)
+        forward, training.amp.arrive = arrivals.marker(training)
+        if routed_to(model) is not None:  # ours: DDP's forward waits for the ranks too
+            before_each_call(model, forward)
+        return arrivals
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective gave up after --timeout, and the ranks that never came are known."""
+
+
+@contextlib.contextmanager
+def _naming_the_late(arrivals: StoreArrivals | None, timeout: float) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        stall = arrivals.stall() if arrivals is not None else None
+        if stall is None:
+            raise
+        late = " and ".join(f"rank {r}" for r in stall.late)
+        waiting = " and ".join(f"rank {r}" for r in stall.waiting)
+        raise CollectiveTimeout(
+            f"{late} did not arrive at step {stall.step}'s {stall.where} within --timeout "
+            f"{timeout:g} s ({waiting} waited there for it); torchrun's agent ends every "
+            f"rank. The collective's own error: {str(e).splitlines()[0]}") from e
