@@ -406,9 +406,7 @@ class DistributedTraining:
             self._receive(shared.channel)  # a rank ends only once its messages are read
             time.sleep(0.02)
         names = " and ".join(f"rank {r}" for r in late)
-        waiting = " and ".join(f"rank {r}" for r in stall.waiting)
-        lines = [f"{names} did not arrive at step {stall.step}'s {stall.where} within "
-                 f"--timeout {self.options.timeout:g} s ({waiting} waited there for it), so "
+        lines = [f"{stall.words(self.options.timeout)}, so "
                  f"{'it was' if len(late) == 1 else 'they were'} ended, and with "
                  f"{'it' if len(late) == 1 else 'them'} the run."]
         for rank in late:

@@ -166,21 +166,21 @@ class RankTraining:
         return arrivals
 
 
-class CollectiveTimeout(RuntimeError):
-    """A collective gave up after --timeout, and the ranks that never came are known."""
-
-
 @contextlib.contextmanager
 def _naming_the_late(arrivals: StoreArrivals | None, timeout: float) -> Iterator[None]:
+    """A collective that gave up after --timeout (gloo says it timed out; NCCL's watchdog
+    ends the process itself) gets a note naming the ranks this one waited for. The error
+    stays the one raised: a note, never a new error, so a failure of the step is never
+    blamed on another rank."""
     try:
         yield
     except RuntimeError as e:
-        stall = arrivals.stall() if arrivals is not None else None
-        if stall is None:
-            raise
-        late = " and ".join(f"rank {r}" for r in stall.late)
-        waiting = " and ".join(f"rank {r}" for r in stall.waiting)
-        raise CollectiveTimeout(
-            f"{late} did not arrive at step {stall.step}'s {stall.where} within --timeout "
-            f"{timeout:g} s ({waiting} waited there for it); torchrun's agent ends every "
-            f"rank. The collective's own error: {str(e).splitlines()[0]}") from e
+        timed_out = "timed out" in str(e).lower() or "timeout" in str(e).lower()
+        stall = arrivals.stall() if arrivals is not None and timed_out else None
+        if stall is not None:
+            note = f"amp_magics: {stall.words(timeout)}; torchrun's agent ends every rank"
+            if hasattr(e, "add_note"):
+                e.add_note(note)
+            else:  # Python before 3.11: in the message itself
+                e.args = (f"{e}\n{note}",)
+        raise
