@@ -617,14 +617,15 @@ class _TrialsPanel(View):
     def close(self, keep: bool = False, table: bool = True) -> None:
         """Removed (the cell's result shows the trials), or with `keep` left as a static
         snapshot, charts as images: a saved notebook keeps it."""
-        if self.live is None:
+        live, self.live = self.live, None  # a late refresh draws nothing
+        if live is None:
             return
         if keep and self.found is not None:
             from ..views.trials import trials_html
 
-            self.live.close(trials_html(self.found, table=table), self.found.progress())
+            live.close(trials_html(self.found, table=table), self.found.progress())
         else:
-            self.live.close()
+            live.close()
 
 
 def _live_html(html: str) -> Any:
