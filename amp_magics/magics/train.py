@@ -604,15 +604,15 @@ class _TrialsPanel(View):
         self._draw()
 
     def on_refresh(self, run: Any) -> None:
-        if self.live is not None and self.found is not None and \
-                time.monotonic() - self.drawn >= self.REDRAW_SECONDS:
+        if self.found is not None and time.monotonic() - self.drawn >= self.REDRAW_SECONDS:
             self._draw()
 
     def _draw(self) -> None:
         from ..views.trials import trials_html
 
-        self.drawn = time.monotonic()
-        self.live.update(self.note + trials_html(self.found, live=True))
+        live, self.drawn = self.live, time.monotonic()
+        if live is not None:
+            live.update(self.note + trials_html(self.found, live=True))
 
     def close(self, keep: bool = False, table: bool = True) -> None:
         """Removed (the cell's result shows the trials), or with `keep` left as a static
