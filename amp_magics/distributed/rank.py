@@ -53,8 +53,10 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
         release = _nothing_to_undo
     else:
         release = _route_through_ddp(options, ctx)
-    # a shuffled shard resumes with the checkpoint's epoch order
-    start_epoch = read_checkpoint(options.resume)["epoch"] if options.resume is not None else 0
+    # a shuffled shard resumes with the checkpoint's epoch order (only the epoch is read here:
+    # the weights stay on disk until the engine loads them)
+    start_epoch = (read_checkpoint(options.resume, mmap=True)["epoch"]
+                   if options.resume is not None else 0)
     return dataclasses.replace(
         options, data=shard(options.data, ctx, start_epoch), nproc=1,
         val=shard(options.val, ctx, training=False) if options.val is not None else None
