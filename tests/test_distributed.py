@@ -357,8 +357,9 @@ def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
                                         lost[0]), run.notes
 
 
-def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_path):
-    nb.user_ns["train_loader"] = data = make_data(n=16)
+def failure_of_a_rank_hung_at_step_2(nb, where):
+    """Rank 1 sleeps at step 2 under --timeout 3: the run fails naming it, where rank 0 had
+    got to (`where`) and the cell's line it was on, with every rank ended. Returns the run."""
     started = time.monotonic()
     with pytest.raises(RankFailed) as failed:
         nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 -o run\n"
@@ -366,12 +367,17 @@ def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_pat
                f"    time.sleep(600)\n{BODY}")
     took = time.monotonic() - started
     text = str(failed.value)
-    assert "rank 1 did not reach step 2's gradient exchange within --timeout 3 s " \
+    assert f"rank 1 did not reach step 2's {where} within --timeout 3 s " \
            "(rank 0 had got there and waited)" in text, text
     assert re.search(r"Where rank 1 was:\n.*line 3", text), text  # the cell's time.sleep
     assert 3 <= took < 30
     assert no_children_left()
-    run = nb.user_ns["run"]
+    return nb.user_ns["run"]
+
+
+def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_path):
+    nb.user_ns["train_loader"] = data = make_data(n=16)
+    run = failure_of_a_rank_hung_at_step_2(nb, "gradient exchange")
     assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     ref = reference(tmp_path, torch.bfloat16, data[:4])  # steps 0 and 1 completed
     assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
@@ -391,19 +397,7 @@ def test_a_rank_hung_before_its_forward_is_named_where_ddp_forward_waits(nb):
     model = bn_model()
     nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                       train_loader=make_data(n=16))
-    started = time.monotonic()
-    with pytest.raises(RankFailed) as failed:
-        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 -o run\n"
-               f"if step == 2 and int(os.environ['RANK']) == 1:\n"
-               f"    time.sleep(600)\n{BODY}")
-    took = time.monotonic() - started
-    text = str(failed.value)
-    assert "rank 1 did not reach step 2's forward within --timeout 3 s " \
-           "(rank 0 had got there and waited)" in text, text
-    assert re.search(r"Where rank 1 was:\n.*line 3", text), text
-    assert 3 <= took < 30
-    assert no_children_left()
-    run = nb.user_ns["run"]
+    run = failure_of_a_rank_hung_at_step_2(nb, "forward")
     assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     assert [r["step"] for r in run.history] == [0, 1]
 

@@ -156,14 +156,19 @@ def test_compiled_and_plain_models_share_checkpoints(tmp_path, saved_compiled):
     assert_same_state(resumed.state_dict(), straight.state_dict())
 
 
-def test_an_old_checkpoint_with_compiled_keys_still_loads(tmp_path):
-    ckpt = tmp_path / "old.pt"
+def checkpoint_of_two_steps(ckpt):
+    """(model, optimizer, the checkpoint's contents) after 2 steps saved to `ckpt`."""
     net = make_model()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]), model=net, optimizer=opt,
                      data=make_data(), dtype="bf16", steps=2, progress=False,
                      checkpoint=str(ckpt))
-    payload = torch.load(ckpt, weights_only=False)
+    return net, opt, torch.load(ckpt, weights_only=False)
+
+
+def test_an_old_checkpoint_with_compiled_keys_still_loads(tmp_path):
+    ckpt = tmp_path / "old.pt"
+    net, _, payload = checkpoint_of_two_steps(ckpt)
     payload["model"] = {f"_orig_mod.{k}": v for k, v in payload["model"].items()}
     torch.save(payload, ckpt)  # as earlier versions wrote it for torch.compile(net)
     fresh = make_model(seed=9)
@@ -192,12 +197,7 @@ class _RunsCodeWhenUnpickled:
 
 def test_a_checkpoint_holding_other_objects_is_refused_without_running_them(tmp_path, capsys):
     ckpt = tmp_path / "hostile.pt"
-    net = make_model()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]), model=net, optimizer=opt,
-                     data=make_data(), dtype="bf16", steps=2, progress=False,
-                     checkpoint=str(ckpt))
-    payload = torch.load(ckpt, weights_only=False)
+    net, opt, payload = checkpoint_of_two_steps(ckpt)
     payload["history"].append(_RunsCodeWhenUnpickled())
     torch.save(payload, ckpt)
     before = {k: v.clone() for k, v in net.state_dict().items()}
