@@ -357,19 +357,21 @@ def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
                                         lost[0]), run.notes
 
 
-def failure_of_a_rank_hung_at_step_2(nb, where):
-    """Rank 1 sleeps at step 2 under --timeout 3: the run fails naming it, where rank 0 had
-    got to (`where`) and the cell's line it was on, with every rank ended. Returns the run."""
+def failure_of_a_hung_rank(nb, point, hang="if step == 2 and int(os.environ['RANK']) == 1:",
+                           flags="", where_it_was=r"line 3"):
+    """Rank 1 sleeps under --timeout 3 (in the cell, at step 2, by default): the run fails
+    naming it, the `point` where rank 0 had got to and waited, and where rank 1 was (the
+    cell's time.sleep line), with every rank ended. Returns the run."""
     started = time.monotonic()
     with pytest.raises(RankFailed) as failed:
-        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 -o run\n"
-               f"if step == 2 and int(os.environ['RANK']) == 1:\n"
+        nb.run(f"%%amp_train --dtype bf16 --nproc 2 --timeout 3 {flags} -o run\n"
+               f"{hang}\n"
                f"    time.sleep(600)\n{BODY}")
     took = time.monotonic() - started
     text = str(failed.value)
-    assert f"rank 1 did not reach step 2's {where} within --timeout 3 s " \
+    assert f"rank 1 did not reach {point} within --timeout 3 s " \
            "(rank 0 had got there and waited)" in text, text
-    assert re.search(r"Where rank 1 was:\n.*line 3", text), text  # the cell's time.sleep
+    assert re.search(f"Where rank 1 was:\n.*{where_it_was}", text), text
     assert 3 <= took < 30
     assert no_children_left()
     return nb.user_ns["run"]
@@ -377,11 +379,40 @@ def failure_of_a_rank_hung_at_step_2(nb, where):
 
 def test_a_hung_rank_is_named_after_the_timeout_and_every_rank_ended(nb, tmp_path):
     nb.user_ns["train_loader"] = data = make_data(n=16)
-    run = failure_of_a_rank_hung_at_step_2(nb, "gradient exchange")
+    run = failure_of_a_hung_rank(nb, "step 2's gradient exchange")
     assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     ref = reference(tmp_path, torch.bfloat16, data[:4])  # steps 0 and 1 completed
     assert_same_state(nb.user_ns["model"].state_dict(), ref["model"])
     assert [r["step"] for r in run.history] == [0, 1]
+
+
+class HangingStream(torch.utils.data.IterableDataset):
+    """Each rank's half of `batches`; rank 1's read of its third batch never returns."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        rank = dist.get_rank()
+        for i, batch in enumerate(self.batches[rank::2]):
+            if rank == 1 and i == 2:
+                time.sleep(600)
+            yield batch
+
+
+def test_a_rank_hung_reading_its_stream_or_validating_at_the_end_is_named(nb):
+    """Where the others wait in a collective of ours, not DDP's: the check that every rank
+    has a batch of a stream, the history merge after the last epoch's validation."""
+    nb.user_ns["train_loader"] = torch.utils.data.DataLoader(HangingStream(make_data(n=16)),
+                                                             batch_size=None)
+    run = failure_of_a_hung_rank(nb, "step 2's batch check", hang="if False:",
+                                 where_it_was=r"test_distributed.py\", line \d+ in __iter__")
+    assert [r["step"] for r in run.history] == [0, 1]
+    nb.user_ns.update(train_loader=make_data(n=8), val_loader=make_data(n=4))
+    run = failure_of_a_hung_rank(
+        nb, "the history merge after 4 steps", flags="--val val_loader",
+        hang="if not torch.is_grad_enabled() and int(os.environ['RANK']) == 1:")
+    assert [r["step"] for r in run.history] == [0, 1, 2, 3]
 
 
 def bn_model():
@@ -397,7 +428,7 @@ def test_a_rank_hung_before_its_forward_is_named_where_ddp_forward_waits(nb):
     model = bn_model()
     nb.user_ns.update(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                       train_loader=make_data(n=16))
-    run = failure_of_a_rank_hung_at_step_2(nb, "forward")
+    run = failure_of_a_hung_rank(nb, "step 2's forward")
     assert run.status == "failed" and run.error == "rank 1 did not arrive (timeout)"
     assert [r["step"] for r in run.history] == [0, 1]
 
@@ -736,19 +767,19 @@ def test_the_rank_behind_is_named_by_where_it_stands_not_by_how_often_it_marked(
 
     board = ArrivalBoard(2, multiprocessing.get_context("fork"))
     steps = [SimpleNamespace(step=0, amp=SimpleNamespace(micro=0)) for _ in range(2)]
-    (forward0, exchange0), (forward1, exchange1) = (board.marker(r, steps[r]) for r in (0, 1))
+    marks = [board.marker(r, steps[r]) for r in (0, 1)]
     for step in range(3):  # both train steps 0..2; rank 0 calls the model twice per step
-        for r, (forward, exchange) in enumerate(((forward0, exchange0), (forward1, exchange1))):
+        for r, rank in enumerate(marks):
             steps[r].step = step
-            forward()
+            rank.forward()
             if r == 0:
-                forward()
-            exchange(step)
+                rank.forward()
+            rank.exchange(step)
     assert board.stall(0.0, 5) is None and board.stall(10.0, 5) is None  # a long pause
     steps[0].step = 3
-    forward0()
-    forward0()
-    exchange0(3)  # rank 1 hangs before its forward of step 3; rank 0 waits in the exchange
+    marks[0].forward()
+    marks[0].forward()
+    marks[0].exchange(3)  # rank 1 hangs before its forward of step 3; rank 0 waits there
     assert board.stall(20.0, 5) is None
     stall = board.stall(30.0, 5)
     assert (stall.late, stall.waiting, stall.step, stall.where) == ((1,), (0,), 3,
@@ -763,8 +794,8 @@ def test_a_rank_that_never_marked_is_behind_one_in_its_first_forward():
     from amp_magics.distributed.arrivals import ArrivalBoard
 
     board = ArrivalBoard(2, multiprocessing.get_context("fork"))
-    forward0, _ = board.marker(0, SimpleNamespace(step=0, amp=SimpleNamespace(micro=0)))
-    forward0()  # rank 1 hangs before its first forward; rank 0 waits in DDP's broadcast
+    board.marker(0, SimpleNamespace(step=0, amp=SimpleNamespace(micro=0))).forward()
+    # rank 1 hangs before its first forward; rank 0 waits in DDP's broadcast
     board.stall(0.0, 5)
     stall = board.stall(6.0, 5)
     assert (stall.late, stall.step, stall.where) == ((1,), 0, "forward")
@@ -809,6 +840,43 @@ def test_under_torchrun_a_rank_that_keeps_the_others_waiting_is_named(tmp_path):
     assert no_children_left()
 
 
+def test_a_rank_hung_in_its_validation_or_its_stream_is_behind_at_any_epoch_boundary():
+    """Across an epoch's end the step stands still: the stream's last check (which finds it
+    ended), the validation, the history merge of a checkpoint, the next epoch's first check
+    all come at the same step. The ranks are ordered by the points they passed, so a rank
+    hung in its validation is behind ranks waiting in the merge, and one hung reading the
+    next epoch's stream behind ranks waiting in its check."""
+    from types import SimpleNamespace
+
+    from amp_magics.distributed.arrivals import ArrivalBoard
+
+    def through_epoch(rank, steps):  # a stream's checks, then its end
+        for step in range(steps):
+            trainings[rank].step = step
+            marks[rank].batch()
+            marks[rank].forward()
+            marks[rank].exchange(step)
+        trainings[rank].step = steps
+        marks[rank].batch()  # finds the stream ended
+
+    board = ArrivalBoard(2, multiprocessing.get_context("fork"))
+    trainings = [SimpleNamespace(step=0, amp=SimpleNamespace(micro=0)) for _ in range(2)]
+    marks = [board.marker(r, trainings[r]) for r in range(2)]
+    for rank in (0, 1):
+        through_epoch(rank, 4)
+    marks[0].merge()  # rank 1 hangs in its validation; rank 0 waits in the merge
+    board.stall(0.0, 5)
+    stall = board.stall(6.0, 5)
+    assert (stall.late, stall.waiting, stall.where) == ((1,), (0,), "history merge")
+    assert stall.words(5).startswith("rank 1 did not reach the history merge after 4 steps ")
+    marks[1].merge()
+    marks[0].batch()  # the next epoch: rank 1 hangs reading its stream, rank 0 waits
+    assert board.stall(7.0, 5) is None
+    stall = board.stall(13.0, 5)
+    assert (stall.late, stall.step, stall.where) == ((1,), 4, "batch check")
+    assert "rank 1 did not reach step 4's batch check within" in stall.words(5)
+
+
 def test_a_rank_hung_within_an_accumulation_window_is_behind():
     """With --accum the ranks mark each micro-batch's forward and backward: a place counts
     the micro-batch too, so a rank stuck before micro-batch 2 is behind one at its last."""
@@ -820,11 +888,10 @@ def test_a_rank_hung_within_an_accumulation_window_is_behind():
     trainings = [SimpleNamespace(step=4, amp=SimpleNamespace(micro=0)) for _ in range(2)]
     marks = [board.marker(r, trainings[r]) for r in range(2)]
     for rank, micro_batches in ((0, 4), (1, 2)):  # rank 1 hangs before its 3rd micro-batch
-        forward, exchange = marks[rank]
         for micro in range(micro_batches):
             trainings[rank].amp.micro = micro
-            forward()
-            exchange(4)
+            marks[rank].forward()
+            marks[rank].exchange(4)
     board.stall(0.0, 5)
     stall = board.stall(6.0, 5)
     assert (stall.late, stall.step, stall.micro, stall.where) == ((1,), 4, 3,

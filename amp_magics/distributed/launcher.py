@@ -40,7 +40,6 @@ from ..training.engine import checked_views, finish_run, new_run, prepare, stop_
 from ..training.objects import TrainingObjects
 from ..training.options import TrainOptions
 from ..training.registry import register
-from ..training.routing import before_each_call
 from ..training.run import Run
 from ..training.scaler import persistent_scaler
 from ..training.telemetry import RunBooks
@@ -48,7 +47,7 @@ from ..training.view import View
 from . import protocol
 from .arrivals import ArrivalBoard, Stall
 from .merge import RecordMerger
-from .rank import RankContext, attach_rank, setup_rank
+from .rank import RankContext, attach_rank, mark_arrivals, setup_rank
 from .sharding import EvenStream, same_stream_on_every_rank
 from .torchrun import torchrun_command
 
@@ -233,10 +232,10 @@ def _worker(rank: int, world: int, port: int, device_type: str, shared: Shared,
             training = prepare(step_fn, rank_options, [protocol.RankRelay(shared.channel, rank)],
                                claim)
             training.stop_check = StopAgreement(shared.requested, shared.stop_at)
-            forward, training.amp.arrive = shared.board.marker(rank, training)
-            before_each_call(rank_options.model, forward)  # DDP's forward waits for the ranks
             training.says_where_held = False  # the notebook process knows which rank's it holds
             attach_rank(training, rank_options, ctx)
+            mark_arrivals(training, rank_options, shared.board.marker(rank, training),
+                          through_ddp=True)
             _note_unsharded_stream(training, rank_options.data, ctx)
             training.execute()
         except BaseException as e:

@@ -2,7 +2,7 @@
 each rank for its checkpoints and its end (under torchrun there is no notebook process)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -106,11 +106,14 @@ class MergedHistory:
         self.merger = RecordMerger(world, log_names, start)
         self.history, self.val_history = list(history), list(val_history)  # merged so far
         self.taken = (len(history), len(val_history))  # this rank's records merged so far
+        self.arrive: Callable[[], None] | None = None  # marks each merge (see arrivals)
 
     def __call__(self, history: list, val_history: list) -> tuple[list, list]:
         taken, val_taken = self.taken
         self.taken = (len(history), len(val_history))
         gathered: list = [None] * self.world
+        if self.arrive is not None:
+            self.arrive()
         dist.all_gather_object(gathered, (history[taken:], val_history[val_taken:]),
                                group=self.group)
         for rank, (records, val_records) in enumerate(gathered):

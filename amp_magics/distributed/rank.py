@@ -13,9 +13,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .._torch_compat import plain_module
 from ..training.checkpoint import read_checkpoint
 from ..training.options import TrainOptions
-from ..training.routing import route_through
+from ..training.routing import before_each_call, route_through
+from .arrivals import Marks
 from .merge import MergedHistory
-from .sharding import EvenStream, shard, strided_part
+from .sharding import EvenStream, Strided, shard, strided_part
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,32 @@ def attach_rank(training: Any, rank_options: TrainOptions, ctx: RankContext) -> 
     """Make a prepared Training one rank of several: what its data has to say (batches left
     out) goes into the run's notes, its history ends merged over every rank, and so is the
     history of each checkpoint, which every rank reaches and rank 0 writes."""
-    telling = rank_options.data if isinstance(rank_options.data, EvenStream) else \
-        strided_part(rank_options.data)
+    telling = _dealer(rank_options.data)
     if telling is not None:
         telling.notes = training.run.notes
     run = training.run  # a resumed run starts with the checkpoint's merged history
     training.merge_ranks = MergedHistory(ctx.world_size, rank_options.log, ctx.cpu_group(),
                                          training.step, run.history, run.val_history)
     training.writes_checkpoints = ctx.rank == 0
+
+
+def mark_arrivals(training: Any, rank_options: TrainOptions, marks: Marks,
+                  through_ddp: bool) -> None:
+    """Hand a rank's `marks` to each point where it waits for the others (after
+    attach_rank): its backwards, its data's checks, its history merges and, `through_ddp`,
+    its calls of the model."""
+    training.amp.arrive = marks.exchange
+    if through_ddp:
+        before_each_call(rank_options.model, marks.forward)
+    dealer = _dealer(rank_options.data)
+    if dealer is not None:
+        dealer.arrive = marks.batch
+    training.merge_ranks.arrive = marks.merge
+
+
+def _dealer(data: Any) -> EvenStream | Strided | None:
+    """What deals this rank its batches and has something to say or check, if anything."""
+    return data if isinstance(data, EvenStream) else strided_part(data)
 
 
 def _route_through_ddp(options: TrainOptions, ctx: RankContext) -> Callable[[], None]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +43,7 @@ class Strided:
     def __init__(self, data: Iterable, rank: int, world: int, agreed: bool = False):
         self.data, self.rank, self.world, self.agreed = data, rank, world, agreed
         self.notes: list[str] | None = None  # the Run's, told once what was left out
+        self.arrive: Callable[[], None] | None = None  # marks the check (see arrivals)
 
     def __len__(self) -> int:
         return len(self.data) // self.world  # type: ignore[arg-type]
@@ -53,6 +54,8 @@ class Strided:
         while True:
             chunk = list(itertools.islice(it, self.world))
             if first and self.agreed:
+                if self.arrive is not None:
+                    self.arrive()
                 _check_same_round(chunk, self.world)
                 first = False
             if len(chunk) < self.world:
@@ -87,6 +90,7 @@ class EvenStream:
         self.loader, self.rank, self.world = loader, ctx.rank, ctx.world_size
         self.group = ctx.cpu_group()
         self.notes: list[str] | None = None
+        self.arrive: Callable[[], None] | None = None  # marks each check (see arrivals)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -100,6 +104,8 @@ class EvenStream:
                 batch = next(it, _END)
                 have.zero_()
                 have[self.rank] = batch is not _END
+                if self.arrive is not None:
+                    self.arrive()
                 dist.all_reduce(have, group=self.group)
                 if not bool(have.all()):
                     self._note_uneven(have.tolist(), batches)

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from ..tensors import StepFn
 from ..training.engine import prepare
 from ..training.options import TrainOptions
-from ..training.routing import before_each_call, routed_to
+from ..training.routing import routed_to
 from ..training.run import Run
 from ..training.view import View
 from .arrivals import StoreArrivals
-from .rank import RankContext, attach_rank, setup_rank
+from .rank import RankContext, attach_rank, mark_arrivals, setup_rank
 
 
 def torchrun_command(script: str, world: int) -> str:
@@ -146,7 +146,7 @@ class RankTraining:
                 self.run = training.run
                 attach_rank(training, rank_options, self.ctx)
                 training.stop_check = stop = AgreedStop(training.run, self.ctx)
-                arrivals = self._arrivals(store, training, rank_options.model)
+                arrivals = self._arrivals(store, training, rank_options)
                 with stop.handling_sigint(self.options.handle_sigint), \
                         _naming_the_late(arrivals, self.options.timeout):
                     training.execute()
@@ -154,15 +154,16 @@ class RankTraining:
             finally:
                 release()
 
-    def _arrivals(self, store: Any, training: Any, model: Any) -> StoreArrivals | None:
+    def _arrivals(self, store: Any, training: Any, rank_options: TrainOptions
+                  ) -> StoreArrivals | None:
         """Marks where this rank is, to name the ranks it waited for if a collective gives
         up; only in a group we made (whose store we hold)."""
         if store is None:
             return None
         arrivals = StoreArrivals(store, self.ctx.rank, self.ctx.world_size, self.options.timeout)
-        forward, training.amp.arrive = arrivals.marker(training)
-        if routed_to(model) is not None:  # ours: DDP's forward waits for the ranks too
-            before_each_call(model, forward)
+        # through our DDP only: a script's own DDP has no route to mark its calls on
+        mark_arrivals(training, rank_options, arrivals.marker(training),
+                      through_ddp=routed_to(rank_options.model) is not None)
         return arrivals
 
 

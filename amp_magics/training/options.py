@@ -217,8 +217,8 @@ class TrainOptions:
                     "fails, naming the rank that did not arrive (default 300)",
         group=PROCESSES, metavar="S", parse=number, legend=False,
         doc="seconds the ranks wait for each other at a gradient exchange (or any collective) "
-            "before the run fails naming the rank that did not arrive and its step, every "
-            "process ended (default 300; joining the process group has its own 120 s)")
+            "before the run fails naming the rank that did not arrive and where the others "
+            "waited, every process ended (default 300; joining the process group has its own 120 s)")
     find_unused_parameters: bool = option(
         False, help="DDP's find_unused_parameters: for a model whose forward leaves some "
                     "parameters out of the loss", group=PROCESSES,
