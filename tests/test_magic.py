@@ -79,7 +79,8 @@ def test_step_and_epoch_are_bound(nb):
     ("--epochs 0", "--epochs must be a positive"),
     ("--steps -3", "--steps must be a positive"),
     ("--accum 0", "--accum must be a positive"),
-    ("--clip -1", "--clip must be a non-negative"),
+    ("--clip -1", "--clip must be a positive max gradient norm"),
+    ("--clip 0", r"no clipping\), got 0"),
     ("--dtype fp8", "invalid choice"),
     ("--frobnicate 3", "unrecognized arguments"),
     ("--init-scale banana", "invalid number value"),
@@ -87,6 +88,8 @@ def test_step_and_epoch_are_bound(nb):
     ("--init-scale -4 --dtype fp16", "--init-scale must be positive"),
     ("--data empty", "empty"),
     ("--scheduler model", "not an LR scheduler"),
+    ("--optimizer optimizer,optimizer", "the same optimizer, given twice"),
+    ('--sweep ""', "--sweep is empty"),
 ])
 def test_bad_flags_give_usage_errors(nb, flags, message):
     nb.user_ns["empty"] = []
@@ -365,6 +368,14 @@ def test_resume_of_a_missing_or_foreign_file(nb, tmp_path):
         nb.run(f"%%amp_train --resume {tmp_path / 'foreign.pt'}\n{BODY}")
     with pytest.raises(UsageError, match="--every N needs --checkpoint"):
         nb.run(f"%%amp_train --every 3\n{BODY}")
+    nb.run(f"%%amp_train --steps 1 --checkpoint {tmp_path / 'good.pt'}\n{BODY}")
+    whole = (tmp_path / "good.pt").read_bytes()
+    for name, content in (("empty.pt", b""), ("cut.pt", whole[:len(whole) // 2]),
+                          ("text.pt", b"hello\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UsageError, match=f"{name} is not a checkpoint: empty, cut short, or "
+                                             "not written by torch.save"):
+            nb.run(f"%%amp_train --resume {tmp_path / name}\n{BODY}")
 
 
 def test_out_of_memory_keeps_the_kernel_usable(nb, capsys):

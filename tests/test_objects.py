@@ -125,6 +125,29 @@ def test_state_dict_round_trips_into_fresh_objects():
             state)
 
 
+@pytest.mark.parametrize("misfit, message", [
+    ("groups", r"optimizer 1's parameter groups do not fit: it holds groups of \[2, 2\]"),
+    ("shape", r"0.weight has shape \(16, 8\), here \(16, 5\)"),
+    ("keys", r"missing \['2.bias', '2.weight'\], unexpected \['1.bias'"),
+])
+def test_a_state_that_does_not_fit_loads_nothing(misfit, message):
+    """torch checks each object as it loads it: a misfit found in the optimizer would come
+    after the weights had been overwritten."""
+    state = make_objects().state_dict()
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5 if misfit == "shape" else 8, 16),
+                                *([] if misfit == "keys" else [torch.nn.BatchNorm1d(16)]),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(16, 3))
+    params = list(model.parameters())
+    groups = [{"params": params}] if misfit == "groups" else \
+        [{"params": params[:2]}, {"params": params[2:]}]
+    objects = TrainingObjects(model, (torch.optim.AdamW(groups),))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        objects.load_state_dict(state)
+    assert_same_state(model.state_dict(), before)
+
+
 def test_claim_covers_the_model_its_parameters_and_the_rest():
     objects = make_objects(user_scaler=True)
     claim = objects.claim("first")

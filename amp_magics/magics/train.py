@@ -53,7 +53,7 @@ MAGIC_FLAGS = [
               "meanwhile. With `--search`, the whole search (`-o` gets the `Search`; Stop or "
               "`%amp_stop` ends it after the current step, that trial counted as "
               "interrupted)"),
-    _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0,1"',
+    _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0.5,1"',
           group=DIAGNOSIS, metavar="SPEC",
           doc='one run per setting, all from the same starting state: `"lr=1e-4,3e-4,1e-3"`, '
               'a grid with `;` (`"lr=1e-3,1e-2; weight_decay=0,0.01"`); keys: any numeric '
@@ -156,7 +156,7 @@ class AmpMagics(Magics):
             return self._find_batch_size(args, step, options)
         if hasattr(args, "space"):
             return self._search(args, step, options)
-        if args.sweep or args.compare:
+        if args.sweep is not None or args.compare:
             return self._several_runs(args, step, options)
         view = self._view(args, options.model)
         with usage_errors():  # from here on the run owns the model
@@ -212,11 +212,11 @@ class AmpMagics(Magics):
 
         view = self._view(args, options.model, several=True)
         options = dataclasses.replace(options, name=options.name or
-                                      ("sweep" if args.sweep else "compare"))
+                                      ("sweep" if args.sweep is not None else "compare"))
         panel = None
         try:
             with usage_errors():
-                if args.sweep:
+                if args.sweep is not None:
                     settings = sweep.parse_sweep(args.sweep, options.optimizers)
                     panel = _TrialsPanel(view, f"<p>setting 0 of {len(settings)}: the first "
                                                "is training...</p>")
@@ -481,7 +481,7 @@ def _check_modes(args) -> None:
             name = "--" + flag.replace("_", "-")
             raise UsageError(f"{name} goes with --find-batch-size: add it, or drop {name}")
     searches = hasattr(args, "space")
-    if getattr(args, "keep", "start") != "start" and not (searches or args.sweep):
+    if getattr(args, "keep", "start") != "start" and not (searches or args.sweep is not None):
         raise UsageError("--keep goes with --sweep or --search: add one, or drop --keep")
     plan_flags = [s.flag for s in option_specs(SearchPlan)
                   if hasattr(args, s.name) and s.name not in ("space", "keep")]
@@ -489,7 +489,7 @@ def _check_modes(args) -> None:
         raise UsageError(f"{', '.join(plan_flags)} go{'es' * (len(plan_flags) == 1)} with "
                          "--search: add it, or drop them")
     modes = [flag for flag, given in (("--find-batch-size", finds_batch_size),
-                                      ("--sweep", args.sweep),
+                                      ("--sweep", args.sweep is not None),
                                       ("--compare", args.compare and not finds_batch_size),
                                       ("--find-lr", args.find_lr), ("--search", searches)) if given]
     if not modes:

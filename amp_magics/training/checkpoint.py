@@ -37,9 +37,15 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     try:
         payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True,
                              mmap=mmap)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the system's words say what is wrong
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds objects other than tensors and plain values, which "
                          f"are not loaded (weights_only): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - torch's words for a broken file say little
+        raise ValueError(f"{path} is not a checkpoint: empty, cut short, or not written by "
+                         f"torch.save ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:100]})") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise ValueError(f"{path} is not an amp_magics checkpoint")
     if payload["format"] != FORMAT:

@@ -57,12 +57,10 @@ class TrainingObjects:
     def load_state_dict(self, state: dict, rng: bool = False) -> None:
         """Load what `state_dict()` wrote (the RNG only when asked: a resumed run restores it
         where the epoch it continues stood)."""
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError(f"it holds {len(state['optimizers'])} optimizer(s), this run has "
-                             f"{len(self.optimizers)}")
         model_state = state["model"]
         # files written by earlier versions while training a compiled model carry its prefix
         torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(model_state, "_orig_mod.")
+        self._check_fits(model_state, state["optimizers"])  # nothing is loaded from a misfit
         plain_module(self.model).load_state_dict(model_state)
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -72,6 +70,28 @@ class TrainingObjects:
             self.scheduler.load_state_dict(state["scheduler"])
         if rng:
             restore_rng(state["rng"])
+
+    def _check_fits(self, model_state: dict, optimizer_states: list) -> None:
+        """Raise ValueError where the states do not fit these objects, before any is loaded
+        (torch's own checks come one object at a time, after the earlier ones loaded)."""
+        own = plain_module(self.model).state_dict()
+        missing, unexpected = own.keys() - model_state.keys(), model_state.keys() - own.keys()
+        if missing or unexpected:
+            raise ValueError(f"its model does not fit this one: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        for key, tensor in own.items():
+            if model_state[key].shape != tensor.shape:
+                raise ValueError(f"its model does not fit this one: {key} has shape "
+                                 f"{tuple(model_state[key].shape)}, here {tuple(tensor.shape)}")
+        if len(optimizer_states) != len(self.optimizers):
+            raise ValueError(f"it holds {len(optimizer_states)} optimizer(s), this run has "
+                             f"{len(self.optimizers)}")
+        for i, (opt, saved) in enumerate(zip(self.optimizers, optimizer_states), 1):
+            sizes = [len(g["params"]) for g in saved["param_groups"]]
+            if sizes != [len(g["params"]) for g in opt.param_groups]:
+                raise ValueError(f"optimizer {i}'s parameter groups do not fit: it holds groups "
+                                 f"of {sizes} parameters, this run "
+                                 f"{[len(g['params']) for g in opt.param_groups]}")
 
     # -- an exact copy in memory ------------------------------------------------------------
     def snapshot(self, data: Iterable | None = None) -> Snapshot:

@@ -327,6 +327,7 @@ class TrainOptions:
             if not isinstance(opt, torch.optim.Optimizer):
                 raise AmpUsageError(f"optimizer must be a torch.optim.Optimizer, "
                                     f"got {type(opt).__name__}")
+        _check_disjoint(self.optimizers)
         for label, value in (("data", self.data), ("val", self.val)):
             if value is None and label == "val":
                 continue
@@ -387,8 +388,9 @@ class TrainOptions:
             if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_COUNT):
                 raise AmpUsageError(f"--{label} must be a positive whole number up to "
                                     f"{MAX_COUNT}, got {value!r}")
-        if self.clip is not None and not self.clip >= 0:
-            raise AmpUsageError(f"--clip must be a non-negative max gradient norm, got {self.clip!r}")
+        if self.clip is not None and not self.clip > 0:  # a norm of 0 zeroes every gradient
+            raise AmpUsageError(f"--clip must be a positive max gradient norm (leave it out "
+                                f"for no clipping), got {self.clip!r}")
         if not (self.nproc == "auto" or (isinstance(self.nproc, int) and
                                          not isinstance(self.nproc, bool) and
                                          1 <= self.nproc <= 1024)):
@@ -420,6 +422,21 @@ class TrainOptions:
             raise AmpUsageError(f"--resume {self.resume}: no such checkpoint file")
         if self.checkpoint is not None:
             checked_output_path(self.checkpoint, "--checkpoint", "run.pt")
+
+
+def _check_disjoint(optimizers: Sequence) -> None:
+    """Each parameter is stepped by one optimizer: given to two, it would move twice per step
+    (and under fp16 the scaler refuses the second step)."""
+    stepped_by: dict[int, int] = {}
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for param in group["params"]:
+                first = stepped_by.setdefault(id(param), i)
+                if first != i:
+                    same = " (the same optimizer, given twice)" if opt is optimizers[first] else ""
+                    raise AmpUsageError(
+                        f"optimizers {first + 1} and {i + 1} step the same parameters{same}: "
+                        "give each parameter to one optimizer, or it moves twice per step")
 
 
 def checked_output_path(path: Any, label: str, example: str) -> str:
