@@ -47,6 +47,12 @@ class Precision:
         # fp16's narrow exponent range needs loss scaling; bf16 has fp32's range.
         return self.name == "fp16"
 
+    def check_scaler_settings(self, given: bool, runs: str = "this run uses") -> None:
+        """Scaler settings (`given`) apply only where fp16's GradScaler is used."""
+        if given and not self.needs_scaler:
+            raise AmpUsageError(f"scaler settings only apply with a GradScaler, which is used "
+                                f"for fp16; {runs} {self.name}. Drop them or use --dtype fp16.")
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context for this precision; fp32 gets none at all, exactly like the
         plain fp32 loop. Reusable: one object serves every micro-batch."""

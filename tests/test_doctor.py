@@ -1,4 +1,5 @@
-"""doctor.py and %amp_check on this machine: a CPU-only torch build, no NVIDIA driver."""
+"""doctor.py and %amp_check on this machine: a CPU-only torch build, no NVIDIA driver; and
+what %%amp_doctor / --diagnose blame when the precision is not the cause."""
 import json
 import re
 import sys
@@ -6,11 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import amp_magics
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
+from amp_magics.diagnostics.overflow import locate_nonfinite
 from amp_magics.system import doctor, environment
 from amp_magics.magics.gpu import GpuMagics
 from amp_magics.views.status import checks_html, checks_text
@@ -277,3 +280,97 @@ def test_export_in_a_conda_environment_splits_conda_and_pip(tmp_path, monkeypatc
     assert not any(p.lower().startswith(("numpy==", "torch==", "--extra-index-url")) for p in pins)
     assert any(p.startswith("PyYAML==") for p in pins) and any(p.startswith("pytest==") for p in pins)
     assert "(5 conda packages," in text.splitlines()[0]
+
+
+# -- %%amp_doctor and --diagnose: causes no precision fixes ------------------------------------
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def labelled_batches(n=2):
+    torch.manual_seed(1)
+    return [(torch.randn(8, 8), torch.randint(0, 3, (8,))) for _ in range(n)]
+
+
+def test_diagnose_after_a_diverged_run_blames_the_weights_not_fp16():
+    net, data = mlp(), labelled_batches()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    # a bf16 run whose loss goes NaN steps on (no scaler to skip it): every weight is NaN
+    amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]) * float("nan"), model=net,
+                     optimizer=opt, data=data, dtype="bf16", steps=1, progress=False)
+    run = amp_magics.train(lambda b: F.cross_entropy(net(b[0]), b[1]), model=net, optimizer=opt,
+                           data=data, dtype="fp16", steps=1, diagnose=True, progress=False)
+    d = run.diagnosis
+    assert d.forward.module == "0" and d.forward.problem == "NaN"
+    assert d.advice == ("`0.weight` holds NaN, `0.bias` holds NaN, `2.weight` holds NaN (and 1 "
+                        "more): the weights are already broken (a diverged earlier run?), and no "
+                        "precision will fix this: reload them from a checkpoint or re-initialise "
+                        "them.")
+    assert any(n.endswith(d.advice) for n in run.notes)
+
+
+def test_a_nan_weight_or_statistic_is_named_and_a_masks_minus_inf_is_not():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                              torch.nn.Linear(16, 3))
+    net.register_buffer("mask", torch.tensor([0.0, float("-inf")]))  # meant: not broken
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+        net[1].running_var[3] = float("nan")
+    d = locate_nonfinite(lambda b: F.cross_entropy(net(b[0]), b[1]), net, labelled_batches()[0],
+                         "fp16")
+    assert d.advice.startswith("`0.weight` holds NaN, `1.running_var` holds NaN: the weights "
+                               "are already broken")
+    assert "bf16" not in d.advice and "overflow" not in d.advice
+    assert "weights         `0.weight` holds NaN, `1.running_var` holds NaN" in repr(d)
+    assert d.nonfinite_weights == [("0.weight", "NaN"), ("1.running_var", "NaN")]
+
+
+class Sqrt(torch.nn.Module):
+    def forward(self, x):
+        return x.sqrt()  # NaN for x < 0, whatever the precision
+
+
+def test_nan_within_fp16_range_is_not_called_an_overflow():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), Sqrt())
+    torch.nn.init.ones_(net[0].weight)
+    torch.nn.init.zeros_(net[0].bias)
+    x = torch.ones(2, 8)
+    x[1] = -1  # outputs 8 and -8: sqrt gives 2.83 and NaN
+    step = lambda b: net(b[0]).sum()  # noqa: E731
+    d = locate_nonfinite(step, net, (x,), "fp16", scale=1)
+    assert (d.forward.module, d.forward.problem) == ("1", "NaN")
+    assert "overflows" not in d.advice and "nothing here shows an overflow" in d.advice
+    assert "run %%amp_doctor on this batch with --dtype fp32" in d.advice
+    # what the advice says to try: fp32 finds the same NaN, a numerical problem
+    fp32 = locate_nonfinite(step, net, (x,), "fp32")
+    assert "this is a numerical problem, not a precision one" in fp32.advice
+    # NaN from an input beyond fp16's max (1e5 becomes inf, then inf - inf) is an overflow
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(net.weight, 1.0)
+    net.weight.data[0, 1] = -1.0
+    d = locate_nonfinite(lambda b: net(b[0]).sum(), net, (torch.full((1, 2), 1e5),), "fp16",
+                         scale=1)
+    assert d.forward.problem == "NaN" and "`(model)` (Linear) overflows fp16" in d.advice
+
+
+def test_inf_made_between_modules_is_not_blamed_on_the_batch():
+    net, (batch,) = mlp(), labelled_batches(1)
+    d = locate_nonfinite(lambda b: F.cross_entropy(net[2](net[1](net[0](b[0]) * 1e10)), b[1]),
+                         net, batch, "fp16")
+    assert d.forward.module == "1" and d.forward.inputs_nonfinite
+    assert "not the cause" not in d.advice
+    assert "but the batch is finite: code outside the modules made it" in d.advice
+    assert "Under fp16 autocast that may be an overflow" in d.advice
+    assert "no float input" not in repr(d) and "the input already had inf/NaN" in repr(d)
+
+
+def test_nan_targets_are_blamed_on_the_batch():
+    net = torch.nn.Linear(8, 1)
+    y = torch.zeros(4, 1)
+    y[2] = float("nan")
+    d = locate_nonfinite(lambda b: F.mse_loss(net(b[0]), b[1]), net, (torch.ones(4, 8), y),
+                         "fp16")
+    assert d.forward is None and d.backward is not None  # the NaN loss's gradients
+    assert d.advice == ("No module output is inf/NaN, but the loss is, and the batch holds "
+                        "inf/NaN (the targets?), so fp16 is not the cause: check the batch.")

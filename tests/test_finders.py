@@ -266,6 +266,20 @@ def test_bad_input_is_refused_before_anything_changes(kwargs, message):
     assert opt.param_groups[0]["lr"] == 0.1
 
 
+def test_a_one_shot_iterator_is_refused_by_both_finders_and_left_unread():
+    """A generator cannot be cycled nor put back: refused before a batch is taken."""
+    model = make_model()
+    data = make_data()
+    batches = (batch for batch in data)
+    with pytest.raises(AmpUsageError, match=r"--data is a one-shot iterator \(generator\)"):
+        find(model, sgd(model), batches)
+    with pytest.raises(AmpUsageError, match="varies a DataLoader's batch size: --data is a "
+                                            "generator"):
+        amp_magics.find_batch_size(oom_above(model, 8), model=model, optimizer=sgd(model),
+                                   data=batches, progress=False)
+    assert next(batches) is data[0]
+
+
 def test_a_frozen_first_group_is_refused_not_trained():
     """lr 0 in the first group and not in the others: ratios to it cannot be kept."""
     model = make_model()
@@ -472,6 +486,23 @@ def test_a_message_that_only_reads_like_out_of_memory_is_the_users_error():
                                    dtype="bf16", progress=False)
 
 
+def test_a_trials_memory_counts_the_gradients_and_the_optimizer_state():
+    """On the CPU a trial's peak is the model's tensors plus what a step keeps for backward:
+    with Adam that is at least the weights, their gradients and the two moments."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 3))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    _, _, loader = batch_setup(n=48)
+    finding = amp_magics.find_batch_size(
+        lambda b: F.cross_entropy(model(b[0]), b[1]), model=model,
+        optimizer=torch.optim.Adam(model.parameters()), data=loader, dtype="fp32",
+        max_size=16, progress=False)
+    assert [t.batch_size for t in finding.trials] == [8, 16]
+    assert all(t.peak >= 4 * weights for t in finding.trials)  # activations are far less
+
+
 def test_the_answer_leaves_the_headroom_of_max_memory():
     model, opt, loader = batch_setup()
     probe = amp_magics.find_batch_size(oom_above(model, 16), model=model, optimizer=opt,
@@ -543,6 +574,8 @@ def test_each_precision_answers_side_by_side():
     ({"data": [(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))]}, "varies a DataLoader"),
     ({"max_memory": "lots"}, "give a size such as 6GiB"),
     ({"compare": "fp8"}, "choose from"),
+    ({"max_size": 0}, r"\(max_size=\) 0: give the largest batch size to try as a positive"),
+    ({"max_size": "64"}, r"\(max_size=\) '64': give the largest batch size"),
     ({"nproc": 2}, "runs in this process"),
     ({"steps": 50}, "does not take --steps: it runs 3 steps per trial"),
     ({"epochs": 2}, "does not take --epochs: it runs 3 steps per trial"),

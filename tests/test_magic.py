@@ -70,6 +70,12 @@ def test_step_and_epoch_are_bound(nb):
     assert [r["epoch_seen"] for r in history] == [0] * 12 + [1] * 12
 
 
+def test_a_model_frozen_whole_is_named_as_the_cause(nb):
+    nb.user_ns["model"].requires_grad_(False)
+    with pytest.raises(UsageError, match="every parameter the optimizers step is frozen"):
+        nb.run(f"%%amp_train\n{BODY}")
+
+
 @pytest.mark.parametrize("flags, message", [
     ("--model net", "no variable named 'net'"),
     ("--model train_loader", "not an nn.Module"),
@@ -82,7 +88,8 @@ def test_step_and_epoch_are_bound(nb):
     ("--clip -1", "--clip must be a positive max gradient norm"),
     ("--clip 0", r"no clipping\), got 0"),
     ("--dtype fp8", "invalid choice"),
-    ("--frobnicate 3", "unrecognized arguments"),
+    ("--frobnicate 3", "unrecognized arguments: --frobnicate 3\n"),
+    ("--epoch 2", r"unrecognized arguments: --epoch 2 \(did you mean --epochs\?\)"),
     ("--init-scale banana", "invalid number value"),
     ("--init-scale 2**14 --dtype fp32", "scaler settings only apply"),
     ("--init-scale -4 --dtype fp16", "--init-scale must be positive"),

@@ -208,7 +208,8 @@ def ctrl_c_at(n, dtype="fp32", optimizers=1, scheduler=False, in_ipython=False, 
     from amp_magics import api
 
     model = make_model()
-    opts = [torch.optim.SGD(model.parameters(), lr=0.1) for _ in range(optimizers)]
+    params = list(model.parameters())  # dealt out: each optimizer steps its own
+    opts = [torch.optim.SGD(params[i::optimizers], lr=0.1) for i in range(optimizers)]
 
     def step(batch, step, epoch):
         if step == n:

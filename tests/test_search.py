@@ -232,6 +232,7 @@ def test_objective_a_logged_scalar_maximised(nb):
     ("lr=0.1; lr=0.2", "names 'lr' twice"),
     ("clip=uniform(-1,1)", "clip=-1.0: --clip"),
     ("accum=1,0", "accum=0: --accum"),
+    ("lr=uniform(-1,1)", r"lr=-1.0: SGD refuses it \(Invalid learning rate: -1.0\)"),
 ])
 def test_bad_specs_name_the_part_that_is_wrong(nb, spec, message):
     with pytest.raises(UsageError, match=message):
@@ -287,6 +288,41 @@ def test_a_python_space_of_the_wrong_kind_is_refused_clearly(space, message):
     model, opt, data = objects()
     with pytest.raises(AmpUsageError, match=message):
         run_search(model, opt, data, space=space)
+
+
+def test_a_range_is_refused_where_either_bound_is_a_value_the_optimizer_refuses():
+    model, opt, data = objects()
+    adadelta = torch.optim.Adadelta(model.parameters())
+    with pytest.raises(AmpUsageError, match=r"rho=1.5: Adadelta refuses it \(Invalid rho"):
+        run_search(model, adadelta, data, space="rho=uniform(0.5,1.5)")
+    assert adadelta.state_dict()["state"] == {}
+
+
+def test_scaler_settings_without_fp16_are_refused_before_the_study_is_made(tmp_path):
+    model, opt, data = objects()
+    for space, runs in (("init_scale=1024,4096", "these runs use bf16"),
+                        ({"dtype": ["fp16", "bf16"], "init_scale": [1024]},
+                         "the runs with dtype=bf16 use bf16")):
+        with pytest.raises(AmpUsageError, match=f"init_scale: scaler settings only apply "
+                                                f"with a GradScaler.*; {runs}"):
+            run_search(model, opt, data, space=space, study="scaled", study_dir=str(tmp_path))
+        assert not (tmp_path / "scaled.journal").exists()
+
+
+def test_the_setup_counts_the_trials_that_ran_not_those_queued(tmp_path):
+    model, opt, data = objects()
+    fresh = prepared(model, opt, data)  # a grid queues its two settings
+    fresh.release()
+    assert fresh.result.setup.endswith("; 0 trials run in the study so far, 2 queued")
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "failed.journal")))
+    study = optuna.create_study(study_name="failed", storage=storage)
+    study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)}),
+               state=optuna.trial.TrialState.FAIL)
+    resumed = prepared(model, opt, data, space="lr=uniform(1e-3,1e-1)", sampler="tpe",
+                       study="failed", study_dir=str(tmp_path))  # its values queued again
+    resumed.release()
+    assert resumed.result.setup.endswith("; 1 trial run in the study so far, 1 queued")
 
 
 def test_the_setup_says_how_each_pruner_waits_and_what_val_makes_of_report_every():
@@ -396,14 +432,15 @@ def test_a_background_search_draws_its_trials_and_the_running_trials_dashboard(
     assert any('class="amp-dashboard"' in d["text/html"] for d in published[2:])
 
 
-def prepared(model, opt, data, views=(), on_trial=None):
+def prepared(model, opt, data, views=(), on_trial=None, **keywords):
     from amp_magics.training.options import TrainOptions, split_keywords
     from amp_magics.tuning.plan import SearchPlan
     from amp_magics.tuning.search import prepare_search
 
-    plan, options = split_keywords("search", dict(
-        model=model, optimizer=opt, data=data, dtype="bf16", space="lr=0.01,0.1",
-        sampler="grid", trials=2), SearchPlan, TrainOptions)
+    plan, options = split_keywords("search", {
+        "model": model, "optimizer": opt, "data": data, "dtype": "bf16",
+        "space": "lr=0.01,0.1", "sampler": "grid", "trials": 2, **keywords},
+        SearchPlan, TrainOptions)
     return prepare_search(step_of(model), TrainOptions(**options), SearchPlan(**plan), views,
                           on_trial)
 

@@ -81,6 +81,9 @@ def test_sweep_table_and_keep_best(nb):
     (";", "--sweep is empty"),
     ("clip=1,-1", "clip=-1.0: --clip"),  # refused before clip=1 trains
     ("accum=2,0", "accum=0: --accum"),
+    ("lr=0.1,-0.1", r"lr=-0.1: SGD refuses it \(Invalid learning rate: -0.1\)"),
+    ("dtype=fp16,bf16; init_scale=1024",  # refused before the fp16 run trains
+     "init_scale: scaler settings only apply .* the runs with dtype=bf16 use bf16"),
 ])
 def test_bad_sweep_specs(nb, spec, message):
     start = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}

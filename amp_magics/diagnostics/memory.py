@@ -100,17 +100,20 @@ class MemoryReport:
 
 
 def model_memory(model: torch.nn.Module,
-                 optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] = ()
-                 ) -> MemoryReport:
+                 optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] = (),
+                 held: ownership.Claim | None = None) -> MemoryReport:
     """Memory held by the model's parameters, their gradients, the optimizers' state and buffers.
 
     Read-only and never blocks: while a run trains the model its gradients are not read at
     all (autograd replaces `.grad` tensors from the training thread; reading one meanwhile is
     a data race in C++), and gradients and optimizer state are marked as being written.
+    `held`: the claim the caller itself holds, reading between its own runs (a tuning tool
+    between trials): nothing writes the gradients then, so they are counted.
     """
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers = [optimizers]
     owner = ownership.owner_of(ownership.owned_objects(model, optimizers))
+    owner = None if owner is held else owner
     seen: set = set()
 
     def tally(tensors: Iterable[torch.Tensor | None]) -> dict[str, int]:

@@ -5,7 +5,9 @@ submodule. Forward: the first module (in execution order) whose output is non-fi
 the dtype's range. Backward: the first module (in backward order) whose parameter gradient or
 input gradient is non-finite, with the loss multiplied by the loss scale as GradScaler does.
 Tensor hooks are used rather than full backward hooks, which break modules that modify their
-input in place (nn.ReLU(inplace=True)). No IPython here.
+input in place (nn.ReLU(inplace=True)). The advice names a cause only where the evidence
+supports it: weights that already hold inf/NaN, a batch that does, an inf or a value beyond
+the dtype's range in the output; NaN alone does not prove an overflow. No IPython here.
 """
 from __future__ import annotations
 
@@ -45,9 +47,12 @@ class Finding:
         if self.values:
             text += f"; finite |values| {_span(self.values)}"
         if self.phase == "forward":
-            text += (f"; input |x| {_span(self.inputs)}" if self.inputs else "; no float input")
+            if self.inputs:
+                text += f"; input |x| {_span(self.inputs)}"
             if self.inputs_nonfinite:
-                text += " (the input already had inf/NaN)"
+                text += "; the input already had inf/NaN"
+            elif not self.inputs:
+                text += "; no float input"
         return text
 
 
@@ -62,6 +67,9 @@ class Diagnosis:
     backward: Finding | None = None
     notes: list[str] = field(default_factory=list)
     auto_reason: str | None = None  # why --dtype auto means `precision` here; None if asked for
+    # what nonfinite_state found: the model's own inf/NaN, which no precision causes or fixes
+    nonfinite_weights: list[tuple[str, str]] = field(default_factory=list)
+    batch_finite: bool = True
 
     @property
     def found(self) -> bool:
@@ -70,20 +78,21 @@ class Diagnosis:
     @property
     def advice(self) -> str:
         f, b, p = self.forward, self.backward, self.precision
+        if self.nonfinite_weights:
+            return (f"{_weights_text(self.nonfinite_weights)}: the weights are already broken (a "
+                    "diverged earlier run?), and no precision will fix this: reload them from a "
+                    "checkpoint or re-initialise them.")
         if f is not None and f.inputs_nonfinite:
-            return (f"The input of `{f.module}` already contained inf/NaN, so {p} is not the "
-                    "cause: check the batch (and any code between modules) for inf/NaN values.")
+            return self._input_advice(f)
         if f is not None:
-            fix = (f"keep `{f.module}` ({f.kind}) in fp32: call it inside "
-                   f"`with torch.autocast('{self.device.split(':')[0]}', enabled=False):` on a "
-                   f"`.float()` input")
-            if p == "fp16":
-                return (f"`{f.module}` ({f.kind}) overflows fp16 in the forward pass. Either "
-                        f"{fix}; or use --dtype bf16 (fp32's range); or keep its input smaller "
-                        "(normalisation, lower learning rate).")
-            return (f"`{f.module}` ({f.kind}) produces {f.problem} in {p}, which has fp32's "
-                    "range: this is a numerical problem, not a precision one. Check its input, "
-                    "lower the learning rate, or clip gradients (--clip 1.0).")
+            return self._forward_advice(f)
+        if self.loss is not None and not math.isfinite(self.loss):  # its gradients are too
+            if not self.batch_finite:
+                return (f"No module output is inf/NaN, but the loss is, and the batch holds "
+                        f"inf/NaN (the targets?), so {p} is not the cause: check the batch.")
+            return ("No module output is inf/NaN, but the loss is: the overflow is in the step "
+                    "body outside modules. Compute the loss in fp32, e.g. "
+                    "`loss = F.cross_entropy(out.float(), y)`.")
         if b is not None:
             if self.loss_scale > 1:
                 return (f"The forward pass is finite, but gradients overflow at `{b.module}` "
@@ -94,10 +103,6 @@ class Diagnosis:
                         "gradients before any clipping.")
             return (f"Gradients go inf/NaN at `{b.module}` ({b.kind}) without loss scaling: lower "
                     "the learning rate or clip gradients (--clip 1.0).")
-        if self.loss is not None and not math.isfinite(self.loss):
-            return ("No module output is inf/NaN, but the loss is: the overflow is in the step "
-                    "body outside modules. Compute the loss in fp32, e.g. "
-                    "`loss = F.cross_entropy(out.float(), y)`.")
         if p in ("fp32", "bf16"):
             span = " (fp32's range)" if p == "bf16" else ""
             return (f"No inf/NaN in the {p} forward or backward pass for this batch. {p}{span} "
@@ -106,6 +111,46 @@ class Diagnosis:
         return (f"No inf/NaN in the {p} forward or backward pass for this batch "
                 f"(loss scale {self.loss_scale:g}). If training still skips steps, try the batch "
                 "where it happened with --batch NAME.")
+
+    def _input_advice(self, f: Finding) -> str:
+        p = self.precision
+        if not self.batch_finite:
+            return (f"The input of `{f.module}` already contained inf/NaN, and so does the batch, "
+                    f"so {p} is not the cause: check the batch for inf/NaN values.")
+        text = (f"The input of `{f.module}` already contained inf/NaN, but the batch is finite: "
+                "code outside the modules made it (the step body, or a module's own forward "
+                "between its submodules). ")
+        if p == "fp16":
+            return text + ("Under fp16 autocast that may be an overflow: compute it in fp32 "
+                           f"({self._fp32_call}) or use --dtype bf16 (fp32's range).")
+        return text + (f"In {p} (fp32's range) that is a numerical problem: look there for 0/0, "
+                       "inf - inf, or sqrt or log of a negative number.")
+
+    def _forward_advice(self, f: Finding) -> str:
+        p = self.precision
+        if p != "fp16":
+            return (f"`{f.module}` ({f.kind}) produces {f.problem} in {p}, which has fp32's "
+                    "range: this is a numerical problem, not a precision one. Check its input, "
+                    "lower the learning rate, or clip gradients (--clip 1.0).")
+        fix = f"keep `{f.module}` ({f.kind}) in fp32: call it {self._fp32_call}"
+        fp16_max = torch.finfo(torch.float16).max
+        if f.problem != "NaN" or (f.inputs and f.inputs[1] > fp16_max):
+            return (f"`{f.module}` ({f.kind}) overflows fp16 in the forward pass. Either "
+                    f"{fix}; or use --dtype bf16 (fp32's range); or keep its input smaller "
+                    "(normalisation, lower learning rate).")
+        # NaN alone, output and input within fp16's range: nothing here shows an overflow
+        return (f"`{f.module}` ({f.kind}) produces NaN in fp16, but no inf, and neither its "
+                "output nor its input goes beyond fp16's max: nothing here shows an overflow. "
+                "NaN comes from an invalid operation (0/0, inf - inf, sqrt or log of a negative "
+                f"number), which may or may not follow an overflow inside `{f.module}`. To tell, "
+                "run %%amp_doctor on this batch with --dtype fp32: NaN there too is a numerical "
+                f"problem that no precision fixes; none means fp16's range, and then {fix}, or "
+                "use --dtype bf16.")
+
+    @property
+    def _fp32_call(self) -> str:
+        return (f"inside `with torch.autocast('{self.device.split(':')[0]}', enabled=False):` "
+                "on a `.float()` input")
 
     def rows(self) -> list[tuple[str, str]]:
         auto = (f" (what --dtype auto trains with here: {self.auto_reason})"
@@ -116,6 +161,8 @@ class Diagnosis:
                 ("modules watched", str(self.modules)),
                 ("forward", self.forward.describe() if self.forward else "finite"),
                 ("backward", self.backward.describe() if self.backward else "finite")]
+        if self.nonfinite_weights:
+            rows.append(("weights", _weights_text(self.nonfinite_weights)))
         rows += [("note", n) for n in self.notes]
         return rows + [("advice", self.advice)]
 
@@ -150,6 +197,9 @@ def _locate_nonfinite(step_fn, model, batch, precision, scale) -> Diagnosis:
     batch = to_device(batch, device)
     diagnosis = Diagnosis(chosen.name, str(device), None, float(scale), len(watcher.names),
                           auto_reason=chosen.reason if precision == "auto" else None)
+    diagnosis.nonfinite_weights = nonfinite_state(model)
+    diagnosis.batch_finite = all(bool(torch.isfinite(t).all()) for t in tensors_in(batch)
+                                 if t.is_floating_point())
     with preserved(model):
         try:
             watcher.attach()
@@ -257,12 +307,31 @@ class _Watcher:
             top = t.abs().amax().float().item()  # NaN if any NaN, inf if any inf: one sync
             if math.isfinite(top) and top <= limit:
                 continue
-            kinds = [k for k, bad in (("NaN", torch.isnan(t).any()), ("inf", torch.isinf(t).any()))
-                     if bool(bad)]
-            problem = (" and ".join(kinds) if kinds else
-                       f"values up to {top:.3g}, beyond {self.dtype}'s max {self.limit:g}")
-            return problem, finite_range([t])
+            kinds, values = _nonfinite_kinds(t), finite_range([t])
+            if values and values[1] > limit:  # named beside NaN too: it is the overflow's sign
+                kinds.append(f"values up to {values[1]:.3g}, beyond {self.dtype}'s max "
+                             f"{self.limit:g}")
+            return " and ".join(kinds), values
         return None, None
+
+
+def nonfinite_state(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name, "NaN" / "inf" / "NaN and inf") of each parameter holding inf/NaN, and of each
+    buffer holding NaN."""
+    found = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        kinds = _nonfinite_kinds(t.detach()) if t.is_floating_point() else []
+        if not isinstance(t, torch.nn.Parameter):  # a buffer's -inf is often meant: a mask
+            kinds = [kind for kind in kinds if kind == "NaN"]
+        if kinds:
+            found.append((name, " and ".join(kinds)))
+    return found
+
+
+def _nonfinite_kinds(t: torch.Tensor) -> list[str]:
+    """["NaN"], ["inf"], ["NaN", "inf"] or [] for a float tensor."""
+    return [kind for kind, bad in (("NaN", torch.isnan(t).any()), ("inf", torch.isinf(t).any()))
+            if bool(bad)]
 
 
 def finite_range(tensors: Iterable[torch.Tensor]) -> tuple[float, float] | None:
@@ -275,6 +344,11 @@ def finite_range(tensors: Iterable[torch.Tensor]) -> tuple[float, float] | None:
             lo = a.min().item() if lo is None else min(lo, a.min().item())
             hi = a.max().item() if hi is None else max(hi, a.max().item())
     return None if lo is None else (lo, hi)
+
+
+def _weights_text(nonfinite: list[tuple[str, str]], shown: int = 3) -> str:
+    text = ", ".join(f"`{name}` holds {kinds}" for name, kinds in nonfinite[:shown])
+    return text + (f" (and {len(nonfinite) - shown} more)" if len(nonfinite) > shown else "")
 
 
 def _span(r) -> str:

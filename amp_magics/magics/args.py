@@ -3,6 +3,8 @@ and parsers generated from option specs (training.options.OptionSpec)."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +22,8 @@ def parse(magic: Any, line: str) -> argparse.Namespace:
     try:
         args = parse_argstring(magic, line)
     except UsageError as e:
-        raise UsageError(f"{e}\n{usage}") from None
+        hint = _did_you_mean(usage, line) if "unrecognized" in str(e) else ""
+        raise UsageError(f"{e}{hint}\n{usage}") from None
     except ValueError as e:  # the splitter's own errors, e.g. an unclosed quote
         raise UsageError(f"cannot split the flags ({e}): close every quote\n{usage}") from None
     # IPython splits flags without removing quotes: --sweep "lr=1e-3; clip=1" keeps them.
@@ -28,6 +31,18 @@ def parse(magic: Any, line: str) -> argparse.Namespace:
         setattr(args, key, [_unquote(v) for v in value] if isinstance(value, list)
                 else _unquote(value))
     return args
+
+
+def _did_you_mean(usage: str, line: str) -> str:
+    """A hint for the first flag in `line` that the `usage` does not list, if one is close."""
+    known = re.findall(r"--[a-z][\w-]*", usage)
+    for word in line.split():
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def _unquote(value):

@@ -112,9 +112,7 @@ def _run_scaler(o: TrainOptions, chosen: precision_policy.Precision, device: Any
     if o.scaler is None and chosen.needs_scaler:
         return scalers.persistent_scaler(o.optimizers[0], device.type,
                                          {**SCALER_DEFAULTS, **o.scaler_settings})
-    if o.scaler_settings and not chosen.needs_scaler:
-        raise AmpUsageError(f"scaler settings only apply with a GradScaler, which is used for "
-                            f"fp16; this run uses {chosen.name}. Drop them or use --dtype fp16.")
+    chosen.check_scaler_settings(bool(o.scaler_settings))
     return o.scaler
 
 

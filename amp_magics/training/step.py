@@ -240,7 +240,15 @@ class AmpStep:
 
     def unpack(self, out: Any, training: bool) -> tuple[torch.Tensor, dict]:
         __tracebackhide__ = True
-        loss, logs = unpack_loss(out, training=training)
+        try:
+            loss, logs = unpack_loss(out, training=training)
+        except AmpUsageError:
+            stepped = (p for o in self.optimizers for g in o.param_groups for p in g["params"])
+            if training and not any(p.requires_grad for p in stepped):  # the cause, then
+                raise AmpUsageError("every parameter the optimizers step is frozen "
+                                    "(requires_grad=False), so nothing can train: unfreeze "
+                                    "what should, e.g. model[-1].requires_grad_(True)") from None
+            raise
         for name in self.log_names:
             if name not in logs:
                 raise AmpUsageError(f"--log names {name} but the step never assigned it: "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
@@ -148,7 +149,9 @@ class _Trials:
             return self._out_of_memory(batch_size)
         if training.run.status == "interrupted":  # Ctrl-C or Stop: the whole search ends
             raise KeyboardInterrupt
-        state = model_memory(self.options.model, self.options.optimizers).total()
+        # the trial's run has ended and the claim is ours: its gradients count too
+        state = model_memory(self.options.model, self.options.optimizers,
+                             held=self.claim).total()
         peak = (torch.cuda.max_memory_allocated(self.device) if self.cuda
                 else state + counter.most)
         self.last = (batch_size, state, counter.most)
@@ -247,6 +250,10 @@ def _largest(loader: torch.utils.data.DataLoader, batches: int, max_size: int | 
     """The largest batch size a trial can fill `batches` batches with, and what sets it: the
     samples the loader's sampler yields per epoch (a subset sampler yields fewer than the
     dataset holds), or MAX."""
+    if max_size is not None and (isinstance(max_size, bool) or
+                                 not isinstance(max_size, numbers.Integral) or max_size < 1):
+        raise AmpUsageError(f"--find-batch-size (max_size=) {max_size!r}: give the largest "
+                            "batch size to try as a positive whole number, e.g. 512")
     sampler = loader.sampler
     samples = len(sampler) if hasattr(sampler, "__len__") else len(loader.dataset)
     largest = samples // batches

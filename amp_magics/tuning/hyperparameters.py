@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from ..errors import AmpUsageError
-from ..precision import CHOICES
 from ..formatting import number
-from ..training.options import tunable_types
+from ..precision import CHOICES, resolve
+from ..tensors import model_device
+from ..training.options import SCALER_KEYS, tunable_types
 
 ENGINE_KEYS = tunable_types()  # passed to the run as options; the rest set on optimizers
 
@@ -66,6 +67,11 @@ def check_ratios(flag: str, key: str, optimizers: Sequence[torch.optim.Optimizer
                             "tune the groups in your own loop")
 
 
+def in_ratio(value: float, current: float, first: float) -> float:
+    """What a param group gets when the first group gets `value`: its ratio to it kept."""
+    return value if current == first else value * current / first
+
+
 def apply_hyperparameters(setting: dict, optimizers: Sequence[torch.optim.Optimizer],
                           scheduler: Any) -> dict[str, list]:
     """Set optimizer hyperparameters (the engine's own keys are passed as options instead).
@@ -80,7 +86,7 @@ def apply_hyperparameters(setting: dict, optimizers: Sequence[torch.optim.Optimi
         first = group_values(key, optimizers)[0]
         for opt in optimizers:
             for group in opt.param_groups:
-                group[key] = value if group[key] == first else value * group[key] / first
+                group[key] = in_ratio(value, group[key], first)
                 if key == "lr" and "initial_lr" in group:
                     group["initial_lr"] = group["lr"]
         applied[key] = group_values(key, optimizers)
@@ -89,15 +95,63 @@ def apply_hyperparameters(setting: dict, optimizers: Sequence[torch.optim.Optimi
     return applied
 
 
-def check_engine_values(flag: str, options: Any, values: dict[str, Sequence]) -> None:
-    """Every engine value a sweep or search may give a run is one the run accepts: `clip=-1`
-    is refused before anything trains, not after the settings before it have."""
+def check_values(flag: str, options: Any, values: dict[str, Sequence]) -> None:
+    """Every value a sweep or search may give a run is one the run accepts, refused before
+    anything trains (not after the settings before it have): an engine option as the run's
+    options check it (`clip=-1`), an optimizer hyperparameter as the optimizer's own
+    constructor does (`lr=-0.1`), and scaler settings only where the precision has a scaler."""
     for key, candidates in values.items():
-        for value in candidates if key in ENGINE_KEYS else ():
+        for value in candidates:
+            if key in ENGINE_KEYS:
+                try:
+                    dataclasses.replace(options, **{key: value})
+                except AmpUsageError as e:
+                    raise AmpUsageError(f"{flag} {key}={value}: {e}") from None
+            else:
+                _check_optimizer_value(flag, key, value, options.optimizers)
+    _check_scaler_precision(flag, options, values)
+
+
+def _check_optimizer_value(flag: str, key: str, value: float,
+                           optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    first = group_values(key, optimizers)[0]
+    for opt in optimizers:
+        for group in opt.param_groups:
             try:
-                dataclasses.replace(options, **{key: value})
-            except AmpUsageError as e:
-                raise AmpUsageError(f"{flag} {key}={value}: {e}") from None
+                _rebuild(opt, group, key, in_ratio(value, group[key], first))
+            except ValueError as e:
+                raise AmpUsageError(f"{flag} {key}={value}: {type(opt).__name__} refuses it "
+                                    f"({e}); choose values it accepts") from None
+
+
+def _rebuild(opt: torch.optim.Optimizer, group: dict, key: str, value: float) -> None:
+    """A throwaway optimizer of `opt`'s class on a one-value parameter, with `group`'s
+    settings and `key` at `value`: torch's own constructor checks judge the value. One whose
+    constructor needs more than its defaults checks its values itself when it steps."""
+    param = group["params"][0]
+    dummy = torch.zeros(1, dtype=param.dtype, device=param.device, requires_grad=True)
+    settings = {k: group[k] for k in opt.defaults if k in group}
+    try:
+        type(opt)([dummy], **{**settings, key: value})
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - it needs more than its defaults (or a process group)
+        pass
+
+
+def _check_scaler_precision(flag: str, options: Any, values: dict[str, Sequence]) -> None:
+    """Scaler settings (given, or tuned) apply only with fp16's GradScaler: each dtype the
+    runs may train in is resolved now, as the run will, and refused where it has none."""
+    given = [k for k in SCALER_KEYS if k in values or k in options.scaler_settings]
+    if not given:
+        return
+    device = model_device(options.model)
+    for dtype in values.get("dtype", [options.dtype]):
+        runs = f"the runs with dtype={dtype} use" if "dtype" in values else "these runs use"
+        try:
+            resolve(dtype, device).check_scaler_settings(True, runs)
+        except AmpUsageError as e:
+            raise AmpUsageError(f"{flag} {given[0]}: {e}") from None
 
 
 def engine_options(setting: dict) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import AmpUsageError
@@ -24,7 +24,7 @@ from ..training.options import MAX_COUNT, TrainOptions
 from ..training.telemetry import FOUND_INF, LOSS_SUM, MICRO
 from ..training.view import View
 from .findings import (DIVERGED, MAX_NONFINITE_IN_A_ROW, MAX_SKIPS_IN_A_ROW, SMOOTHING,
-                       LrFinding, lr_schedule, suggestions)
+                       LrFinding, lr_schedule)
 from .hyperparameters import check_ratios
 
 
@@ -116,6 +116,11 @@ def range_test(step_fn: StepFn, options: TrainOptions, finding: LrFinding,
     __tracebackhide__ = True
     check_finder_options(options)
     check_ratios("--find-lr", "lr", options.optimizers)  # the groups keep their lr ratios
+    if isinstance(options.data, Iterator):  # its steps would run out, and it stays used up
+        raise AmpUsageError(
+            f"--find-lr cycles the data and puts it back as it was afterwards: --data is a "
+            f"one-shot iterator ({type(options.data).__name__}), which cannot be re-read. "
+            "Pass a DataLoader or a list of batches")
     objects = finding.objects = TrainingObjects.of(options)
     with objects.borrowed("find-lr", options.data) as loan:
         finder = _Finder(finding, objects)

@@ -29,7 +29,7 @@ from ..training.options import TrainOptions
 from ..training.registry import unique_group
 from ..training.view import View
 from .findings import MAX_NONFINITE_IN_A_ROW, SMOOTHING, Search, TrialRecord, Trials
-from .hyperparameters import check_engine_values
+from .hyperparameters import check_values
 from .plan import PRUNERS, SAMPLERS, SearchPlan
 from .space import Dimension, parse_space
 from .sweep import train_setting
@@ -98,7 +98,7 @@ def prepare_search(step_fn: StepFn, options: TrainOptions, plan: SearchPlan,
     space = parse_space(plan.space, options.optimizers)
     checked_plan(plan, space)
     check_search_options(options, plan)
-    check_engine_values("--search", options, {
+    check_values("--search", options, {
         key: d.choices if d.kind == "choice" else (d.low, d.high) for key, d in space.items()})
     every = plan.report_every or _a_tenth_of_a_trial(options)
     name = unique_group(options.name or (plan.study or "search"))
@@ -405,8 +405,12 @@ def _describe(study: Any, plan: SearchPlan, options: TrainOptions, every: int) -
     prune = ("no pruning" if plan.prune == "none" else
              f"{plan.prune} pruner, patient ({PATIENCE} hopeless reports in a row), {when}")
     seed = "" if options.seed is None else f", seeded {options.seed}"
-    return (f"{plan.sampler} sampler{seed}; {prune}, reports {reports}; {len(study.trials)} "
-            "trials in the study so far")
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    queued = states.count("WAITING")  # the grid's settings and failed trials' retries
+    ran = len(states) - queued
+    return (f"{plan.sampler} sampler{seed}; {prune}, reports {reports}; {ran} "
+            f"trial{'s' * (ran != 1)} run in the study so far"
+            + (f", {queued} queued" if queued else ""))
 
 
 def _objective_words(plan: SearchPlan, options: TrainOptions) -> str:

@@ -24,7 +24,7 @@ from ..training.run import Run
 from ..training.registry import unique_group
 from ..training.view import View
 from .findings import SMOOTHING, TrialRecord
-from .hyperparameters import (ENGINE_KEYS, apply_hyperparameters, check_engine_values, check_ratios,
+from .hyperparameters import (ENGINE_KEYS, apply_hyperparameters, check_values, check_ratios,
                               engine_options, parse_value, ratio_notes)
 
 
@@ -158,7 +158,7 @@ def sweep(step_fn: StepFn, settings: list[dict], options: TrainOptions, views: S
     an interrupt ends the sweep early; the model is restored all the same.
     """
     __tracebackhide__ = True
-    check_engine_values("--sweep", options, {k: [s[k] for s in settings] for k in settings[0]})
+    check_values("--sweep", options, {k: [s[k] for s in settings] for k in settings[0]})
     objects = TrainingObjects.of(options)
     name = unique_group(options.name or "sweep")  # a second sweep's runs: sweep2[...]
     result = Sweep(settings, criterion="validation loss" if options.val is not None
