@@ -1,4 +1,4 @@
-"""Numbers, bytes, durations and HTML tables, formatted one way everywhere (and numbers read
+"""Numbers, bytes, durations, paths and HTML tables, formatted one way everywhere (and numbers read
 back from flags).
 
 A leaf: pure string functions with no imports from the rest of the package, so data objects
@@ -11,6 +11,7 @@ import ast
 import html
 import math
 import operator
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -181,3 +182,15 @@ def number(text: str) -> float:
         return evaluate(ast.parse(text.strip(), mode="eval").body)
     except (SyntaxError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ValueError(str(e)) from None
+
+
+def short_path(path: str) -> str:
+    """A path as a person would type it here: relative when close by, else with ~ for home."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        relative = path
+    if not relative.startswith(os.path.join(os.pardir, os.pardir, os.pardir)):
+        return relative
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home != "/" and path.startswith(home + os.sep) else path

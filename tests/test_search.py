@@ -3,6 +3,7 @@
 nothing left RUNNING however a trial ends."""
 import math
 import re
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,10 +188,13 @@ def test_a_resumed_grid_runs_each_setting_once(tmp_path):
         assert found.status == "finished" and all(t.state != "WAITING" for t in found.trials)
 
 
-def test_the_journal_opens_in_another_process(tmp_path):
+def test_the_journal_opens_in_another_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the notebook's folder: the journal is shown as typed there
     model, opt, data = objects()
     found = run_search(model, opt, data, space="lr=0.01,0.1", trials=2, study="shared",
-                       study_dir=str(tmp_path))
+                       study_dir="amp_studies")
+    assert "study kept in amp_studies/shared.journal" in found.header()
+    assert os.path.isabs(found.journal)  # and kept whole: found wherever Python goes next
     code = textwrap.dedent(f"""
         import optuna
         storage = optuna.storages.JournalStorage(

@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from ..formatting import short_path
 from . import gpu
 from .companions import IMPORT_TIMEOUT, companion_fix, find_companions, import_in_subprocess
 from .environment import GET_TORCH
@@ -68,18 +69,6 @@ def run_checks() -> Report:
             torch_companions(torch.__version__),
         ]
     return Report(checks + [_nvidia_ml_py(), _no_deprecated_pynvml(), _ipywidgets(), _conda()])
-
-
-def short_path(path: str) -> str:
-    """A path as a person would type it here: relative when close by, else with ~ for home."""
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        relative = path
-    if not relative.startswith(os.path.join(os.pardir, os.pardir, os.pardir)):
-        return relative
-    home = os.path.expanduser("~")
-    return "~" + path[len(home):] if home != "/" and path.startswith(home + os.sep) else path
 
 
 def _python() -> Check:

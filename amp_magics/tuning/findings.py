@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AmpUsageError
-from ..formatting import format_duration
+from ..formatting import format_duration, short_path
 from ..training.options import MAX_COUNT
 from .hyperparameters import apply_hyperparameters
 
@@ -387,7 +387,7 @@ class Search:
         printed before the first trial."""
         out = [f"search: {self.objective}, {self.direction}d; {self.setup}"]
         if self.journal:
-            out.append(f"study kept in {self.journal}")
+            out.append(f"study kept in {short_path(self.journal)}")
         return out
 
     def lines(self) -> list[str]:

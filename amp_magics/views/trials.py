@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..formatting import escape, records_html
+from ..formatting import escape, records_html, short_path
 from .charts import INK, Series, line_chart_svg, run_colors, svg_image, svg_inline
 
 if TYPE_CHECKING:
@@ -40,8 +40,9 @@ def trials_html(found: Any, live: bool = False, table: bool = True) -> str:
 
 
 def search_html(found: Search, live: bool = False, table: bool = True) -> str:
-    journal = (f"<p>study kept in <code>{escape(found.journal)}</code>; "
-               f"<code>optuna-dashboard {escape(found.journal)}</code> opens it too</p>"
+    journal = (f"<p>study kept in <code>{escape(short_path(found.journal))}</code>; "
+               f"<code>optuna-dashboard {escape(short_path(found.journal))}</code> opens it "
+               "too</p>"
                if found.journal else "")
     return _panel(found.progress(), found.status, found.stop_reason,
                   f"{found.objective}, {found.direction}d; {found.setup}",
