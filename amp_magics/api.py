@@ -138,7 +138,10 @@ def search(step_fn: Callable[..., Any], *, progress: bool = True,
     from .tuning.search import prepare_search
 
     plan, options = split_keywords("search", keywords, SearchPlan, TrainOptions)
-    plan, options = SearchPlan(**plan), TrainOptions(**options)
+    if "space" not in plan:  # as Python says it, and what goes there
+        raise TypeError('search() missing keyword argument space=: what to search, e.g. '
+                        'space="lr=log(1e-5,1e-1); weight_decay=0,1e-4"')
+    plan, options = SearchPlan(**plan), TrainOptions.from_keywords("search", options)
     report = (lambda found, trial: print(trial.line(), flush=True)) if progress else None
     searching = prepare_search(step_fn, options, plan, [*observers, *registry.kernel_views()],
                                report)

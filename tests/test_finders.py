@@ -503,6 +503,14 @@ def test_a_trials_memory_counts_the_gradients_and_the_optimizer_state():
     assert all(t.peak >= 4 * weights for t in finding.trials)  # activations are far less
 
 
+def test_when_no_batch_size_fits_the_answer_says_none():
+    model, opt, loader = batch_setup()
+    finding = amp_magics.find_batch_size(oom_above(model, 0), model=model, optimizer=opt,
+                                         data=loader, dtype="bf16", progress=False)
+    assert finding.batch_size is None and finding.answer == "bf16: none"
+    assert "  bf16: none (" in repr(finding) and "None" not in repr(finding)
+
+
 def test_the_answer_leaves_the_headroom_of_max_memory():
     model, opt, loader = batch_setup()
     probe = amp_magics.find_batch_size(oom_above(model, 16), model=model, optimizer=opt,
@@ -570,9 +578,17 @@ def test_each_precision_answers_side_by_side():
     assert "fp32: 20" in repr(finding) and "bf16: 20" in repr(finding)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"data": [(torch.zeros(2, 8), torch.zeros(2, dtype=torch.long))]}, "varies a DataLoader"),
-    ({"max_memory": "lots"}, "give a size such as 6GiB"),
+    ({"data": torch.utils.data.DataLoader(_Stream(), batch_size=None)},
+     "needs a map-style dataset"),
+    ({"max_memory": "lots"}, "give a size with its unit such as 6GiB"),
+    ({"max_memory": "10"}, "--max-memory 10: give a size with its unit"),
     ({"compare": "fp8"}, "choose from"),
     ({"max_size": 0}, r"\(max_size=\) 0: give the largest batch size to try as a positive"),
     ({"max_size": "64"}, r"\(max_size=\) '64': give the largest batch size"),

@@ -163,6 +163,11 @@ def test_api_usage_errors():
     with pytest.raises(TypeError, match=r"^train\(\) missing keyword argument\(s\) data=: .*"
                                         "data=train_loader"):
         amp_magics.train(lambda b: b, model=model, optimizer=torch.optim.SGD(model.parameters()))
+    with pytest.raises(TypeError, match=r"^search\(\) missing keyword argument space=: "):
+        amp_magics.search(lambda b: b, model=model, optimizer=torch.optim.SGD(model.parameters()))
+    with pytest.raises(TypeError, match=r"^search\(\) missing keyword argument\(s\) data=: "):
+        amp_magics.search(lambda b: b, model=model, space="lr=0.1,0.2",
+                          optimizer=torch.optim.SGD(model.parameters()))
 
 
 def test_bf16_refused_on_a_gpu_without_it(monkeypatch):

@@ -57,13 +57,13 @@ def checked_loader(data: Any) -> torch.utils.data.DataLoader:
     if not isinstance(data, loader_type):
         raise AmpUsageError(f"--find-batch-size varies a DataLoader's batch size: --data is a "
                             f"{type(data).__name__}. Pass a DataLoader (or its Dataset)")
+    if isinstance(data.dataset, torch.utils.data.IterableDataset):
+        raise AmpUsageError("--find-batch-size needs a map-style dataset (with len()): a "
+                            "stream cannot say how many samples a trial may use")
     if data.batch_size is None:
         raise AmpUsageError("--find-batch-size: this DataLoader's batch_sampler decides the "
                             "batch size, so it cannot be varied; pass a loader made with "
                             "batch_size=")
-    if isinstance(data.dataset, torch.utils.data.IterableDataset):
-        raise AmpUsageError("--find-batch-size needs a map-style dataset (with len()): a "
-                            "stream cannot say how many samples a trial may use")
     return data
 
 
@@ -83,10 +83,11 @@ def memory_limit(text: str | None, device: torch.device) -> tuple[int, str]:
         value = number(match[1]) if match else math.nan
     except ValueError:
         value = math.nan
-    unit = (match[2] or "B").upper() if match else ""
-    if not value > 0 or (unit == "%" and not (value <= 100 and total)):
-        raise AmpUsageError(f"--max-memory {text}: give a size such as 6GiB or 500MB, or a "
-                            "percentage of the device's memory such as 80%")
+    unit = (match[2] or "").upper() if match else ""
+    if not value > 0 or not unit or (unit == "%" and not (value <= 100 and total)):
+        # a bare number is refused: 10 is more likely 10 GiB than 10 bytes
+        raise AmpUsageError(f"--max-memory {text}: give a size with its unit such as 6GiB "
+                            "or 500MB, or a percentage of the device's memory such as 80%")
     if unit == "%":
         return int(total * value / 100), f"{value:g}% of {what} ({format_bytes(total * value / 100)})"
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,

@@ -198,6 +198,10 @@ class BatchSizeSearch:
     faster: Trial | None = None  # a smaller batch that trained more samples per second
     capped_by: str = ""  # what stopped the search growing, where memory did not
 
+    @property
+    def shown(self) -> str:
+        return "none" if self.batch_size is None else str(self.batch_size)
+
     def note(self) -> str:
         if self.batch_size is None:
             return "no batch size fits"
@@ -241,7 +245,7 @@ class BatchSizeFinding:
 
     @property
     def answer(self) -> str:
-        return ", ".join(f"{p}: {s.batch_size}" for p, s in self.searches.items()) or "none"
+        return ", ".join(f"{p}: {s.shown}" for p, s in self.searches.items()) or "none"
 
     def rows(self) -> list[dict]:
         return [{"precision": p, "batch size": t.batch_size, "result": t.result,
@@ -254,7 +258,7 @@ class BatchSizeFinding:
                f"{self.status}{': ' + self.stop_reason if self.stop_reason else ''}"]
         for precision, search in self.searches.items():
             tried = ", ".join(f"{t.batch_size} {t.result}" for t in search.trials)
-            out.append(f"  {precision}: {search.batch_size} ({tried})"
+            out.append(f"  {precision}: {search.shown} ({tried})"
                        + (f"; {search.note()}" if search.note() else ""))
         out.append("the model, gradients, optimizers, scaler, scheduler, RNG and the data's "
                    "order are as before the finder ran")
