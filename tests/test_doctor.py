@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from amp_magics.diagnostics.overflow import locate_nonfinite
+from amp_magics.errors import AmpUsageError
 from amp_magics.system import doctor, environment
 from amp_magics.magics.gpu import GpuMagics
 from amp_magics.views.status import checks_html, checks_text
@@ -374,3 +375,13 @@ def test_nan_targets_are_blamed_on_the_batch():
     assert d.forward is None and d.backward is not None  # the NaN loss's gradients
     assert d.advice == ("No module output is inf/NaN, but the loss is, and the batch holds "
                         "inf/NaN (the targets?), so fp16 is not the cause: check the batch.")
+
+
+def test_a_lazy_model_not_yet_shaped_is_refused_clearly():
+    net = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    batch = labelled_batches(1)[0]
+    step = lambda b: F.cross_entropy(net(b[0]), b[1])  # noqa: E731
+    with pytest.raises(AmpUsageError, match="lazy parameters that no forward has shaped yet"):
+        locate_nonfinite(step, net, batch, "fp16")
+    net(batch[0])  # shaped: diagnosed as any model
+    assert locate_nonfinite(step, net, batch, "fp16").forward is None

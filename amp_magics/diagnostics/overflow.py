@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import ownership
+from ..errors import AmpUsageError
 from ..tensors import as_step, model_device, preserved, tensors_in, to_device
 from .memory import forward_loss
 from ..formatting import table_html
@@ -183,6 +184,9 @@ def locate_nonfinite(step_fn: Callable[..., Any], model: torch.nn.Module, batch:
     RNG restored afterwards; the optimizer is never stepped. While a run trains the model, this
     waits for its step boundary and keeps it paused meanwhile.
     """
+    if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
+        raise AmpUsageError("the model has lazy parameters that no forward has shaped yet: "
+                            "call it on a batch once (or train a step), then diagnose")
     with ownership.at_step_boundary("%amp_doctor", model):
         return _locate_nonfinite(step_fn, model, batch, precision, scale)
 
