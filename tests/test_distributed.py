@@ -357,6 +357,28 @@ def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
                                         lost[0]), run.notes
 
 
+def test_reduce_lr_on_plateau_steps_alike_on_every_rank_with_the_merged_loss(nb):
+    """Each rank validates its own shard: stepped with its own loss, the ranks' learning rates
+    would drift apart. Stepped with the loss averaged over ranks (the one the run records),
+    they move together, and the notebook's scheduler has seen those losses."""
+    data = make_data(n=8)
+    x, y = make_data(n=1, batch=32, seed=5)[0]
+    val = [(x, y), (x, (y + 1) % 3)]  # rank 0 learns its val labels; rank 1's get worse
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(nb.user_ns["optimizer"], patience=0,
+                                                         factor=0.5)
+    nb.user_ns.update(train_loader=data, val_loader=val, plateau=plateau, dist=dist)
+    nb.run("%%amp_train --dtype bf16 --nproc 2 --epochs 5 --val val_loader --scheduler plateau "
+           "--log spread -o run\n" + BODY + "\n"
+           "lrs = torch.tensor([optimizer.param_groups[0]['lr']] * 2)\n"
+           "lrs[1] = -lrs[1]\n"
+           "dist.all_reduce(lrs, op=dist.ReduceOp.MAX)  # the highest lr and -(the lowest)\n"
+           "spread = (lrs[0] + lrs[1]).item()")
+    run = nb.user_ns["run"]
+    assert run.status == "finished" and len(run.val_history) == 5
+    assert all(r["spread"] == 0 for r in run.history)
+    assert plateau.best == pytest.approx(min(v["val_loss"] for v in run.val_history))
+
+
 def failure_of_a_hung_rank(nb, point, hang="if step == 2 and int(os.environ['RANK']) == 1:",
                            flags="", where_it_was=r"line 3"):
     """Rank 1 sleeps under --timeout 3 (in the cell, at step 2, by default): the run fails

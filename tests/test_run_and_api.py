@@ -137,6 +137,10 @@ def test_step_function_with_step_and_epoch():
                            log=["width"], progress=False)
     assert seen == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
     assert all(r["width"] == 8.0 for r in run.history)
+    # one name as a string, as the flag writes it: a name, not its letters
+    run = amp_magics.train(step, model=model, optimizer=opt, data=make_data(n=3), log="width",
+                           progress=False)
+    assert all(r["width"] == 8.0 for r in run.history)
 
 
 def test_last_short_accumulation_window_still_steps():
@@ -274,6 +278,17 @@ def test_the_interrupt_note_names_what_the_run_has(dtype, optimizers, scheduler,
     run = ctrl_c_at(1, dtype=dtype, optimizers=optimizers, scheduler=scheduler, in_ipython=True)
     assert f"interrupted after 2 optimizer step(s): {held} are as after the last completed step" \
         in run.notes
+
+
+def test_a_saved_run_gets_the_mode_open_gives_a_new_file(tmp_path):
+    """Readable by a team sharing the folder where the umask says so (not mkstemp's 0600)."""
+    import stat
+
+    (tmp_path / "plain.txt").write_text("")
+    quick_run(dtype="fp32", save=tmp_path / "run.json")
+    mode = {name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+            for name in ("plain.txt", "run.json")}
+    assert mode["run.json"] == mode["plain.txt"], mode
 
 
 def test_save_writes_the_run_however_it_ends(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 
@@ -120,3 +121,12 @@ class MergedHistory:
             self.val_history += self.merger.add(rank, records, val_records, {})
         self.history += self.merger.drain()
         return list(self.history), list(self.val_history)
+
+    def mean(self, value: float) -> float:
+        """`value` averaged over the ranks, which all call this at the same point: a metric
+        every rank must act on alike (ReduceLROnPlateau's), as the merged history shows it."""
+        if self.arrive is not None:
+            self.arrive()
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return total.item() / self.world

@@ -177,10 +177,11 @@ class Training:
         self.books = RunBooks(run, amp.recorder, amp.device, views, options.refresh_seconds)
         # Several processes stop at one step boundary they agree on (distributed.py).
         self.stop_check: Callable[[int], bool] | None = None
-        # Several processes: (history, val_history) merged over every rank, a collective
-        # that each rank calls at the same point: at each checkpoint, and once all of them
-        # ended training together (the history is the merged one from then on: None after)
-        self.merge_ranks: Callable[[list, list], tuple[list, list]] | None = None
+        # Several processes (a distributed MergedHistory): (history, val_history) merged over
+        # every rank, a collective that each rank calls at the same point: at each checkpoint,
+        # and once all of them ended training together (the history is the merged one from
+        # then on: None after); `.mean(value)` averages ReduceLROnPlateau's metric
+        self.merge_ranks: Any = None
         # a rank other than 0 takes part in each checkpoint's merge without writing it
         self.writes_checkpoints = True
         # the last checkpoint written: (its step, the validation passes it holds)
@@ -270,8 +271,10 @@ class Training:
             with self.step_lock:
                 val_loss = self._validate(epoch) if self.options.val is not None else None
                 if self.amp.plateau:
-                    self.amp.scheduler.step(val_loss if val_loss is not None
-                                            else self._epoch_loss(epoch))
+                    metric = val_loss if val_loss is not None else self._epoch_loss(epoch)
+                    if self.merge_ranks is not None:  # every rank's lr must move alike
+                        metric = self.merge_ranks.mean(metric)
+                    self.amp.scheduler.step(metric)
                 epoch += 1
                 self.position = (epoch, 0, None)
                 last = epochs is not None and epoch == epochs  # saved once, after training

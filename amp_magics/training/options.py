@@ -104,7 +104,9 @@ class TrainOptions:
         None, help="LR scheduler, stepped after each optimizer step", group=WHAT,
         metavar="NAME", notebook="scheduler",
         doc="LR scheduler stepped after each optimizer step, skipped or not, as in PyTorch's "
-            "recipe (`ReduceLROnPlateau`: at epoch end with the val loss). When the loss scaler "
+            "recipe (`ReduceLROnPlateau`: at epoch end with the val loss, or without `--val` "
+            "the epoch's mean train loss; with several processes, averaged over the ranks, so "
+            "that every rank's lr moves alike). When the loss scaler "
             "skips the very first step, torch's warning \"lr_scheduler.step() before "
             "optimizer.step()\" is a false alarm: it is not shown, and a note on the run says "
             "why")
@@ -154,8 +156,7 @@ class TrainOptions:
             "are in no optimizer get a note: they cost backward time and memory")
     log: tuple = option(
         (), help="other scalars of the body to record, comma-separated", group=STEP,
-        metavar="a,b", parse=lambda text: tuple(n.strip() for n in text.split(",") if n.strip()),
-        legend=False,
+        metavar="a,b", parse=lambda text: _names(text), legend=False,
         doc="other scalars of the body to record per step (and to keep in the notebook)")
     seed: Optional[int] = option(
         None, help="seed torch, random and numpy before training", group=STEP, metavar="N",
@@ -255,7 +256,8 @@ class TrainOptions:
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "optimizer", as_optimizers(self.optimizer))
-        set_(self, "log", tuple(self.log))
+        # log="acc" or "acc,f1" from Python, as the flag takes it; else any iterable of names
+        set_(self, "log", _names(self.log) if isinstance(self.log, str) else tuple(self.log))
         set_(self, "config", dict(self.config or {}))
         if self.compile_mode is not None:
             set_(self, "compile", True)
@@ -422,6 +424,11 @@ class TrainOptions:
             raise AmpUsageError(f"--resume {self.resume}: no such checkpoint file")
         if self.checkpoint is not None:
             checked_output_path(self.checkpoint, "--checkpoint", "run.pt")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c")"""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _check_disjoint(optimizers: Sequence) -> None:
