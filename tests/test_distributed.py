@@ -357,6 +357,23 @@ def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
                                         lost[0]), run.notes
 
 
+def test_a_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(nb, tmp_path):
+    """Each process's part of an epoch depends on how many there are: resumed on another
+    number, batches where the checkpoint stood would be skipped or trained twice."""
+    nb.user_ns["train_loader"] = make_data(n=8)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    nb.run(f"%%amp_train --dtype bf16 --steps 3 --checkpoint {one}\n{BODY}")
+    nb.run(f"%%amp_train --dtype bf16 --nproc 2 --steps 2 --checkpoint {two}\n{BODY}")
+    before = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
+    for path, flags, written, now in ((one, "--nproc 2", 1, 2), (two, "", 2, 1)):
+        with pytest.raises(UsageError, match=rf"written by a run on {written} process\(es\) "
+                                             rf"and this one has {now}: .* Resume with "
+                                             rf"--nproc {written}"):
+            nb.run(f"%%amp_train --dtype bf16 {flags} --resume {path}\n{BODY}")
+        assert_same_state(nb.user_ns["model"].state_dict(), before)  # nothing loaded
+    assert no_children_left()
+
+
 def test_reduce_lr_on_plateau_steps_alike_on_every_rank_with_the_merged_loss(nb):
     """Each rank validates its own shard: stepped with its own loss, the ranks' learning rates
     would drift apart. Stepped with the loss averaged over ranks (the one the run records),

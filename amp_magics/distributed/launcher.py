@@ -35,7 +35,7 @@ from .._torch_compat import plain_module
 from ..errors import AmpUsageError
 from ..precision import SCALER_DEFAULTS
 from ..tensors import StepFn
-from ..training.checkpoint import read_checkpoint
+from ..training.checkpoint import check_same_world, read_checkpoint
 from ..training.engine import checked_views, finish_run, new_run, prepare, stop_on_sigint
 from ..training.objects import TrainingObjects
 from ..training.options import TrainOptions
@@ -524,7 +524,7 @@ def prepare_distributed(step_fn: StepFn, options: TrainOptions, views: Sequence[
         run = new_run(options, device=f"{device_type} x{world}", precision=options.dtype,
                       nproc=world)
         run.ranks = world
-        start = _resumed_history(run, options.resume)
+        start = _resumed_history(run, options.resume, world)
         register(run)
         claim.run = run
     except BaseException:
@@ -533,13 +533,14 @@ def prepare_distributed(step_fn: StepFn, options: TrainOptions, views: Sequence[
     return DistributedTraining(step_fn, options, views, world, device_type, claim, run, start)
 
 
-def _resumed_history(run: Run, path: str | None) -> int:
+def _resumed_history(run: Run, path: str | None, world: int) -> int:
     """A resumed run starts with its checkpoint's history, merged over ranks already (the
     ranks send only the steps they train): returns the step they start from."""
     if path is None:
         return 0
     try:
         payload = read_checkpoint(path, mmap=True)  # the weights stay on disk
+        check_same_world(payload, world)  # before any process is forked
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         raise AmpUsageError(f"--resume {path}: {e}") from None
     run.history, run.val_history = payload["history"], payload["val_history"]

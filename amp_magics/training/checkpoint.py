@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from ..files import atomic_write
 from ..tensors import capture_rng, restore_rng
@@ -26,7 +27,7 @@ def save_checkpoint(path: str | os.PathLike, objects: TrainingObjects, *, step: 
     """Write atomically: a temporary file in the same folder, then rename over `path`."""
     payload = {"format": FORMAT, **objects.state_dict(), "step": step, "epoch": epoch,
                "batches_in_epoch": batches_in_epoch, "epoch_rng": epoch_rng,
-               "history": history, "val_history": val_history}
+               "history": history, "val_history": val_history, "world_size": world_size()}
     atomic_write(path, lambda f: torch.save(payload, f), binary=True, prefix=".amp_ckpt_")
 
 
@@ -57,8 +58,25 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
 def load_checkpoint(path: str | os.PathLike, objects: TrainingObjects) -> dict:
     """Load states into `objects`; return the position and history to continue from."""
     payload = read_checkpoint(path)
+    check_same_world(payload, world_size())
     objects.load_state_dict(payload)
     return payload
+
+
+def world_size() -> int:
+    """How many processes train together: this rank's process group's size, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def check_same_world(payload: dict, world: int) -> None:
+    """Raise ValueError unless `payload` was written by as many processes as train now: each
+    one's part of an epoch depends on how many there are, so another number would skip or
+    repeat batches where the checkpoint stood."""
+    written = payload.get("world_size")  # absent from checkpoints written before it was kept
+    if written is not None and written != world:
+        raise ValueError(f"it was written by a run on {written} process(es) and this one has "
+                         f"{world}: each process's part of the epoch would differ, skipping or "
+                         f"repeating batches. Resume with --nproc {written}")
 
 
 def open_epoch(data: Iterable, resumed: dict | None,
