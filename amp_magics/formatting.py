@@ -194,3 +194,8 @@ def short_path(path: str) -> str:
         return relative
     home = os.path.expanduser("~")
     return "~" + path[len(home):] if home != "/" and path.startswith(home + os.sep) else path
+
+
+def a_or_an(word: str) -> str:
+    """"an Adam", "a SGD": the article by the word's first letter (close enough for names)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -80,6 +80,7 @@ def test_a_model_frozen_whole_is_named_as_the_cause(nb):
     ("--model net", "no variable named 'net'"),
     ("--model train_loader", "not an nn.Module"),
     ("--optimizer model", "not an optimizer"),
+    ("--model adam", "--model adam is an Adam, not an nn.Module"),
     ("--data model", "a model, not an iterable of batches"),
     ("--data optimizer", "not an iterable of batches"),
     ("--epochs 0", "--epochs must be a positive"),
@@ -100,6 +101,7 @@ def test_a_model_frozen_whole_is_named_as_the_cause(nb):
 ])
 def test_bad_flags_give_usage_errors(nb, flags, message):
     nb.user_ns["empty"] = []
+    nb.user_ns["adam"] = torch.optim.Adam(nb.user_ns["model"].parameters())
     before = {k: v.clone() for k, v in nb.user_ns["model"].state_dict().items()}
     with pytest.raises(UsageError, match=message):
         nb.run(f"%%amp_train {flags}\n{BODY}")

@@ -23,7 +23,7 @@ from .. import ownership
 from .._torch_compat import is_fake
 from ..errors import AmpUsageError
 from ..precision import Precision, resolve
-from ..formatting import escape, format_bytes, table_html
+from ..formatting import a_or_an, escape, format_bytes, table_html
 from ..system.host import process_rss
 from ..tensors import (as_step, model_device, preserved, tensors_in, to_device,
                        unpack_loss)
@@ -168,7 +168,7 @@ def forward_sum_step(model: torch.nn.Module) -> Callable[[Any], torch.Tensor]:
             return _stand_in_loss(model(**batch))
         x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(x, torch.Tensor):
-            raise AmpUsageError(f"the batch is a {type(batch).__name__}, not a tensor, a tuple "
+            raise AmpUsageError(f"the batch is {a_or_an(type(batch).__name__)}, not a tensor, a tuple "
                                 "starting with one or a dict of model inputs: give the step body "
                                 "in a %%amp_memory cell")
         return _stand_in_loss(model(x))
@@ -181,7 +181,7 @@ def _check_keywords(model: torch.nn.Module, batch: Mapping) -> None:
     names = list(batch.keys())
     bad = [k for k in names if not isinstance(k, str)]
     if bad:
-        raise AmpUsageError(f"the batch is a {type(batch).__name__} with keys that are not names "
+        raise AmpUsageError(f"the batch is {a_or_an(type(batch).__name__)} with keys that are not names "
                             f"({', '.join(map(repr, bad))}): give the step body in a "
                             "%%amp_memory cell")
     try:

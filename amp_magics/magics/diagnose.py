@@ -14,7 +14,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import precision
-from ..formatting import number
+from ..formatting import a_or_an, number
 from .args import parse
 from .notebook import CellStep, lookup, lookup_optimizers, usage_errors
 
@@ -191,7 +191,7 @@ def _first_batch(data, name):
     import torch
 
     if isinstance(data, torch.nn.Module):  # nn.Sequential is iterable, over its layers
-        raise UsageError(f"--data {name} is a {type(data).__name__}, a model, not an iterable "
+        raise UsageError(f"--data {name} is {a_or_an(type(data).__name__)}, a model, not an iterable "
                          "of batches")
     it = iter(data)
     if it is data:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 
 from ..errors import AmpUsageError
+from ..formatting import a_or_an
 from .args import names
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def lookup(user_ns: Mapping[str, Any], name: str, flag: str, kind: Kind, what: s
             raise UsageError(f"{flag} {name}: {type(obj).__name__} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if (kind is Iterable and isinstance(obj, (str, bytes))) or not isinstance(obj, kind):
-        raise UsageError(f"{flag} {name} is a {type(obj).__name__}, not {what}. "
+        raise UsageError(f"{flag} {name} is {a_or_an(type(obj).__name__)}, not {what}. "
                          f"{_dataset_hint(obj, name)}{candidates(user_ns, kind, what)}")
     return obj
 

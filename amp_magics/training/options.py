@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import AmpUsageError
-from ..formatting import number
+from ..formatting import a_or_an, number
 from ..precision import CHOICES
 
 if TYPE_CHECKING:  # torch loads when options are checked, not when flags are made
@@ -334,7 +334,7 @@ class TrainOptions:
             if value is None and label == "val":
                 continue
             if isinstance(value, torch.nn.Module):
-                raise AmpUsageError(f"{label} is a {type(value).__name__}, a model, not an "
+                raise AmpUsageError(f"{label} is {a_or_an(type(value).__name__)}, a model, not an "
                                     "iterable of batches")
             if not isinstance(value, Iterable):
                 raise AmpUsageError(f"{label} must be iterable (a DataLoader, a list of "
