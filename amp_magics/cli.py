@@ -89,6 +89,11 @@ def _print_status(indices, as_json: bool, watching: float | bool, first: bool = 
 def _check(parser: argparse.ArgumentParser, export: str | None) -> int:
     from .system import doctor, environment  # imports torch only when asked to check
 
+    folder = os.path.dirname(os.path.abspath(export)) if export else ""
+    if export and (os.path.isdir(export) or not os.access(folder, os.W_OK | os.X_OK)):
+        # before the checks (a smoke test of AMP among them), not after
+        parser.error(f"cannot write {export}: give a file in a folder that exists and is "
+                     "writable")
     report = doctor.run_checks()
     print(checks_text(report.checks))
     if export:

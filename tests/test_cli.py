@@ -71,6 +71,17 @@ def test_subprocess_status_text_and_json_without_torch_or_ipython():
     assert done.returncode == 0 and "recommendation" in json.loads(done.stdout)
 
 
+def test_check_refuses_an_export_path_it_cannot_write_before_checking(tmp_path, capsys):
+    from amp_magics import cli
+
+    for path in (tmp_path / "missing" / "environment.yml", tmp_path):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["check", "--export", str(path)])
+        out, err = capsys.readouterr()
+        assert exited.value.code == 2 and "AMP smoke test" not in out
+        assert f"cannot write {path}: give a file in a folder that exists" in err
+
+
 def test_subprocess_check_passes_its_smoke_test(tmp_path):
     path = tmp_path / "environment.yml"
     done = run_module("check", "--export", str(path), timeout=120)
