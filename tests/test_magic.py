@@ -2,6 +2,7 @@
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -332,6 +333,54 @@ def test_background_run_and_amp_stop(nb, capsys):
     assert f"{run.name}: already interrupted after" in capsys.readouterr().out
     with pytest.raises(UsageError, match="no run named 'nosuch'"):
         nb.run("%amp_stop nosuch")
+
+
+FAILS_AT_STEP_2 = ("x, y = batch\nif step == 2{rank}:\n    raise ValueError('boom at step 2')\n"
+                   "loss = F.cross_entropy(model(x), y)\n")
+
+
+def test_a_failed_background_run_keeps_and_shows_its_traceback(nb, capsys):
+    """A thread has nowhere to raise: the run keeps the traceback the foreground shows (the
+    cell's lines, our frames left out), its notice shows it when it ends, %amp_wait prints it."""
+    run = nb.run("%%amp_train --dtype fp32 --background -o run\n"
+                 + FAILS_AT_STEP_2.format(rank=""))
+    nb.run("%amp_wait")
+    assert run.status == "failed" and run.error == "ValueError: boom at step 2"
+    assert "Cell In[" in run.traceback and "----> 4     raise ValueError('boom at step 2')" \
+        in run.traceback and run.traceback.endswith("ValueError: boom at step 2")
+    assert "amp_magics" not in run.traceback and "threading" not in run.traceback
+    assert capsys.readouterr().out.count(run.traceback) == 2  # the notice, then %amp_wait
+    nb.run(f"%amp_wait {run.name}")
+    assert f"already failed after 2 steps\n{run.traceback}" in capsys.readouterr().out
+
+
+def test_a_failed_nproc_background_run_keeps_the_ranks_traceback(nb):
+    run = nb.run("%%amp_train --dtype fp32 --nproc 2 --background -o run\n"
+                 + FAILS_AT_STEP_2.format(rank=" and torch.distributed.get_rank() == 1"))
+    nb.run("%amp_wait --timeout 60")
+    assert run.status == "failed" and run.error == "rank 1 failed"
+    assert run.traceback.startswith("RankFailed: rank 1 of 2 failed:\nTraceback")
+    assert "line 4" in run.traceback and "raise ValueError('boom at step 2')" in run.traceback
+    assert run.traceback.endswith("ValueError: boom at step 2")
+
+
+def test_amp_wait_and_amp_stop_still_wait_after_ctrl_c_in_amp_wait(nb, capsys):
+    """They wait on an Event the run's thread sets last, not on Thread.join: a join that
+    Ctrl-C interrupted leaves the thread looking ended for good (CPython <= 3.12)."""
+    nb.user_ns.update(train_loader=make_data(n=4), time=time)
+    run = nb.run(f"%%amp_train --dtype fp32 --epochs 100000 --background -o run\n"
+                 f"time.sleep(0.002)\n{BODY}")
+    threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)
+                    ).start()
+    nb.run("%amp_wait")
+    assert "stopped waiting; the run goes on" in capsys.readouterr().out
+    started = time.monotonic()
+    nb.run("%amp_wait --timeout 0.5")
+    assert time.monotonic() - started >= 0.45
+    assert f"{run.name}: still running after" in capsys.readouterr().out
+    nb.run("%amp_stop")
+    assert run.status == "interrupted"  # ended before %amp_stop returned
+    assert f"{run.name}: interrupted after" in capsys.readouterr().out
 
 
 def test_checkpoint_resume_is_bit_identical(nb, tmp_path):

@@ -7,8 +7,8 @@ picks the view (live dashboard or text line) and hands over to
 """
 from __future__ import annotations
 
+import re
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,10 @@ MAGIC_FLAGS = [
     _flag("background", False, bool, group=DISPLAY,
           help="train in a background thread; the cell returns at once (stop: %amp_stop)",
           doc="train in a thread; the cell returns the `Run` at once and other cells run "
-              "meanwhile. With `--search`, the whole search (`-o` gets the `Search`; Stop or "
+              "meanwhile. A failure keeps its traceback (the cell's lines, a rank's own under "
+              "`--nproc`) as `run.traceback`, shown below the cell's notice of how the run "
+              "ended and by `%amp_wait`/`%amp_stop`. With `--search`, the whole search (`-o` "
+              "gets the `Search`; Stop or "
               "`%amp_stop` ends it after the current step, that trial counted as "
               "interrupted)"),
     _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0.5,1"',
@@ -168,6 +171,9 @@ class AmpMagics(Magics):
         try:
             with usage_errors():
                 training.execute()
+        except BaseException as e:
+            self._keep_traceback(training.run, e)
+            raise
         finally:
             self._export_logged(step)
 
@@ -192,12 +198,8 @@ class AmpMagics(Magics):
         run = training.run
         try:
             view.show(run)
-            thread = threading.Thread(target=self._train_quietly, args=(training, step),
-                                      name=f"amp_train {run.name}", daemon=True)
-            registry.add_background(run, thread)
-            thread.start()
+            registry.start_background(run, lambda: self._train_quietly(training, step))
         except BaseException:
-            registry.drop_background(run)
             training.release()
             raise
         return run
@@ -327,14 +329,9 @@ class AmpMagics(Magics):
             if not panel.text:
                 view.stoppable, view.on_stop = True, found.request_stop
                 view.show()
-            thread = threading.Thread(target=self._search_quietly,
-                                      args=(searching, view, panel),
-                                      name=f"amp_train {found.name}", daemon=True)
-            registry.add_background(found, thread)
             registry.add_finding(found)
-            thread.start()
+            registry.start_background(found, lambda: self._search_quietly(searching, view, panel))
         except BaseException:
-            registry.drop_background(found)
             searching.release()
             raise
 
@@ -345,7 +342,6 @@ class AmpMagics(Magics):
         except BaseException:
             pass
         finally:
-            registry.drop_background(searching.result)
             panel.close(keep=True)  # nothing else will show the trials: it stays, static
             if panel.text:
                 print(searching.result.lines()[-1], flush=True)
@@ -353,17 +349,30 @@ class AmpMagics(Magics):
                 view.finish()
 
     def _train_quietly(self, training, step):
-        # The view shows a failure; the exception has nowhere better to go from a thread.
+        __tracebackhide__ = True  # not in the traceback the run keeps
+        # A thread has nowhere to raise: the run keeps the traceback, which the cell's
+        # notice shows below how the run ended, and %amp_wait prints.
         try:
             training.execute()
-        except BaseException:
-            pass
+        except BaseException as e:
+            self._keep_traceback(training.run, e)
         finally:
             self._export_logged(step)
-            registry.drop_background(training.run)
             from ..views.dashboard import end_notices
 
-            end_notices(training.run)  # the cell's "started ..." notice says how it ended
+            end_notices(training.run, last=True)  # the cell's notice says how it ended
+
+    def _keep_traceback(self, run, error: BaseException) -> None:
+        """A failed run keeps the traceback IPython shows for it in the foreground (the cell's
+        lines, our frames hidden by __tracebackhide__, a --nproc rank's own traceback as its
+        RankFailed renders it), without colours."""
+        if run.status != "failed":
+            return
+        formatter = self.shell.InteractiveTB
+        render = getattr(error, "_render_traceback_", None)
+        lines = render() if render else formatter.structured_traceback(
+            type(error), error, error.__traceback__, tb_offset=0)
+        run.traceback = _COLOURS.sub("", formatter.stb2text(lines)).strip()
 
     def _export_logged(self, step):
         for name in step.log_names:
@@ -386,10 +395,9 @@ class AmpMagics(Magics):
             return
         for run, _ in targets:
             run.request_stop()
-        for run, thread in targets:
-            thread.join(args.wait)
-            state = run.status if not thread.is_alive() else "still finishing its step"
-            print(f"{run.name}: {state} after {_how_far(run)}")
+        for run, done in targets:
+            done.wait(args.wait)
+            _report(run, run.status if done.is_set() else "still finishing its step")
 
     # -- %amp_wait --------------------------------------------------------------------
     @magic_arguments()
@@ -404,30 +412,29 @@ class AmpMagics(Magics):
         targets = self._background_runs(args.name)
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         try:
-            for run, thread in targets:
-                thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+            for run, done in targets:
+                done.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
         except KeyboardInterrupt:
             print("stopped waiting; the run goes on (stop it with %amp_stop)")
-        for run, thread in targets:
-            state = run.status if not thread.is_alive() else "still running"
-            print(f"{run.name}: {state} after {_how_far(run)}")
+        for run, done in targets:
+            _report(run, run.status if done.is_set() else "still running")
         if not targets and args.name is None:
             print("no background run is running")
 
     def _background_runs(self, name):
-        """(run, thread) of the background runs (or searches) called `name` (all when None)
+        """(run, done) of the background runs (or searches) called `name` (all when None)
         still going; a search is found by a trial's name too (refusals name the trial).
 
         A finished run of that name is reported, not an error; an unknown name is."""
         going = registry.background_runs()
-        targets = [(r, t) for r, t in going if name is None or name in _names(r)]
+        targets = [(r, d) for r, d in going if name is None or name in _names(r)]
         if name is not None and not targets:
-            done = [r for r in [*registry.runs(), *registry.findings()]
-                    if getattr(r, "name", None) == name]
-            if not done:
+            ended = [r for r in [*registry.runs(), *registry.findings()]
+                     if getattr(r, "name", None) == name]
+            if not ended:
                 running = ", ".join(r.name for r, _ in going) or "none"
                 raise UsageError(f"no run named {name!r} (background runs going: {running})")
-            print(f"{name}: already {done[-1].status} after {_how_far(done[-1])}")
+            _report(ended[-1], f"already {ended[-1].status}")
         return targets
 
     # -- %amp_runs --------------------------------------------------------------------
@@ -510,6 +517,16 @@ def _names(job) -> set:
     if getattr(job, "kind", None) != "search":
         return {job.name}
     return {job.name} | {t.run.name for t in list(job.trials) if t.run is not None}
+
+
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # ANSI colours (SGR) in IPython's tracebacks
+
+
+def _report(job, state: str) -> None:
+    """How a background run (or search) stands, in a line; a failed run's traceback below."""
+    print(f"{job.name}: {state} after {_how_far(job)}")
+    if getattr(job, "traceback", None):
+        print(job.traceback)
 
 
 def _how_far(job) -> str:

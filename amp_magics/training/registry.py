@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from ..formatting import records_html
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .run import Run
 
 _RUNS: list = []
@@ -142,21 +144,40 @@ def findings() -> list:
 
 
 # -- background runs ----------------------------------------------------------------------------
-_BACKGROUND: dict = {}  # Run (or Search) -> the Thread training it
+# Run (or Search) -> the Event its thread sets as the last thing it does. Waits are on that,
+# never on Thread.join or is_alive: a join that Ctrl-C interrupts leaves the thread looking
+# ended for good (CPython <= 3.12), and %amp_wait or %amp_stop would no longer wait.
+_BACKGROUND: dict = {}
 
 
-def add_background(run: "Run", thread: threading.Thread) -> None:
+def start_background(job, work: Callable[[], None]) -> None:
+    """Run `work` (training `job`, a Run or a Search) in a daemon thread, listed in
+    `background_runs()` until it has ended."""
+    def in_thread():
+        try:
+            work()
+        finally:
+            _end_background(job)
+
     with _RUNS_LOCK:
-        _BACKGROUND[run] = thread
+        _BACKGROUND[job] = threading.Event()
+    try:
+        threading.Thread(target=in_thread, name=f"amp_magics {job.name}", daemon=True).start()
+    except BaseException:
+        _end_background(job)
+        raise
 
 
-def drop_background(run: "Run") -> None:
+def _end_background(job) -> None:
     with _RUNS_LOCK:
-        _BACKGROUND.pop(run, None)
+        done = _BACKGROUND.pop(job, None)
+    if done is not None:
+        done.set()
 
 
-def background_runs() -> list[tuple["Run", threading.Thread]]:
-    """(run, thread) of every run (or search) training in a background thread now."""
+def background_runs() -> list[tuple["Run", threading.Event]]:
+    """(run, done) of every run (or search) training in a background thread now: `done` is
+    set once its thread has ended."""
     with _RUNS_LOCK:
         return list(_BACKGROUND.items())
 
@@ -166,5 +187,5 @@ def stop_background_runs(wait: float = 10.0) -> None:
     going = background_runs()
     for run, _ in going:
         run.request_stop()
-    for _, thread in going:
-        thread.join(wait)
+    for _, done in going:
+        done.wait(wait)

@@ -57,7 +57,9 @@ class Run:
         self.memory: list[dict] = []
         self.alarms: list[str] = []
         self.notes: list[str] = []
-        self.error: str | None = None
+        self.error: str | None = None  # what failed, in a line
+        # a failed %%amp_train run: its traceback as the notebook shows it (our frames left out)
+        self.traceback: str | None = None
         self.started = time.time()
         self.wall_time = 0.0
         self.epoch = 0
@@ -162,8 +164,8 @@ class Run:
     # -- persistence ---------------------------------------------------------------
     _FIELDS = ("name", "config", "device", "precision", "precision_reason", "scaler_settings",
                "total_steps", "steps_per_epoch", "model_label", "status", "history",
-               "val_history", "memory", "alarms", "notes", "error", "started", "wall_time",
-               "epoch", "refresh_costs", "ranks", "compile_seconds", "compiles",
+               "val_history", "memory", "alarms", "notes", "error", "traceback", "started",
+               "wall_time", "epoch", "refresh_costs", "ranks", "compile_seconds", "compiles",
                "recompiles")
 
     def to_dict(self) -> dict:

@@ -22,7 +22,7 @@ from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
 from .finder import finding_html
-from .run_summary import ended_html, run_html, summary_rows
+from .run_summary import ended_html, run_html, run_text, summary_rows
 from ..formatting import format_number, format_setting
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def display_run(run: Run) -> None:
     from IPython.display import display
 
     if run.done:
-        display({"text/plain": repr(run), "text/html": run_html(run)}, raw=True)
+        display({"text/plain": run_text(run), "text/html": run_html(run)}, raw=True)
         return
     handle = display({"text/plain": repr(run), "text/html": run_html(run)}, raw=True,
                      display_id=True)
@@ -233,12 +233,14 @@ def display_run(run: Run) -> None:
         end_notices(run)
 
 
-def end_notices(run: Run) -> None:
-    """Rewrite every running notice of `run` (now ended) with how it ended."""
+def end_notices(run: Run, last: bool = False) -> None:
+    """Rewrite every running notice of `run` (now ended) with how it ended. The handles are
+    kept until the `last` rewrite: a failed background run's traceback is known only once
+    its views have ended, and its thread rewrites them again with it."""
     with _NOTICES_LOCK:
-        handles = _NOTICES.pop(run, [])
+        handles = _NOTICES.pop(run, []) if last else list(_NOTICES.get(run, []))
     for handle in handles:
-        handle.update({"text/plain": repr(run), "text/html": ended_html(run)}, raw=True)
+        handle.update({"text/plain": run_text(run), "text/html": ended_html(run)}, raw=True)
 
 
 class Dashboard(View):

@@ -1,6 +1,6 @@
 """A Run in words: its summary table (the dashboard's final picture and a finished run shown
 on its own), the notice a running background run displays, and the sentence that replaces
-that notice when it ends."""
+that notice when it ends; a failed run's traceback below the last two."""
 from __future__ import annotations
 
 import math
@@ -66,7 +66,7 @@ def run_html(run: Run) -> str:
         return (f"<p>Run <b>{escape(run.name)}</b> started at {started}; the dashboard "
                 "shows it live and keeps its final picture. Stop it with "
                 "<code>%amp_stop</code> or the Stop button.</p>")
-    return summary_table_html(summary_rows(run))
+    return summary_table_html(summary_rows(run)) + _traceback_html(run)
 
 
 def ended_html(run: Run) -> str:
@@ -74,4 +74,15 @@ def ended_html(run: Run) -> str:
     s = run.summary
     return (f"<p>Run <b>{escape(run.name)}</b> {escape(run.status)}: {s['steps']:,} "
             f"steps ({s['skipped_steps']} skipped) in {format_duration(s['wall_time'])}, "
-            f"final loss {escape(format_value(s['final_loss']))}.</p>")
+            f"final loss {escape(format_value(s['final_loss']))}.</p>" + _traceback_html(run))
+
+
+def run_text(run: Run) -> str:
+    """A Run as plain text: its repr, and a failed run's traceback below it."""
+    return repr(run) + (f"\n{run.traceback}" if run.traceback else "")
+
+
+def _traceback_html(run: Run) -> str:
+    if not run.traceback:
+        return ""
+    return f'<pre style="white-space:pre-wrap">{escape(run.traceback)}</pre>'
