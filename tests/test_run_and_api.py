@@ -55,8 +55,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert back.summary["steps"] == run.summary["steps"]
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp file left behind
     (tmp_path / "other.json").write_text(json.dumps({"x": 1}))
-    with pytest.raises(ValueError, match="not a saved amp_magics Run"):
-        Run.load(tmp_path / "other.json")
+    (tmp_path / "text.json").write_text("not json at all")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name in ("other.json", "text.json", "list.json"):
+        with pytest.raises(ValueError, match=f"{name} is not a saved amp_magics Run"):
+            Run.load(tmp_path / name)
 
 
 def test_repr_html_escapes_user_strings():

@@ -179,8 +179,11 @@ class Run:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
         with open(path) as f:
-            data = json.load(f)
-        if data.pop("amp_magics_run", None) != 1:
+            try:
+                data = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = None
+        if not isinstance(data, dict) or data.pop("amp_magics_run", None) != 1:
             raise ValueError(f"{path} is not a saved amp_magics Run")
         run = cls(data["name"])
         for field in cls._FIELDS:
