@@ -91,7 +91,7 @@ def no_children_left():
 def nb(ip):
     model = make_model()
     ip.user_ns.update(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-                      F=F, torch=torch, os=os, time=time)
+                      F=F, torch=torch, os=os, time=time, signal=signal)
     return ip
 
 
@@ -355,6 +355,18 @@ def test_every_rank_killed_leaves_the_objects_and_a_history_without_steps(nb):
     lost = [n for n in run.notes if n.startswith("no rank left a consistent state")]
     assert len(lost) == 1 and re.search(r"the [1-4] optimizer step\(s\) the ranks trained",
                                         lost[0]), run.notes
+
+
+def test_a_rank_ignores_a_ctrl_c_of_its_own(nb):
+    """A terminal's Ctrl-C reaches every process, each at its own moment: a rank that stopped
+    on its own would leave the others waiting for its gradients. Only the notebook process's
+    request stops the ranks (at one step), so a rank's own SIGINT changes nothing."""
+    nb.user_ns["train_loader"] = make_data(n=16)
+    nb.run("%%amp_train --dtype bf16 --nproc 2 --timeout 5 -o run\n"
+           "if step == 3 and int(os.environ['RANK']) == 1:\n"
+           "    os.kill(os.getpid(), signal.SIGINT)\n" + BODY)
+    run = nb.user_ns["run"]
+    assert run.status == "finished" and len(run.history) == 8, (run.status, run.notes)
 
 
 def test_a_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(nb, tmp_path):

@@ -58,8 +58,10 @@ def setup_rank(options: TrainOptions, ctx: RankContext) -> tuple[TrainOptions, C
     # the weights stay on disk until the engine loads them)
     start_epoch = (read_checkpoint(options.resume, mmap=True)["epoch"]
                    if options.resume is not None else 0)
+    # A rank never stops on a Ctrl-C of its own (a terminal sends one to every process): the
+    # ranks stop at a step they agree on, or one would wait forever for the others' gradients
     return dataclasses.replace(
-        options, data=shard(options.data, ctx, start_epoch), nproc=1,
+        options, data=shard(options.data, ctx, start_epoch), nproc=1, handle_sigint=False,
         val=shard(options.val, ctx, training=False) if options.val is not None else None
     ), release
 

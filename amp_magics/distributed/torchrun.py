@@ -3,7 +3,6 @@ its rank directly, and only rank 0 reports and saves."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import itertools
 import os
@@ -140,8 +139,6 @@ class RankTraining:
         with joined_process_group(self.ctx, self.options.timeout) as store:
             rank_options, release = setup_rank(self.options, self.ctx)
             try:
-                # Ctrl-C goes through the ranks' agreement, not the engine's own handler
-                rank_options = dataclasses.replace(rank_options, handle_sigint=False)
                 training = prepare(self.step_fn, rank_options, self.views)
                 self.run = training.run
                 attach_rank(training, rank_options, self.ctx)
