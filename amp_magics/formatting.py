@@ -184,6 +184,11 @@ def number(text: str) -> float:
         raise ValueError(str(e)) from None
 
 
+def names(text: str) -> tuple[str, ...]:
+    """"a, b,c" (a flag's comma-separated names) -> ("a", "b", "c")"""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def short_path(path: str) -> str:
     """A path as a person would type it here: relative when close by, else with ~ for home."""
     try:

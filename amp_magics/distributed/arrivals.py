@@ -81,12 +81,11 @@ class Marks:
     def __init__(self, training: Any, mark: Callable[[int, int], None]):
         self.training, self.mark = training, mark
         self.passed = 0  # points every rank passes alike
-        self.called = False  # the model was called since the last of them
 
     def forward(self) -> None:
-        # training's calls only: validation's (no_grad) may differ in number per rank
+        # training's calls only: validation's (no_grad) may differ in number per rank; odd:
+        # past the last point passed, not yet at the next
         if torch.is_grad_enabled():
-            self.called = True
             self.mark(self.passed * 2 + 1,
                       _label(self.training.step, self.training.amp.micro, FORWARD))
 
@@ -101,7 +100,6 @@ class Marks:
 
     def _pass(self, label: int) -> None:
         self.passed += 1
-        self.called = False
         self.mark(self.passed * 2, label)
 
 

@@ -51,11 +51,6 @@ def _unquote(value):
     return value
 
 
-def names(text: str) -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c']"""
-    return [n.strip() for n in text.split(",") if n.strip()]
-
-
 def generated_flags(*sections: tuple[Sequence[OptionSpec], bool]) -> Callable:
     """A magic's parser made from option specs, in place of @magic_arguments decorators.
 

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 
 from ..errors import AmpUsageError
-from ..formatting import a_or_an
-from .args import names
+from ..formatting import a_or_an, names
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping

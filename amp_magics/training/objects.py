@@ -87,11 +87,11 @@ class TrainingObjects:
             raise ValueError(f"it holds {len(optimizer_states)} optimizer(s), this run has "
                              f"{len(self.optimizers)}")
         for i, (opt, saved) in enumerate(zip(self.optimizers, optimizer_states), 1):
-            sizes = [len(g["params"]) for g in saved["param_groups"]]
-            if sizes != [len(g["params"]) for g in opt.param_groups]:
+            sizes, here = ([len(g["params"]) for g in groups]
+                           for groups in (saved["param_groups"], opt.param_groups))
+            if sizes != here:
                 raise ValueError(f"optimizer {i}'s parameter groups do not fit: it holds groups "
-                                 f"of {sizes} parameters, this run "
-                                 f"{[len(g['params']) for g in opt.param_groups]}")
+                                 f"of {sizes} parameters, this run {here}")
 
     # -- an exact copy in memory ------------------------------------------------------------
     def snapshot(self, data: Iterable | None = None) -> Snapshot:

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import AmpUsageError
-from ..formatting import a_or_an, number
+from ..formatting import a_or_an, names, number
 from ..precision import CHOICES
 
 if TYPE_CHECKING:  # torch loads when options are checked, not when flags are made
@@ -156,7 +156,7 @@ class TrainOptions:
             "are in no optimizer get a note: they cost backward time and memory")
     log: tuple = option(
         (), help="other scalars of the body to record, comma-separated", group=STEP,
-        metavar="a,b", parse=lambda text: _names(text), legend=False,
+        metavar="a,b", parse=names, legend=False,
         doc="other scalars of the body to record per step (and to keep in the notebook)")
     seed: Optional[int] = option(
         None, help="seed torch, random and numpy before training", group=STEP, metavar="N",
@@ -257,7 +257,7 @@ class TrainOptions:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "optimizer", as_optimizers(self.optimizer))
         # log="acc" or "acc,f1" from Python, as the flag takes it; else any iterable of names
-        set_(self, "log", _names(self.log) if isinstance(self.log, str) else tuple(self.log))
+        set_(self, "log", names(self.log) if isinstance(self.log, str) else tuple(self.log))
         set_(self, "config", dict(self.config or {}))
         if self.compile_mode is not None:
             set_(self, "compile", True)
@@ -426,11 +426,6 @@ class TrainOptions:
             checked_output_path(self.checkpoint, "--checkpoint", "run.pt")
 
 
-def _names(text: str) -> tuple[str, ...]:
-    """"a, b,c" -> ("a", "b", "c")"""
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
 def _check_disjoint(optimizers: Sequence) -> None:
     """Each parameter is stepped by one optimizer: given to two, it would move twice per step
     (and under fp16 the scaler refuses the second step)."""
@@ -499,7 +494,7 @@ def split_keywords(caller: str, given: Mapping[str, Any], *classes: type) -> lis
             hint = f": did you mean {close[0]}?" if close else ""
             raise AmpUsageError(f"{caller}() has no option {key!r}{hint} (its options: "
                                 f"{', '.join(sorted(every))})")
-    return [{k: v for k, v in given.items() if k in names} for names in known]
+    return [{k: v for k, v in given.items() if k in taken} for taken in known]
 
 
 def tunable_types() -> dict[str, type]:
