@@ -93,21 +93,24 @@ def test_background_run_while_other_cells_execute():
 def test_a_failed_background_run_shows_its_traceback_in_its_own_cell():
     """Known only once the run's views have ended, the traceback rewrites the Run the cell
     returned, in that cell (output printed from the run's thread would land in whichever cell
-    is executing then); %amp_wait prints it too."""
+    is executing then); %amp_wait prints it too.
+
+    The step fails only once the %amp_wait cell runs: the thread's updates carry the parent of
+    the cell executing when they are sent, and nbclient drops those sent between two cells."""
     nb, _ = execute([
-        "%load_ext amp_magics", SETUP,
+        "%load_ext amp_magics", SETUP + "import threading\nwaiting = threading.Event()",
         "%%amp_train --dtype fp32 --background -o run\nx, y = batch\n"
-        "if step == 3:\n    raise ValueError('boom at step 3')\n"
+        "if step == 3:\n    waiting.wait(60)\n    raise ValueError('boom at step 3')\n"
         "loss = F.cross_entropy(model(x), y)",
-        "%amp_wait",
+        "waiting.set()\n%amp_wait",
     ])
     shown = [o["data"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
     (notice,) = [d for d in shown if "amp-dashboard" not in d["text/html"]]
-    assert "failed" in notice["text/html"] and "Cell In[3], line 4" in notice["text/html"]
-    assert "----&gt; 4     raise ValueError(&#x27;boom at step 3&#x27;)" in notice["text/html"]
+    assert "failed" in notice["text/html"] and "Cell In[3], line 5" in notice["text/html"]
+    assert "----&gt; 5     raise ValueError(&#x27;boom at step 3&#x27;)" in notice["text/html"]
     assert notice["text/plain"].endswith("ValueError: boom at step 3")
     assert "\x1b[" not in notice["text/plain"] and "amp_magics" not in notice["text/plain"]
-    assert "Cell In[3], line 4" in "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert "Cell In[3], line 5" in "".join(o.get("text", "") for o in nb.cells[3].outputs)
 
 
 def wait_for_steps(kc, msg_id, at_least, timeout=120.0):
