@@ -34,12 +34,12 @@ class RecordingClient(nbclient.NotebookClient):
         return super().process_message(msg, cell, cell_index)
 
 
-def execute(cells):
+def execute(cells, **hooks):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
-    client = RecordingClient(nb, timeout=120, kernel_name="python3")
+    client = RecordingClient(nb, timeout=120, kernel_name="python3", **hooks)
     client.execute()
     return nb, client.messages
 
@@ -111,6 +111,33 @@ def test_a_failed_background_run_shows_its_traceback_in_its_own_cell():
     assert notice["text/plain"].endswith("ValueError: boom at step 3")
     assert "\x1b[" not in notice["text/plain"] and "amp_magics" not in notice["text/plain"]
     assert "Cell In[3], line 5" in "".join(o.get("text", "") for o in nb.cells[3].outputs)
+
+
+def test_a_background_run_that_ends_between_two_cells_leaves_its_snapshot(tmp_path):
+    """nbclient (nbconvert --execute, papermill) reads only the executing cell's messages; the
+    run's rewrites sent while no cell executes are sent again when the next cell starts."""
+    ended = tmp_path / "ended"
+
+    def between_cells(cell, cell_index, execute_reply):  # nbclient's hook after each cell
+        if cell_index == 2:
+            deadline = time.monotonic() + 60
+            while not ended.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1)  # the run's thread rewrites its outputs after the step raised
+
+    nb, _ = execute([
+        "%load_ext amp_magics", SETUP,
+        "%%amp_train --dtype fp32 --background -o run\nx, y = batch\n"
+        f"if step == 3:\n    open({str(ended)!r}, 'w').close()\n    raise ValueError('boom')\n"
+        "loss = F.cross_entropy(model(x), y)",
+        "print(run.status)",
+    ], on_cell_executed=between_cells)
+    assert ended.exists() and nb.cells[3].outputs[0]["text"].strip() == "failed"
+    shown = [o["data"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"]
+    assert all("text/html" in d and "widget-view" not in str(d) for d in shown), shown
+    (snapshot,) = [d for d in shown if "amp-dashboard" in d["text/html"]]
+    (notice,) = [d for d in shown if "amp-dashboard" not in d["text/html"]]
+    assert "failed" in snapshot["text/html"] and "ValueError: boom" in notice["text/plain"]
 
 
 def wait_for_steps(kc, msg_id, at_least, timeout=120.0):

@@ -15,6 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from ..system import doctor, environment
 from ..system import gpu
 from .args import parse
+from ..views.between_cells import rewrite
 from ..views.status import status_html, status_text
 
 
@@ -74,9 +75,9 @@ class StatusWatch:
             return
         taken = time.strftime("%H:%M:%S", time.localtime(self.status.taken_at))
         note = stopped or f"watch stopped; the last refresh, at {taken}"
-        self._handle.update({"text/html": status_html(self.status)
-                             + f"<p style=\"opacity:.7\">{html.escape(note)}</p>",
-                             "text/plain": f"{status_text(self.status)}\n{note}"}, raw=True)
+        rewrite(self._handle, {"text/html": status_html(self.status)
+                               + f"<p style=\"opacity:.7\">{html.escape(note)}</p>",
+                               "text/plain": f"{status_text(self.status)}\n{note}"})
         self.widget.close()
 
     def __repr__(self) -> str:

@@ -55,7 +55,9 @@ MAGIC_FLAGS = [
               "ended and by `%amp_wait`/`%amp_stop`. With `--search`, the whole search (`-o` "
               "gets the `Search`; Stop or "
               "`%amp_stop` ends it after the current step, that trial counted as "
-              "interrupted)"),
+              "interrupted). Executed headless (`nbconvert --execute`, papermill), a run that "
+              "ends between two cells gets its saved snapshot when the next cell starts; end "
+              "the notebook with `%amp_wait` so that none is still live when it is saved"),
     _flag("sweep", help='one run per setting from the same start, e.g. "lr=1e-3,1e-2; clip=0.5,1"',
           group=DIAGNOSIS, metavar="SPEC",
           doc='one run per setting, all from the same starting state: `"lr=1e-4,3e-4,1e-3"`, '

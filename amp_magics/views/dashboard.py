@@ -21,6 +21,7 @@ import numpy as np
 from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
+from .between_cells import rewrite
 from .finder import finding_html
 from .run_summary import ended_html, run_html, run_text, summary_rows
 from ..formatting import format_number, format_setting
@@ -240,7 +241,7 @@ def end_notices(run: Run, last: bool = False) -> None:
     with _NOTICES_LOCK:
         handles = _NOTICES.pop(run, []) if last else list(_NOTICES.get(run, []))
     for handle in handles:
-        handle.update({"text/plain": run_text(run), "text/html": ended_html(run)}, raw=True)
+        rewrite(handle, {"text/plain": run_text(run), "text/html": ended_html(run)})
 
 
 class Dashboard(View):
@@ -319,7 +320,7 @@ class Dashboard(View):
             return
         if self._columns is None:  # no trial ever started: nothing to keep
             if self._handle is not None:
-                self._handle.update({"text/html": "", "text/plain": ""}, raw=True)
+                rewrite(self._handle, {"text/html": "", "text/plain": ""})
             self._box.close()
             self._box = None
             return
@@ -328,7 +329,7 @@ class Dashboard(View):
         self._html.value = snapshot
         if self._handle is not None:
             text = "\n".join(end_lines(run) + [f"ALARM: {a}" for a in run.alarms])
-            self._handle.update({"text/html": snapshot, "text/plain": text}, raw=True)
+            rewrite(self._handle, {"text/html": snapshot, "text/plain": text})
         self._box.close()  # the snapshot replaces the widgets; free their comms
         self._box = None
         end_notices(run)
@@ -362,7 +363,7 @@ class LiveHtml:
         """Remove it, or with `html` leave that in its place (static: it stays in a saved
         notebook, where the widget would not)."""
         if self._handle is not None:
-            self._handle.update({"text/html": html, "text/plain": text}, raw=True)
+            rewrite(self._handle, {"text/html": html, "text/plain": text})
             self._html.close()
             self._handle = None
 

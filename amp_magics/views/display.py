@@ -14,6 +14,7 @@ from ..system.doctor import Report
 from ..system.gpu import Status
 from ..training.run import Run
 from ..tuning.findings import BatchSizeFinding, LrFinding, Search
+from . import between_cells
 from .finder import batch_finding_html, finding_html
 from .status import checks_html, checks_text, status_html, status_text
 from .trials import search_html
@@ -41,6 +42,7 @@ _RICH = {  # type -> (text/html, text/plain)
 
 def register(shell: Any) -> None:
     """On an IPython shell's display formatters."""
+    between_cells.register(shell)
     formatters = shell.display_formatter
     formatters.ipython_display_formatter.for_type(Run, _display_run)
     for kind, (as_html, as_text) in _RICH.items():
@@ -49,6 +51,7 @@ def register(shell: Any) -> None:
 
 
 def unregister(shell: Any) -> None:
+    between_cells.unregister(shell)
     formatters = shell.display_formatter
     formatters.ipython_display_formatter.pop(Run, None)
     for kind in _RICH:
