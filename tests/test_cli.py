@@ -92,8 +92,10 @@ def test_subprocess_check_passes_its_smoke_test(tmp_path):
 
 
 def test_subprocess_watch_redraws_until_ctrl_c():
+    # Ctrl-C as a terminal gives it, also when the tests run with SIGINT ignored (`cmd &`)
     proc = subprocess.Popen([sys.executable, "-m", "amp_magics", "status", "--watch", "0.05", "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         frames = [json.loads(proc.stdout.readline()) for _ in range(2)]
         assert frames[1]["taken_at"] > frames[0]["taken_at"]

@@ -354,6 +354,33 @@ def test_a_failed_background_run_keeps_and_shows_its_traceback(nb, capsys):
     assert f"already failed after 2 steps\n{run.traceback}" in capsys.readouterr().out
 
 
+def test_amp_wait_tells_how_a_run_ended_before_it_was_called(nb, capsys):
+    """A run that fails before %amp_wait is typed is told of by it (once), as is one that
+    ended before %amp_stop; the next call has nothing left to tell."""
+    from amp_magics.training import registry
+
+    nb.run("%amp_wait")  # what earlier tests left untold
+    capsys.readouterr()
+    run = nb.run("%%amp_train --dtype fp32 --background -o run\n"
+                 + FAILS_AT_STEP_2.format(rank=""))
+    for _, done in registry.background_runs():
+        done.wait(60)
+    capsys.readouterr()  # the notice
+    nb.run("%amp_wait")
+    assert capsys.readouterr().out == f"{run.name}: failed after 2 steps\n{run.traceback}\n"
+    nb.run("%amp_wait")
+    assert capsys.readouterr().out == "no background run is running\n"
+    nb.user_ns["train_loader"] = make_data(n=3)
+    again = nb.run(f"%%amp_train --dtype fp32 --background -o again\n{BODY}")
+    for _, done in registry.background_runs():
+        done.wait(60)
+    capsys.readouterr()
+    nb.run("%amp_stop")
+    assert capsys.readouterr().out == f"{again.name}: finished after 3 steps\n"
+    nb.run("%amp_stop")
+    assert capsys.readouterr().out == "no background run is running: nothing to stop\n"
+
+
 def test_a_failed_nproc_background_run_keeps_the_ranks_traceback(nb):
     run = nb.run("%%amp_train --dtype fp32 --nproc 2 --background -o run\n"
                  + FAILS_AT_STEP_2.format(rank=" and torch.distributed.get_rank() == 1"))

@@ -391,15 +391,13 @@ class AmpMagics(Magics):
         """Stop background %%amp_train runs cleanly after their current optimizer step."""
         args = parse(self.amp_stop, line)
         targets = self._background_runs(args.name)
-        if not targets:
-            if args.name is None:
-                print("no background run is running: nothing to stop")
-            return
         for run, _ in targets:
             run.request_stop()
-        for run, done in targets:
+        for _, done in targets:
             done.wait(args.wait)
-            _report(run, run.status if done.is_set() else "still finishing its step")
+        if not self._tell_endings(args.name, targets, "still finishing its step") \
+                and args.name is None:
+            print("no background run is running: nothing to stop")
 
     # -- %amp_wait --------------------------------------------------------------------
     @magic_arguments()
@@ -418,10 +416,21 @@ class AmpMagics(Magics):
                 done.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
         except KeyboardInterrupt:
             print("stopped waiting; the run goes on (stop it with %amp_stop)")
-        for run, done in targets:
-            _report(run, run.status if done.is_set() else "still running")
-        if not targets and args.name is None:
+        if not self._tell_endings(args.name, targets, "still running") and args.name is None:
             print("no background run is running")
+
+    def _tell_endings(self, name, targets, going_on: str) -> int:
+        """How each of `targets` ended, or `going_on` for one still going; with no NAME, also
+        every background run that ended before it was asked about (each is told once). The
+        number of runs told of."""
+        ended = registry.take_ended(None if name is None else [r for r, _ in targets])
+        for run in ended:
+            _report(run, run.status)
+        told = {id(r) for r in ended}
+        still = [r for r, _ in targets if id(r) not in told]
+        for run in still:
+            _report(run, going_on)
+        return len(ended) + len(still)
 
     def _background_runs(self, name):
         """(run, done) of the background runs (or searches) called `name` (all when None)
@@ -437,6 +446,7 @@ class AmpMagics(Magics):
                 running = ", ".join(r.name for r, _ in going) or "none"
                 raise UsageError(f"no run named {name!r} (background runs going: {running})")
             _report(ended[-1], f"already {ended[-1].status}")
+            registry.take_ended(ended[-1:])  # told now: not again by the next %amp_wait
         return targets
 
     # -- %amp_runs --------------------------------------------------------------------

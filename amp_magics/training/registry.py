@@ -81,6 +81,7 @@ def forget_runs() -> int:
         forgotten = len(_RUNS) - len(kept) + len(_FINDINGS)
         _RUNS[:] = kept
         _FINDINGS.clear()
+        _UNTOLD.clear()
     return forgotten
 
 
@@ -148,6 +149,7 @@ def findings() -> list:
 # never on Thread.join or is_alive: a join that Ctrl-C interrupts leaves the thread looking
 # ended for good (CPython <= 3.12), and %amp_wait or %amp_stop would no longer wait.
 _BACKGROUND: dict = {}
+_UNTOLD: list = []  # background jobs that have ended, in that order, not yet taken_ended()
 
 
 def start_background(job, work: Callable[[], None]) -> None:
@@ -171,8 +173,21 @@ def start_background(job, work: Callable[[], None]) -> None:
 def _end_background(job) -> None:
     with _RUNS_LOCK:
         done = _BACKGROUND.pop(job, None)
+        if done is not None:
+            _UNTOLD.append(job)
     if done is not None:
         done.set()
+
+
+def take_ended(jobs=None) -> list:
+    """The background runs (or searches) that have ended since they were last taken, in the
+    order they ended (only those among `jobs` when given): a run that fails before the user
+    asks how it went is still told once."""
+    with _RUNS_LOCK:
+        wanted = None if jobs is None else {id(j) for j in jobs}
+        taken = [j for j in _UNTOLD if wanted is None or id(j) in wanted]
+        _UNTOLD[:] = [j for j in _UNTOLD if wanted is not None and id(j) not in wanted]
+    return taken
 
 
 def background_runs() -> list[tuple["Run", threading.Event]]:

@@ -46,6 +46,8 @@ def rewrite(handle: Any, data: dict) -> None:
 
 
 def register(shell: Any) -> None:
+    if getattr(shell, "kernel", None) is None:  # a terminal prints each rewrite: once is enough
+        return
     shell.events.register("pre_run_cell", _REWRITES.pre_run_cell)
     shell.events.register("post_run_cell", _REWRITES.post_run_cell)
 
