@@ -149,7 +149,7 @@ def findings() -> list:
 # never on Thread.join or is_alive: a join that Ctrl-C interrupts leaves the thread looking
 # ended for good (CPython <= 3.12), and %amp_wait or %amp_stop would no longer wait.
 _BACKGROUND: dict = {}
-_UNTOLD: list = []  # background jobs that have ended, in that order, not yet taken_ended()
+_UNTOLD: list = []  # background jobs that have ended, in that order, not yet take_ended()
 
 
 def start_background(job, work: Callable[[], None]) -> None:
