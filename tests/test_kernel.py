@@ -116,19 +116,22 @@ def test_a_failed_background_run_shows_its_traceback_in_its_own_cell():
 def test_a_background_run_that_ends_between_two_cells_leaves_its_snapshot(tmp_path):
     """nbclient (nbconvert --execute, papermill) reads only the executing cell's messages; the
     run's rewrites sent while no cell executes are sent again when the next cell starts."""
-    ended = tmp_path / "ended"
+    ended = tmp_path / "ended"  # written once the run's thread has done all it does
 
     def between_cells(cell, cell_index, execute_reply):  # nbclient's hook after each cell
-        if cell_index == 2:
-            deadline = time.monotonic() + 60
-            while not ended.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(1)  # the run's thread rewrites its outputs after the step raised
+        deadline = time.monotonic() + 60
+        while cell_index == 2 and not ended.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     nb, _ = execute([
-        "%load_ext amp_magics", SETUP,
+        "%load_ext amp_magics",
+        SETUP + "import threading\nfrom amp_magics.training import registry\n"
+        "def when_it_has_ended():\n"
+        "    for _, done in registry.background_runs():\n        done.wait(60)\n"
+        f"    open({str(ended)!r}, 'w').close()",
         "%%amp_train --dtype fp32 --background -o run\nx, y = batch\n"
-        f"if step == 3:\n    open({str(ended)!r}, 'w').close()\n    raise ValueError('boom')\n"
+        "if step == 3:\n    threading.Thread(target=when_it_has_ended).start()\n"
+        "    raise ValueError('boom')\n"
         "loss = F.cross_entropy(model(x), y)",
         "print(run.status)",
     ], on_cell_executed=between_cells)

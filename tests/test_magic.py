@@ -354,6 +354,31 @@ def test_a_failed_background_run_keeps_and_shows_its_traceback(nb, capsys):
     assert f"already failed after 2 steps\n{run.traceback}" in capsys.readouterr().out
 
 
+def test_a_notice_shown_after_the_run_failed_still_gets_its_traceback(nb, capsys, monkeypatch):
+    """A run that fails at once can have ended when the cell shows its notice, before its
+    thread has kept the traceback: the notice is kept and rewritten with it all the same."""
+    from amp_magics.training import registry
+
+    kept, keep = threading.Event(), AmpMagics._keep_traceback
+
+    def held(self, run, error):
+        kept.wait(60)
+        keep(self, run, error)
+
+    monkeypatch.setattr(AmpMagics, "_keep_traceback", held)
+    run = nb.run("%%amp_train --dtype fp32 --background -o run\n"
+                 + FAILS_AT_STEP_2.format(rank=""))
+    deadline = time.monotonic() + 60
+    while not run.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    nb.run("run")  # shown now: failed, its traceback not kept yet
+    assert run.done and run.traceback is None and registry.is_background(run)
+    capsys.readouterr()
+    kept.set()
+    nb.run("%amp_wait")
+    assert run.traceback and capsys.readouterr().out.count(run.traceback) == 3  # 2 notices, wait
+
+
 def test_amp_wait_tells_how_a_run_ended_before_it_was_called(nb, capsys):
     """A run that fails before %amp_wait is typed is told of by it (once), as is one that
     ended before %amp_stop; the next call has nothing left to tell."""

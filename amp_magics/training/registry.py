@@ -190,6 +190,12 @@ def take_ended(jobs=None) -> list:
     return taken
 
 
+def is_background(job) -> bool:
+    """True while `job`'s background thread has not ended."""
+    with _RUNS_LOCK:
+        return job in _BACKGROUND
+
+
 def background_runs() -> list[tuple["Run", threading.Event]]:
     """(run, done) of every run (or search) training in a background thread now: `done` is
     set once its thread has ended."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..training import registry
 from ..training.run import RATE_WINDOW
 from ..training.view import View
 from . import charts
@@ -212,16 +213,21 @@ def overlay_picture(runs: Sequence[Run]) -> Picture:
 
 # -- a running run's notice, rewritten when the run ends --------------------------------------
 _NOTICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Run -> [DisplayHandle]
+_TOLD: weakref.WeakSet = weakref.WeakSet()  # runs whose notices had their last rewrite
 _NOTICES_LOCK = threading.Lock()
 
 
 def display_run(run: Run) -> None:
     """Display a Run (its `_ipython_display_`). A running one gets a display_id, kept until
-    `end_notices(run)` rewrites it with how the run ended: the result of a --background cell
-    must not say "started ... Stop it" in the saved notebook once it has stopped."""
+    `end_notices(run, last=True)` rewrites it with how the run ended: the result of a
+    --background cell must not say "started ... Stop it" in the saved notebook once it has
+    stopped. A background run that has ended but whose thread has not yet kept its traceback
+    (one that fails at once) is still rewritten."""
     from IPython.display import display
 
-    if run.done:
+    with _NOTICES_LOCK:
+        final = run.done and (run in _TOLD or not registry.is_background(run))
+    if final:
         display({"text/plain": run_text(run), "text/html": run_html(run)}, raw=True)
         return
     handle = display({"text/plain": repr(run), "text/html": run_html(run)}, raw=True,
@@ -229,8 +235,12 @@ def display_run(run: Run) -> None:
     if handle is None:
         return
     with _NOTICES_LOCK:
-        _NOTICES.setdefault(run, []).append(handle)
-    if run.done:  # it ended meanwhile: nobody else will rewrite this one
+        told = run in _TOLD  # its thread's last rewrite came meanwhile
+        if not told:
+            _NOTICES.setdefault(run, []).append(handle)
+    if told:
+        rewrite(handle, {"text/plain": run_text(run), "text/html": ended_html(run)})
+    elif run.done and not registry.is_background(run):  # it ended meanwhile, no thread to tell
         end_notices(run)
 
 
@@ -239,7 +249,11 @@ def end_notices(run: Run, last: bool = False) -> None:
     kept until the `last` rewrite: a failed background run's traceback is known only once
     its views have ended, and its thread rewrites them again with it."""
     with _NOTICES_LOCK:
-        handles = _NOTICES.pop(run, []) if last else list(_NOTICES.get(run, []))
+        if last:
+            handles = _NOTICES.pop(run, [])
+            _TOLD.add(run)
+        else:
+            handles = list(_NOTICES.get(run, []))
     for handle in handles:
         rewrite(handle, {"text/plain": run_text(run), "text/html": ended_html(run)})
 
