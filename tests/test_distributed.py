@@ -865,6 +865,8 @@ HUNG_SCRIPT = textwrap.dedent("""
         if step == 2 and os.environ["RANK"] == "1":
             time.sleep(60)  # hangs before its forward
         return F.cross_entropy(model(batch[0]), batch[1])
+    if os.environ["RANK"] == "1":
+        time.sleep(5)  # late to the group: joining waits the start-up timeout, not --timeout
     try:
         amp_magics.train(step, model=model, optimizer=opt, data=make_data(n=16), dtype="bf16",
                          timeout=3, progress=False)
@@ -877,13 +879,14 @@ HUNG_SCRIPT = textwrap.dedent("""
 
 def test_under_torchrun_a_rank_that_keeps_the_others_waiting_is_named(tmp_path):
     """No notebook process watches torchrun's ranks: the ranks that waited --timeout post
-    where they were to torchrun's store, and name the one that never came."""
+    where they were to torchrun's store, and name the one that never came. A rank that
+    comes to the group later than --timeout is waited for (the start-up timeout)."""
     script = tmp_path / "hung.py"
     script.write_text(HUNG_SCRIPT.format(tests=TESTS))
     started = time.monotonic()
     done = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
-    assert done.returncode != 0 and time.monotonic() - started < 60
+    assert done.returncode != 0 and time.monotonic() - started < 90
     rank0 = next(line for line in done.stdout.splitlines() if line.startswith("RANK 0 "))
     assert rank0.startswith("RANK 0 RuntimeError: ")  # the collective's own error, kept
     assert "amp_magics: rank 1 did not reach step 2's forward within --timeout 3 s (rank 0 " \

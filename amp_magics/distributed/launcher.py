@@ -47,12 +47,11 @@ from ..training.view import View
 from . import protocol
 from .arrivals import ArrivalBoard, Stall
 from .merge import RecordMerger
-from .rank import RankContext, attach_rank, mark_arrivals, setup_rank
+from .rank import STARTUP_TIMEOUT, RankContext, attach_rank, mark_arrivals, setup_rank
 from .sharding import EvenStream, same_stream_on_every_rank
 from .torchrun import torchrun_command
 
 RANK_GRACE_SECONDS = 10.0  # after a rank fails: time for the others to stop on their own
-STARTUP_TIMEOUT = 120.0  # seconds for every rank to join the process group
 
 
 class RankFailed(RuntimeError):

@@ -18,6 +18,8 @@ from .arrivals import Marks
 from .merge import MergedHistory
 from .sharding import EvenStream, Strided, shard, strided_part
 
+STARTUP_TIMEOUT = 120.0  # seconds for every rank to join the process group
+
 
 @dataclass(frozen=True)
 class RankContext:

@@ -22,7 +22,7 @@ from ..training.routing import routed_to
 from ..training.run import Run
 from ..training.view import View
 from .arrivals import StoreArrivals
-from .rank import RankContext, attach_rank, mark_arrivals, setup_rank
+from .rank import STARTUP_TIMEOUT, RankContext, attach_rank, mark_arrivals, setup_rank
 
 
 def torchrun_command(script: str, world: int) -> str:
@@ -53,6 +53,7 @@ def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[Any]:
     if started:
         store, rank, world = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"amp_magics/{next(_groups_made)}", store)
+        _all_ranks_here(store, rank, world)
         dist.init_process_group(ctx.backend, store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
     try:
@@ -62,6 +63,19 @@ def joined_process_group(ctx: RankContext, timeout: float) -> Iterator[Any]:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _all_ranks_here(store: Any, rank: int, world: int) -> None:
+    """Wait until every rank has come this far, for up to the start-up timeout: the group's
+    connect gives up after --timeout, which is for collectives, and torchrun's ranks each
+    import and build on their own, seconds apart on a loaded machine."""
+    store.add("here", 1)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while (here := store.add("here", 0)) < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: only {here} of {world} ranks joined the process "
+                               f"group within {STARTUP_TIMEOUT:.0f} s")
+        time.sleep(0.01)
 
 
 class AgreedStop:
