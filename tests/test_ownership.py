@@ -113,10 +113,13 @@ def test_a_measurement_pauses_the_run_and_says_so(nb):
         while run.paused_for is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert run.paused_for == "%amp_memory"  # the run stopped at its boundary and said why
-        time.sleep(0.1)  # the pause's own refresh drains the steps done before it
-        steps = len(run.history)
-        time.sleep(0.1)
+        steps = -1  # the pause's own refresh drains the steps done before it, then none come
+        while len(run.history) != steps and time.monotonic() < deadline:
+            steps = len(run.history)
+            time.sleep(0.2)
         assert len(run.history) == steps  # ...and takes no step meanwhile
+        time.sleep(0.2)
+        assert len(run.history) == steps
     nb.run("%amp_stop")
     assert run.paused_for is None and run.status == "interrupted"
 
