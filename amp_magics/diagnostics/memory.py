@@ -224,8 +224,8 @@ def _stand_in_loss(out: Any) -> torch.Tensor:
     for t in tensors_in(parts):
         if t.is_floating_point():
             return t.float().sum()
-    raise AmpUsageError(f"the model returned a {type(out).__name__}, not a tensor nor one holding "
-                        "a floating-point tensor: give the step body in a %%amp_memory cell")
+    raise AmpUsageError(f"the model returned {a_or_an(type(out).__name__)}, not a tensor nor one "
+                        "holding a floating-point tensor: give the step body in a %%amp_memory cell")
 
 
 def _release_freed_memory():

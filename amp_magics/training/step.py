@@ -12,6 +12,7 @@ import torch
 
 from .. import _torch_compat as private
 from ..errors import AmpUsageError
+from ..formatting import a_or_an
 from ..precision import Precision
 from ..tensors import StepFn, batch_only, batch_placer, to_device, unpack_loss
 from .routing import routed_to
@@ -258,7 +259,7 @@ class AmpStep:
                       else isinstance(value, (int, float)))
             if not scalar:
                 shape = (f"a tensor of shape {tuple(value.shape)}"
-                         if isinstance(value, torch.Tensor) else f"a {type(value).__name__}")
+                         if isinstance(value, torch.Tensor) else a_or_an(type(value).__name__))
                 raise AmpUsageError(f"--log {name}: a logged value must be a number or a "
                                     f"one-element tensor, got {shape}")
         return loss, logs

@@ -239,9 +239,13 @@ def display_run(run: Run) -> None:
         if not told:
             _NOTICES.setdefault(run, []).append(handle)
     if told:
-        rewrite(handle, {"text/plain": run_text(run), "text/html": ended_html(run)})
+        rewrite(handle, _how_it_ended(run))
     elif run.done and not registry.is_background(run):  # it ended meanwhile, no thread to tell
         end_notices(run)
+
+
+def _how_it_ended(run: Run) -> dict:
+    return {"text/plain": run_text(run), "text/html": ended_html(run)}
 
 
 def end_notices(run: Run, last: bool = False) -> None:
@@ -255,7 +259,7 @@ def end_notices(run: Run, last: bool = False) -> None:
         else:
             handles = list(_NOTICES.get(run, []))
     for handle in handles:
-        rewrite(handle, {"text/plain": run_text(run), "text/html": ended_html(run)})
+        rewrite(handle, _how_it_ended(run))
 
 
 class Dashboard(View):
